@@ -1,0 +1,439 @@
+"""The adapter layers: ``LoRA`` (Linear), ``LoRAConv`` (Conv1d/2d/3d) and ``LoRAEmbedding``.
+
+Each wraps an existing layer and adds a low-rank update::
+
+    forward(x) = original_module(x) + scaling * matrix_B(matrix_A(x))
+
+``matrix_B`` starts at zero (weight and bias), so a freshly wrapped layer computes exactly what the
+original did. ``merge()`` folds the update into the original weights (computed in float32, then cast)
+and ``unmerge()`` takes it out again.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_lora.config import ADAPTER_DTYPES, scaling
+
+#: Default for ``merge(tolerance=...)``: the largest accepted relative error of the merged update.
+MERGE_TOLERANCE = 0.1
+
+
+class _LoRABase(nn.Module):
+    """What every adapter layer shares: hyper-parameters, initialisation, merge and unmerge."""
+
+    kind = ""
+
+    def __init__(
+        self,
+        original_module: nn.Module,
+        bias: bool,
+        alpha: float,
+        r: int,
+        dropout: float,
+        use_rslora: bool,
+        adapter_dtype: str | torch.dtype | None,
+    ) -> None:
+        super().__init__()
+        if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+            raise ValueError(f"r must be a positive integer, got {r!r}")
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0:
+            raise ValueError(f"alpha must be a positive number, got {alpha!r}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}")
+        self.original_module = original_module
+        self.r = r
+        self.alpha = alpha
+        self.use_rslora = use_rslora
+        self.scaling = scaling(alpha, r, use_rslora)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.merged = False
+        self._created_bias = False
+        weight = original_module.weight
+        self._factory = {"device": weight.device, "dtype": _resolve_dtype(adapter_dtype, weight.dtype)}
+
+    def init_weights(self) -> None:
+        """Kaiming-uniform ``matrix_A`` (a=sqrt(5)); zero ``matrix_B`` weight and bias."""
+        nn.init.kaiming_uniform_(self.matrix_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.matrix_B.weight)
+        if self.matrix_B.bias is not None:
+            nn.init.zeros_(self.matrix_B.bias)
+
+    @property
+    def has_bias(self) -> bool:
+        return self.matrix_B.bias is not None
+
+    def lora_spec(self) -> dict[str, Any]:
+        """Plain values that rebuild this adapter around the same original layer."""
+        return {
+            "kind": self.kind,
+            "r": self.r,
+            "alpha": self.alpha,
+            "bias": self.has_bias,
+            "dropout": self.dropout.p if isinstance(self.dropout, nn.Dropout) else 0.0,
+            "use_rslora": self.use_rslora,
+            "adapter_dtype": _dtype_name(self.matrix_A.weight.dtype),
+        }
+
+    def _adapter(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.original_module(x)
+        if self.merged:
+            return result
+        return result + self.scaling * self._adapter(x)
+
+    # --- merging -----------------------------------------------------------------------------
+
+    def delta_weight(self) -> torch.Tensor:
+        """The update ``scaling * B @ A`` in the original weight's layout, in float32."""
+        raise NotImplementedError
+
+    def delta_bias(self) -> torch.Tensor | None:
+        """The constant the adapter adds to every output (float32), or None without adapter bias."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def merge(self, tolerance: float = MERGE_TOLERANCE) -> None:
+        """Fold the update into ``original_module`` in place; forward then runs the original alone.
+
+        The update is computed in float32 and added to the weight in float32 before one cast to the
+        weight's dtype. In a low-precision dtype an update much smaller than the weights is rounded
+        away: the relative error of the update actually applied is measured, and above ``tolerance``
+        the merge is refused and nothing is changed.
+
+        Raises:
+            RuntimeError: if the layer is already merged, or the merged update would be off by more
+                than ``tolerance`` (relative, in norm) because of the weight's dtype.
+        """
+        if self.merged:
+            raise RuntimeError(f"{type(self).__name__} is already merged; call unmerge() first")
+        weight = self.original_module.weight
+        delta = self.delta_weight()
+        merged_weight = (weight.float() + delta).to(weight.dtype)
+        error = _relative_error(merged_weight.float() - weight.float(), delta)
+        if error > tolerance:
+            raise RuntimeError(
+                f"merging would change the update by {error:.1%} (tolerance {tolerance:.1%}): "
+                f"{weight.dtype} weights cannot hold an update this small exactly. Keep the layer "
+                f"unmerged, merge a float32 copy of the model, or pass a larger tolerance"
+            )
+        bias_delta = self.delta_bias()
+        weight.copy_(merged_weight)
+        if bias_delta is not None:
+            bias = self.original_module.bias
+            if bias is None:
+                bias = nn.Parameter(torch.zeros_like(bias_delta, dtype=weight.dtype), requires_grad=False)
+                self.original_module.bias = bias
+                self._created_bias = True
+            bias.copy_((bias.float() + bias_delta).to(bias.dtype))
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Take the update out of ``original_module`` again (in float32, then cast).
+
+        In float32 this restores the weights to rounding error; in a low-precision dtype the
+        restored weights can differ from the originals by one rounding step.
+
+        Raises:
+            RuntimeError: if the layer is not merged.
+        """
+        if not self.merged:
+            raise RuntimeError(f"{type(self).__name__} is not merged; nothing to unmerge")
+        weight = self.original_module.weight
+        weight.copy_((weight.float() - self.delta_weight()).to(weight.dtype))
+        bias_delta = self.delta_bias()
+        if bias_delta is not None:
+            if self._created_bias:
+                self.original_module.bias = None
+                self._created_bias = False
+            else:
+                bias = self.original_module.bias
+                bias.copy_((bias.float() - bias_delta).to(bias.dtype))
+        self.merged = False
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}, merged={self.merged}"
+
+
+class LoRA(_LoRABase):
+    """LoRA adapter around an ``nn.Linear``.
+
+    Args:
+        original_module: the layer to adapt (its ``in_features`` and ``out_features`` are used).
+        bias: give ``matrix_A`` and ``matrix_B`` a bias (``matrix_B.bias`` starts at zero).
+        alpha: the update is scaled by ``alpha / r``.
+        r: rank of the update.
+        dropout: dropout on the adapter's input; 0 does no dropout work.
+        use_rslora: scale by ``alpha / sqrt(r)`` instead.
+        adapter_dtype: dtype of the adapter weights (None: the original weight's dtype). The adapter
+            always computes in the input's dtype.
+
+    Raises:
+        ValueError: for a non-positive ``r`` or ``alpha``, or ``dropout`` outside [0, 1).
+
+    Example::
+
+        >>> layer = nn.Linear(128, 64)
+        >>> lora_layer = LoRA(layer, alpha=2, r=8)
+        >>> x = torch.randn(16, 128)
+        >>> lora_layer(x).shape
+        torch.Size([16, 64])
+    """
+
+    kind = "linear"
+
+    def __init__(
+        self,
+        original_module: nn.Linear,
+        bias: bool = True,
+        alpha: float = 1,
+        r: int = 4,
+        *,
+        dropout: float = 0.0,
+        use_rslora: bool = False,
+        adapter_dtype: str | torch.dtype | None = None,
+    ) -> None:
+        super().__init__(original_module, bias, alpha, r, dropout, use_rslora, adapter_dtype)
+        in_features, out_features = original_module.in_features, original_module.out_features
+        self.matrix_A = nn.Linear(in_features, r, bias=bias, **self._factory)
+        self.matrix_B = nn.Linear(r, out_features, bias=bias, **self._factory)
+        self.init_weights()
+
+    def _adapter(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = _compute_dtype(x)
+        hidden = F.linear(self.dropout(x), *_cast(self.matrix_A, dtype))  # (..., r)
+        return F.linear(hidden, *_cast(self.matrix_B, dtype))  # (..., out_features)
+
+    def delta_weight(self) -> torch.Tensor:
+        return self.scaling * (self.matrix_B.weight.float() @ self.matrix_A.weight.float())
+
+    def delta_bias(self) -> torch.Tensor | None:
+        if not self.has_bias:
+            return None
+        a_bias, b = self.matrix_A.bias.float(), self.matrix_B
+        return self.scaling * (b.weight.float() @ a_bias + b.bias.float())
+
+
+LoRALinear = LoRA
+
+
+class LoRAConv(_LoRABase):
+    """LoRA adapter around an ``nn.Conv1d``, ``nn.Conv2d`` or ``nn.Conv3d``.
+
+    ``matrix_A`` is a convolution with the original kernel size, stride, padding, dilation, groups
+    and padding mode and ``r`` output channels; ``matrix_B`` is a pointwise (1x1) convolution with the
+    same groups. The update is therefore exactly a convolution with the original's geometry, and
+    merges into it. Arguments as for :class:`LoRA`.
+
+    Raises:
+        ValueError: if ``r`` is not a multiple of the original's ``groups``.
+    """
+
+    kind = "conv"
+
+    def __init__(
+        self,
+        original_module: nn.Conv1d | nn.Conv2d | nn.Conv3d,
+        bias: bool = True,
+        alpha: float = 1,
+        r: int = 4,
+        *,
+        dropout: float = 0.0,
+        use_rslora: bool = False,
+        adapter_dtype: str | torch.dtype | None = None,
+    ) -> None:
+        super().__init__(original_module, bias, alpha, r, dropout, use_rslora, adapter_dtype)
+        conv = original_module
+        if r % conv.groups:
+            raise ValueError(
+                f"r must be a multiple of the convolution's groups ({conv.groups}) so the update "
+                f"merges into it, got r={r}"
+            )
+        conv_type = type(conv) if type(conv) in _CONV_TYPES else _conv_base(conv)
+        self.matrix_A = conv_type(
+            conv.in_channels,
+            r,
+            conv.kernel_size,
+            stride=conv.stride,
+            padding=conv.padding,
+            dilation=conv.dilation,
+            groups=conv.groups,
+            bias=bias,
+            padding_mode=conv.padding_mode,
+            **self._factory,
+        )
+        self.matrix_B = conv_type(r, conv.out_channels, 1, groups=conv.groups, bias=bias, **self._factory)
+        self.init_weights()
+
+    def _adapter(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = _compute_dtype(x)
+        a, b = self.matrix_A, self.matrix_B
+        hidden = a._conv_forward(self.dropout(x), *_cast(a, dtype))  # (N, r, *spatial_out)
+        return b._conv_forward(hidden, *_cast(b, dtype))  # (N, out_channels, *spatial_out)
+
+    def _grouped(self) -> tuple[torch.Tensor, int]:
+        groups = self.original_module.groups
+        out_channels = self.matrix_B.out_channels
+        b = self.matrix_B.weight.float().reshape(groups, out_channels // groups, self.r // groups)
+        return b, groups
+
+    def delta_weight(self) -> torch.Tensor:
+        b, groups = self._grouped()
+        a = self.matrix_A.weight.float()
+        delta = torch.bmm(b, a.reshape(groups, self.r // groups, -1))  # (groups, out/g, in/g * k)
+        return self.scaling * delta.reshape(self.original_module.weight.shape)
+
+    def delta_bias(self) -> torch.Tensor | None:
+        if not self.has_bias:
+            return None
+        b, groups = self._grouped()
+        a_bias = self.matrix_A.bias.float().reshape(groups, self.r // groups, 1)
+        return self.scaling * (torch.bmm(b, a_bias).reshape(-1) + self.matrix_B.bias.float())
+
+
+class LoRAEmbedding(_LoRABase):
+    """LoRA adapter around an ``nn.Embedding``.
+
+    ``matrix_A`` is an ``nn.Embedding(num_embeddings, r)`` (normal init, the padding row zero) and
+    ``matrix_B`` an ``nn.Linear(r, embedding_dim)`` starting at zero. With ``bias=True`` only
+    ``matrix_B`` has a bias (a lookup has no input bias); it merges into every row of the table.
+    Arguments as for :class:`LoRA`.
+    """
+
+    kind = "embedding"
+
+    def __init__(
+        self,
+        original_module: nn.Embedding,
+        bias: bool = True,
+        alpha: float = 1,
+        r: int = 4,
+        *,
+        dropout: float = 0.0,
+        use_rslora: bool = False,
+        adapter_dtype: str | torch.dtype | None = None,
+    ) -> None:
+        super().__init__(original_module, bias, alpha, r, dropout, use_rslora, adapter_dtype)
+        emb = original_module
+        self.matrix_A = nn.Embedding(emb.num_embeddings, r, padding_idx=emb.padding_idx, **self._factory)
+        self.matrix_B = nn.Linear(r, emb.embedding_dim, bias=bias, **self._factory)
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        """Normal ``matrix_A`` (padding row zero); zero ``matrix_B`` weight and bias."""
+        nn.init.normal_(self.matrix_A.weight)
+        if self.matrix_A.padding_idx is not None:
+            with torch.no_grad():
+                self.matrix_A.weight[self.matrix_A.padding_idx].zero_()
+        nn.init.zeros_(self.matrix_B.weight)
+        if self.matrix_B.bias is not None:
+            nn.init.zeros_(self.matrix_B.bias)
+
+    def _adapter(self, x: torch.Tensor) -> torch.Tensor:
+        weight_b, bias_b = _cast(self.matrix_B, self.matrix_B.weight.dtype)
+        hidden = F.embedding(x, self.matrix_A.weight, self.matrix_A.padding_idx)  # (..., r)
+        return F.linear(self.dropout(hidden), weight_b, bias_b)  # (..., embedding_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.original_module(x)
+        if self.merged:
+            return result
+        return result + (self.scaling * self._adapter(x)).to(result.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        delta = self.matrix_A.weight.float() @ self.matrix_B.weight.float().T  # (num, dim)
+        if self.has_bias:
+            delta = delta + self.matrix_B.bias.float()
+        return self.scaling * delta
+
+    def delta_bias(self) -> torch.Tensor | None:
+        return None  # the adapter's bias is folded into every row of the table instead
+
+
+#: Adapter class for each supported original layer type (subclasses match too).
+ADAPTER_TYPES: dict[type[nn.Module], type[_LoRABase]] = {
+    nn.Linear: LoRA,
+    nn.Conv1d: LoRAConv,
+    nn.Conv2d: LoRAConv,
+    nn.Conv3d: LoRAConv,
+    nn.Embedding: LoRAEmbedding,
+}
+_CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_KINDS = {cls.kind: cls for cls in (LoRA, LoRAConv, LoRAEmbedding)}
+
+LoRALayer = _LoRABase
+
+
+def adapter_class(module: nn.Module, name: str) -> type[_LoRABase]:
+    """The adapter class for ``module``.
+
+    Raises:
+        TypeError: for a module type that has no adapter.
+    """
+    for base, cls in ADAPTER_TYPES.items():
+        if isinstance(module, base):
+            return cls
+    supported = ", ".join(t.__name__ for t in ADAPTER_TYPES)
+    raise TypeError(
+        f"cannot adapt module '{name}' of type {type(module).__name__}: LoRA supports {supported}"
+    )
+
+
+def adapter_from_spec(module: nn.Module, spec: dict[str, Any]) -> _LoRABase:
+    """Build the adapter described by :meth:`_LoRABase.lora_spec` around ``module``."""
+    cls = _KINDS[spec["kind"]]
+    return cls(
+        module,
+        bias=spec["bias"],
+        alpha=spec["alpha"],
+        r=spec["r"],
+        dropout=spec["dropout"],
+        use_rslora=spec["use_rslora"],
+        adapter_dtype=spec["adapter_dtype"],
+    )
+
+
+def _conv_base(conv: nn.Module) -> type[nn.Module]:
+    return next(t for t in _CONV_TYPES if isinstance(conv, t))
+
+
+def _resolve_dtype(adapter_dtype: str | torch.dtype | None, default: torch.dtype) -> torch.dtype:
+    if adapter_dtype is None:
+        return default
+    if isinstance(adapter_dtype, torch.dtype):
+        return adapter_dtype
+    if adapter_dtype not in ADAPTER_DTYPES:
+        raise ValueError(f"adapter_dtype must be None or one of {sorted(ADAPTER_DTYPES)}, got {adapter_dtype!r}")
+    return ADAPTER_DTYPES[adapter_dtype]
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the adapter computes in: autocast's when active, else the input's."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+def _cast(layer: nn.Module, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A layer's weight and bias in ``dtype`` (differentiable casts; no copy when already there)."""
+    bias = layer.bias
+    return layer.weight.to(dtype), None if bias is None else bias.to(dtype)
+
+
+def _relative_error(applied: torch.Tensor, intended: torch.Tensor) -> float:
+    norm = torch.linalg.vector_norm(intended)
+    if norm == 0:
+        return 0.0
+    return float(torch.linalg.vector_norm(applied - intended) / norm)

@@ -1,0 +1,60 @@
+import pytest
+import torch
+from torch import nn
+
+SEED = 0
+
+
+@pytest.fixture(autouse=True)
+def seeded():
+    torch.manual_seed(SEED)
+
+
+class Block(nn.Module):
+    """A small transformer-style block with the usual module names."""
+
+    def __init__(self, dim: int = 16) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.attn = nn.ModuleDict({"qkv": nn.Linear(dim, 3 * dim), "proj": nn.Linear(dim, dim)})
+        self.mlp = nn.ModuleDict({"fc1": nn.Linear(dim, 2 * dim), "fc2": nn.Linear(2 * dim, dim)})
+
+    def forward(self, x):  # (B, T, C)
+        q, k, v = self.attn["qkv"](self.norm(x)).chunk(3, dim=-1)
+        weights = torch.softmax(q @ k.transpose(-2, -1) / q.shape[-1] ** 0.5, dim=-1)
+        x = x + self.attn["proj"](weights @ v)
+        return x + self.mlp["fc2"](torch.relu(self.mlp["fc1"](x)))
+
+
+class TinyModel(nn.Module):
+    def __init__(self, dim: int = 16, depth: int = 2, classes: int = 3) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(32, dim)
+        self.blocks = nn.ModuleList(Block(dim) for _ in range(depth))
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, tokens):  # (B, T) -> (B, classes)
+        x = self.embed(tokens)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x.mean(dim=1))
+
+
+def randomize_adapters(model: nn.Module, scale: float = 0.1) -> None:
+    """Give every adapter a non-zero update, as training would."""
+    from lightning_lora import lora_modules
+
+    with torch.no_grad():
+        for adapter in lora_modules(model).values():
+            for param in adapter.matrix_B.parameters():
+                param.normal_(0, scale)
+
+
+@pytest.fixture
+def tiny_model():
+    return TinyModel()
+
+
+@pytest.fixture
+def tokens():
+    return torch.randint(0, 32, (4, 6))

@@ -1,0 +1,209 @@
+import pytest
+import torch
+from conftest import TinyModel, randomize_adapters
+from torch import nn
+
+from lightning_lora import (
+    LoRA,
+    LoRAConfig,
+    apply_lora,
+    lora_modules,
+    lora_parameters,
+    lora_state_dict,
+    lora_summary,
+    merge_and_unload,
+    merge_lora,
+    unmerge_lora,
+)
+
+ATTENTION = ["blocks.0.attn.qkv", "blocks.1.attn.qkv"]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"r": 0}, ValueError, "r must be a positive integer, got 0"),
+        ({"r": "abc"}, TypeError, r"r must be a positive integer, got 'abc' \(str\)"),
+        ({"r": True}, TypeError, "r must be a positive integer, got True"),
+        ({"alpha": -1}, ValueError, "alpha must be a positive finite number, got -1"),
+        ({"bias": "maybe"}, TypeError, "bias must be True or False, got 'maybe'"),
+        ({"targets": "qkv"}, TypeError, "targets must be a list of module name patterns, got 'qkv'"),
+        ({"targets": []}, ValueError, "targets must name at least one module pattern"),
+        ({"targets": ["qkv", "qkv"]}, ValueError, "targets must not repeat a pattern"),
+        ({"exclude": [3]}, TypeError, "exclude must hold non-empty strings, got 3"),
+        ({"dropout": 1.0}, ValueError, r"dropout must be a number in \[0, 1\), got 1.0"),
+        ({"rank_pattern": {"qkv": 0}}, ValueError, r"rank_pattern\['qkv'\] must be a positive integer, got 0"),
+        ({"alpha_pattern": ["qkv"]}, TypeError, "alpha_pattern must be a mapping from module pattern to value"),
+        ({"use_rslora": 1}, TypeError, "use_rslora must be True or False, got 1"),
+        ({"adapter_dtype": "fp32"}, ValueError, r"adapter_dtype must be None or one of .*got 'fp32'"),
+    ],
+)
+def test_config_rejects_bad_values(kwargs, error, message):
+    with pytest.raises(error, match=message):
+        LoRAConfig(**kwargs)
+
+
+def test_config_per_layer_overrides_and_rslora():
+    config = LoRAConfig(r=4, alpha=8, rank_pattern={"fc1": 16}, alpha_pattern={"re:.*fc2": 2})
+    assert config.scaling_for("blocks.0.attn.qkv") == 2.0
+    assert (config.rank_for("blocks.0.mlp.fc1"), config.scaling_for("blocks.0.mlp.fc1")) == (16, 0.5)
+    assert config.scaling_for("blocks.0.mlp.fc2") == 0.5
+    assert LoRAConfig(r=16, alpha=8, use_rslora=True).scaling_for("x") == 2.0
+    assert LoRAConfig(adapter_dtype=torch.float32).adapter_dtype == "float32"
+    assert LoRAConfig(**LoRAConfig(targets=["qkv"]).to_dict()) == LoRAConfig(targets=["qkv"])
+
+
+@pytest.mark.parametrize(
+    ("targets", "expected"),
+    [
+        (["blocks.0.attn.qkv"], ["blocks.0.attn.qkv"]),
+        (["qkv"], ATTENTION),
+        (["attn.qkv"], ATTENTION),
+        (["blocks.*.attn.qkv"], ATTENTION),
+        (["re:blocks\\.[01]\\.attn\\.qkv"], ATTENTION),
+        (["embed"], ["embed"]),
+    ],
+)
+def test_target_patterns(tiny_model, targets, expected):
+    assert apply_lora(tiny_model, LoRAConfig(targets=targets)) == expected
+    assert list(lora_modules(tiny_model)) == expected
+
+
+def test_all_linear_with_exclude_and_trainable_head(tiny_model):
+    names = apply_lora(tiny_model, LoRAConfig(exclude=["fc2"], trainable=["head"]))
+    assert names == [f"blocks.{i}.{n}" for i in range(2) for n in ("attn.qkv", "attn.proj", "mlp.fc1")]
+    assert tiny_model.head.weight.requires_grad
+    assert "head.weight" in lora_state_dict(tiny_model)
+    assert "head.weight" not in lora_state_dict(tiny_model, include_trainable=False)
+
+
+def test_unmatched_target_lists_closest_names(tiny_model):
+    state = {k: v.clone() for k, v in tiny_model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"targets pattern 'qvk' matched no module; closest names: 'blocks.0.attn.qkv'"):
+        apply_lora(tiny_model, LoRAConfig(targets=["proj", "qvk"]))
+    assert not lora_modules(tiny_model)
+    assert all(p.requires_grad for p in tiny_model.parameters())
+    assert all(torch.equal(v, state[k]) for k, v in tiny_model.state_dict().items())
+
+
+def test_unsupported_module_type_is_a_type_error(tiny_model):
+    with pytest.raises(TypeError, match=r"cannot adapt module 'blocks.0.norm' of type LayerNorm: LoRA supports Linear"):
+        apply_lora(tiny_model, LoRAConfig(targets=["qkv", "norm"]))
+    assert not lora_modules(tiny_model)
+
+
+@pytest.mark.parametrize(
+    ("config", "error", "message"),
+    [
+        (LoRAConfig(exclude=["nothing_like_this"]), ValueError, "exclude pattern 'nothing_like_this' matched no module"),
+        (LoRAConfig(rank_pattern={"fc9": 2}), ValueError, "rank_pattern pattern 'fc9' matched no module"),
+        (LoRAConfig(targets=["re:(["]), ValueError, "targets pattern 're:\\(\\[' is not a valid regular expression"),
+        (LoRAConfig(targets=["head"], trainable=["head"]), ValueError, "matched by both targets and trainable"),
+        (LoRAConfig(targets=["qkv"], exclude=["qkv"]), ValueError, "removed every module matched by targets"),
+    ],
+)
+def test_bad_selections(tiny_model, config, error, message):
+    with pytest.raises(error, match=message):
+        apply_lora(tiny_model, config)
+    assert not lora_modules(tiny_model)
+
+
+def test_multihead_attention_out_proj():
+    model = nn.ModuleDict({"mha": nn.MultiheadAttention(8, 2), "fc": nn.Linear(8, 8)})
+    assert apply_lora(model, LoRAConfig()) == ["fc"]
+    with pytest.raises(TypeError, match="reads out_proj's weight directly"):
+        apply_lora(nn.ModuleDict({"mha": nn.MultiheadAttention(8, 2)}), LoRAConfig(targets=["out_proj"]))
+
+
+def test_tied_weights_are_refused():
+    model = nn.ModuleDict({"embed": nn.Embedding(10, 4), "out": nn.Linear(4, 10, bias=False)})
+    model["out"].weight = model["embed"].weight
+    with pytest.raises(ValueError, match="share one weight"):
+        apply_lora(model, LoRAConfig(targets=["embed", "out"]))
+    apply_lora(model, LoRAConfig(targets=["out"], bias=False))
+    with pytest.raises(ValueError, match=r"cannot merge module 'out': its weight is shared with \['embed.weight'"):
+        merge_lora(model)
+
+
+def test_apply_is_idempotent_and_rejects_other_settings(tiny_model, tokens):
+    config = LoRAConfig(r=2, targets=["qkv"])
+    names = apply_lora(tiny_model, config)
+    randomize_adapters(tiny_model)
+    before = tiny_model(tokens)
+    assert apply_lora(tiny_model, config) == names
+    assert torch.equal(tiny_model(tokens), before)
+    assert isinstance(tiny_model.blocks[0].attn["qkv"].original_module, nn.Linear)
+    with pytest.raises(ValueError, match=r"module 'blocks.0.attn.qkv' is already adapted with other settings: r=2 \(now 8\)"):
+        apply_lora(tiny_model, LoRAConfig(r=8, targets=["qkv", "fc1"]))
+    assert list(lora_modules(tiny_model)) == names
+
+
+def test_gradients_reach_only_adapters_and_trainable(tiny_model, tokens):
+    apply_lora(tiny_model, LoRAConfig(targets=["qkv", "fc1", "embed"], trainable=["head"]))
+    randomize_adapters(tiny_model)
+    tiny_model(tokens).sum().backward()
+    trainable = {id(p) for p in lora_parameters(tiny_model)}
+    for name, param in tiny_model.named_parameters():
+        if id(param) in trainable:
+            assert param.grad is not None and param.grad.abs().sum() > 0, name
+        else:
+            assert param.grad is None and not param.requires_grad, name
+    summary = lora_summary(tiny_model)
+    assert summary.trainable == sum(p.numel() for p in lora_parameters(tiny_model))
+    assert "adapted modules" in str(summary)
+
+
+def test_state_dict_keys_are_clean_and_selected_by_type(tiny_model):
+    tiny_model.lora_head = nn.Linear(3, 3)  # a user module whose name contains "lora" must not leak in
+    apply_lora(tiny_model, LoRAConfig(targets=["qkv"]))
+    compiled = torch.compile(tiny_model)
+    keys = set(lora_state_dict(compiled))
+    assert keys == {f"blocks.{i}.attn.qkv.{m}.{p}" for i in range(2) for m in ("matrix_A", "matrix_B") for p in ("weight", "bias")}
+    assert set(lora_modules(compiled)) == {"blocks.0.attn.qkv", "blocks.1.attn.qkv"}
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_merge_and_unload_round_trip_strict(bias, tokens):
+    model = TinyModel()
+    reference = TinyModel()
+    original_keys = list(model.state_dict())
+    apply_lora(model, LoRAConfig(bias=bias, targets=["all-linear", "embed"]))
+    randomize_adapters(model)
+    expected = model(tokens)
+    merge_and_unload(model)
+    assert not lora_modules(model)
+    assert list(model.state_dict()) == original_keys
+    assert [type(m) for m in model.modules()] == [type(m) for m in reference.modules()]
+    reference.load_state_dict(model.state_dict(), strict=True)
+    torch.testing.assert_close(reference(tokens), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_merge_and_unload_refuses_a_bias_the_original_lacks():
+    model = nn.Sequential(nn.Linear(4, 4, bias=False))
+    apply_lora(model, LoRAConfig(bias=True))
+    with pytest.raises(ValueError, match=r"cannot unload modules \['0'\]: their adapters have a bias"):
+        merge_and_unload(model)
+    assert isinstance(model[0], LoRA) and not model[0].merged
+
+
+def test_merge_lora_is_all_or_nothing(tokens):
+    model = TinyModel()
+    apply_lora(model, LoRAConfig(targets=["qkv"]))
+    randomize_adapters(model)
+    model.blocks[1].attn["qkv"].merge()
+    with pytest.raises(RuntimeError, match="cannot merge module 'blocks.1.attn.qkv': LoRA is already merged"):
+        merge_lora(model)
+    assert not model.blocks[0].attn["qkv"].merged
+    with pytest.raises(RuntimeError, match=r"cannot unmerge: modules \['blocks.0.attn.qkv'\] are not merged"):
+        unmerge_lora(model)
+    model.blocks[1].attn["qkv"].unmerge()
+    expected = model(tokens)
+    merge_lora(model)
+    torch.testing.assert_close(model(tokens), expected, rtol=1e-5, atol=1e-5)
+    unmerge_lora(model)
+    torch.testing.assert_close(model(tokens), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_apply_lora_needs_a_config_object(tiny_model):
+    with pytest.raises(TypeError, match="config must be a LoRAConfig, got dict"):
+        apply_lora(tiny_model, {"r": 4})
