@@ -3,9 +3,12 @@
 __version__ = "0.1.0"
 
 from lightning_lora.adapter_file import load_adapter, read_adapter, save_adapter  # noqa: E402
+from lightning_lora.callback import LoRACallback  # noqa: E402
+from lightning_lora.checkpoint import LoRACheckpointIO, adapter_path_for  # noqa: E402
 from lightning_lora.config import LoRAConfig  # noqa: E402
 from lightning_lora.fingerprint import base_fingerprint  # noqa: E402
 from lightning_lora.layers import LoRA, LoRAConv, LoRAEmbedding, LoRALayer, LoRALinear  # noqa: E402
+from lightning_lora.mixin import LoRAMixin  # noqa: E402
 from lightning_lora.surgery import (  # noqa: E402
     LoRASummary,
     apply_lora,
@@ -21,13 +24,17 @@ from lightning_lora.surgery import (  # noqa: E402
 
 __all__ = [
     "LoRA",
+    "LoRACallback",
+    "LoRACheckpointIO",
     "LoRAConfig",
     "LoRAConv",
     "LoRAEmbedding",
     "LoRALayer",
     "LoRALinear",
+    "LoRAMixin",
     "LoRASummary",
     "__version__",
+    "adapter_path_for",
     "apply_lora",
     "base_fingerprint",
     "load_adapter",

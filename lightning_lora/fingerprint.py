@@ -33,13 +33,18 @@ def base_fingerprint(model: nn.Module, trainable: Iterable[str] | None = None) -
     merged = [name for name, adapter in lora_modules(model).items() if adapter.merged]
     if merged:
         raise RuntimeError(f"cannot fingerprint base weights while modules {merged[:5]!r} are merged; unmerge first")
+    return fingerprint_tensors(base_named_parameters(model, trainable))
+
+
+def fingerprint_tensors(named: Iterable[tuple[str, torch.Tensor]]) -> str:
+    """Hex digest of named tensors: each name, shape, dtype and a fixed sample of its values."""
     digest = hashlib.sha256()
     samples = []
-    for name, param in sorted(base_named_parameters(model, trainable), key=lambda item: item[0]):
-        digest.update(f"{name}|{tuple(param.shape)}|{param.dtype}\n".encode())
-        if param.is_meta or param.numel() == 0:
+    for name, tensor in sorted(named, key=lambda item: item[0]):
+        digest.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}\n".encode())
+        if tensor.is_meta or tensor.numel() == 0:
             continue
-        flat = param.detach().reshape(-1)
+        flat = tensor.detach().reshape(-1)
         count = min(SAMPLES_PER_TENSOR, flat.numel())
         index = torch.linspace(0, flat.numel() - 1, count, device=flat.device).round().long()
         samples.append(flat[index].to(torch.float64))

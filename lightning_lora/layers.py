@@ -54,6 +54,8 @@ class _LoRABase(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
         self._created_bias = False
+        self._original_bias: torch.Tensor | None = None
+        self._weight_residual: torch.Tensor | None = None
         weight = original_module.weight
         self._factory = {"device": weight.device, "dtype": _resolve_dtype(adapter_dtype, weight.dtype)}
 
@@ -106,7 +108,8 @@ class _LoRABase(nn.Module):
         The update is computed in float32 and added to the weight in float32 before one cast to the
         weight's dtype. In a low-precision dtype an update much smaller than the weights is rounded
         away: the relative error of the update actually applied is measured, and above ``tolerance``
-        the merge is refused and nothing is changed.
+        the merge is refused and nothing is changed. The rounding is recorded (as small integers),
+        so that :meth:`unmerge` restores the original weights bit for bit.
 
         Raises:
             RuntimeError: if the layer is already merged, or the merged update would be off by more
@@ -124,6 +127,7 @@ class _LoRABase(nn.Module):
                 f"{weight.dtype} weights cannot hold an update this small exactly. Keep the layer "
                 f"unmerged, merge a float32 copy of the model, or pass a larger tolerance"
             )
+        self._weight_residual = _bit_difference(weight, (merged_weight.float() - delta).to(weight.dtype))
         bias_delta = self.delta_bias()
         weight.copy_(merged_weight)
         if bias_delta is not None:
@@ -132,15 +136,14 @@ class _LoRABase(nn.Module):
                 bias = nn.Parameter(torch.zeros_like(bias_delta, dtype=weight.dtype), requires_grad=False)
                 self.original_module.bias = bias
                 self._created_bias = True
+            else:
+                self._original_bias = bias.detach().clone()
             bias.copy_((bias.float() + bias_delta).to(bias.dtype))
         self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Take the update out of ``original_module`` again (in float32, then cast).
-
-        In float32 this restores the weights to rounding error; in a low-precision dtype the
-        restored weights can differ from the originals by one rounding step.
+        """Take the update out of ``original_module`` again, restoring the weights bit for bit.
 
         Raises:
             RuntimeError: if the layer is not merged.
@@ -148,15 +151,15 @@ class _LoRABase(nn.Module):
         if not self.merged:
             raise RuntimeError(f"{type(self).__name__} is not merged; nothing to unmerge")
         weight = self.original_module.weight
-        weight.copy_((weight.float() - self.delta_weight()).to(weight.dtype))
-        bias_delta = self.delta_bias()
-        if bias_delta is not None:
-            if self._created_bias:
-                self.original_module.bias = None
-                self._created_bias = False
-            else:
-                bias = self.original_module.bias
-                bias.copy_((bias.float() - bias_delta).to(bias.dtype))
+        restored = (weight.float() - self.delta_weight()).to(weight.dtype)
+        weight.copy_(_add_bits(restored, self._weight_residual))
+        self._weight_residual = None
+        if self._created_bias:
+            self.original_module.bias = None
+            self._created_bias = False
+        elif self._original_bias is not None:
+            self.original_module.bias.copy_(self._original_bias)
+            self._original_bias = None
         self.merged = False
 
     def extra_repr(self) -> str:
@@ -430,6 +433,26 @@ def _cast(layer: nn.Module, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Ten
     """A layer's weight and bias in ``dtype`` (differentiable casts; no copy when already there)."""
     bias = layer.bias
     return layer.weight.to(dtype), None if bias is None else bias.to(dtype)
+
+
+_BITS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _bit_difference(original: torch.Tensor, restored: torch.Tensor) -> torch.Tensor:
+    """``original - restored`` in the integer view of their bits, in the narrowest integer dtype."""
+    bits = _BITS[original.element_size()]
+    difference = original.view(bits).long() - restored.view(bits).long()
+    for dtype in (torch.int8, torch.int16, torch.int32):
+        info = torch.iinfo(dtype)
+        if difference.numel() == 0 or (difference.min() >= info.min and difference.max() <= info.max):
+            return difference.to(dtype)
+    return difference
+
+
+def _add_bits(restored: torch.Tensor, difference: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`_bit_difference`: the original tensor, bit for bit."""
+    bits = _BITS[restored.element_size()]
+    return (restored.view(bits).long() + difference.long()).to(bits).view(restored.dtype)
 
 
 def _relative_error(applied: torch.Tensor, intended: torch.Tensor) -> float:

@@ -6,7 +6,7 @@ exactly as it was.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -359,8 +359,13 @@ def _apply_specs(model: nn.Module, specs: dict[str, dict[str, Any]]) -> dict[str
     return built
 
 
-def _install(model: nn.Module, adapters: dict[str, LoRALayer], config: LoRAConfig, trainable: list[str]) -> None:
+def _install(
+    model: nn.Module, adapters: dict[str, LoRALayer], config: LoRAConfig, trainable: list[str]
+) -> Callable[[], None]:
+    """Put built adapters in place and freeze; returns a function that undoes exactly that."""
     sites = _sites(model)
+    requires_grad = {id(p): p.requires_grad for p in model.parameters()}
+    previous = {attr: vars(model).get(attr) for attr in (_CONFIG_ATTR, _TRAINABLE_ATTR)}
     for name, adapter in adapters.items():
         site = sites[name]
         setattr(site.parent, site.attribute, adapter)
@@ -368,3 +373,16 @@ def _install(model: nn.Module, adapters: dict[str, LoRALayer], config: LoRAConfi
     object.__setattr__(model, _TRAINABLE_ATTR, list(trainable))
     _freeze(model)
 
+    def undo() -> None:
+        for name in adapters:
+            site = sites[name]
+            setattr(site.parent, site.attribute, site.module)
+        for param in model.parameters():
+            param.requires_grad_(requires_grad[id(param)])
+        for attr, value in previous.items():
+            if value is None:
+                vars(model).pop(attr, None)
+            else:
+                object.__setattr__(model, attr, value)
+
+    return undo

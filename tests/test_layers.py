@@ -80,13 +80,16 @@ def test_merged_equals_unmerged(case, bias):
     _train_like(lora)
     x = make_input()
     unmerged = lora(x)
+    original = {k: v.clone() for k, v in module.state_dict().items()}
     lora.merge()
     assert lora.merged
     merged = module(x)  # the original module alone now holds the update
     torch.testing.assert_close(merged, unmerged, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(lora(x), merged)
     lora.unmerge()
-    torch.testing.assert_close(lora(x), unmerged, rtol=1e-5, atol=1e-5)
+    assert module.state_dict().keys() == original.keys()
+    assert all(torch.equal(module.state_dict()[k], v) for k, v in original.items())  # bit for bit
+    assert torch.equal(lora(x), unmerged)
 
 
 def test_conv_update_is_a_conv_with_the_original_geometry():
@@ -129,6 +132,18 @@ def test_bfloat16_merge_is_no_further_from_float64_than_unmerged():
     lora.merge()
     merged_error = (lora(x).double() - target).norm()
     assert merged_error <= unmerged_error
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+def test_unmerge_restores_low_precision_weights_bit_for_bit(dtype):
+    layer = nn.Linear(64, 32).to(dtype)
+    original = {k: v.clone() for k, v in layer.state_dict().items()}
+    lora = LoRA(layer, alpha=16, r=8)
+    _train_like(lora, scale=0.05)
+    lora.merge()
+    assert not torch.equal(layer.weight, original["weight"])
+    lora.unmerge()
+    assert all(torch.equal(layer.state_dict()[k], v) for k, v in original.items())
 
 
 def test_bfloat16_merge_that_would_drift_is_refused():

@@ -1,0 +1,168 @@
+"""Lightning checkpoints of LoRA models: slim by default, verified on load, with companion adapter files.
+
+A slim checkpoint leaves out the frozen base weights (a checkpoint of a 7B model is megabytes) and
+records, under ``checkpoint["lora"]``, which keys were left out, a fingerprint of those tensors and the
+adapter layout. On load the left-out keys are filled from the model in memory, but only after its
+weights are shown to match the fingerprint; any other missing key still fails strict loading.
+
+:class:`LoRACheckpointIO` wraps a strategy's ``CheckpointIO`` so that every checkpoint Lightning
+writes is slimmed and gets a companion adapter file (``epoch=2-step=300.ckpt`` ->
+``epoch=2-step=300.lora.safetensors``), removed together with it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fsspec.core import url_to_fs
+from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import nn
+
+from lightning_lora.adapter_file import SUFFIX, adapter_bytes, atomic_write
+from lightning_lora.config import LoRAConfig
+from lightning_lora.fingerprint import fingerprint_tensors
+from lightning_lora.surgery import _apply_specs, _install, _trainable_modules, lora_config, lora_modules
+
+#: Key of the LoRA record in a Lightning checkpoint.
+CHECKPOINT_KEY = "lora"
+CHECKPOINT_VERSION = 1
+
+
+def adapter_path_for(checkpoint_path: str) -> str:
+    """The companion adapter file of a checkpoint: ``x.ckpt`` -> ``x.lora.safetensors``."""
+    path = str(checkpoint_path)
+    return (path[: -len(".ckpt")] if path.endswith(".ckpt") else path) + SUFFIX
+
+
+def frozen_keys(module: nn.Module) -> list[str]:
+    """State-dict keys of ``module`` that hold frozen parameters (the base weights)."""
+    return [
+        key
+        for key, value in module.state_dict(keep_vars=True).items()
+        if isinstance(value, nn.Parameter) and not value.requires_grad
+    ]
+
+
+def slim_checkpoint(checkpoint: dict[str, Any], module: nn.Module, keep_base_weights: bool = False) -> None:
+    """Record the LoRA layout in ``checkpoint`` and, unless ``keep_base_weights``, drop frozen weights.
+
+    Changes ``checkpoint`` in place. A checkpoint already slimmed, or of a model without adapters or
+    with merged ones (its weights then differ from the base), is left as it is.
+    """
+    adapters = lora_modules(module)
+    if CHECKPOINT_KEY in checkpoint or not adapters or any(layer.merged for layer in adapters.values()):
+        return
+    state = checkpoint["state_dict"]
+    dropped = [] if keep_base_weights else [key for key in frozen_keys(module) if key in state]
+    own = module.state_dict()
+    checkpoint[CHECKPOINT_KEY] = {
+        "version": CHECKPOINT_VERSION,
+        "base_keys": dropped,
+        "base_fingerprint": fingerprint_tensors((key, own[key]) for key in dropped),
+        "config": (lora_config(module) or LoRAConfig()).to_dict(),
+        "modules": {name: layer.lora_spec() for name, layer in adapters.items()},
+        "trainable": list(_trainable_modules(module)),
+    }
+    for key in dropped:
+        del state[key]
+
+
+def restore_checkpoint(checkpoint: dict[str, Any], module: nn.Module) -> None:
+    """Make a slim checkpoint loadable into ``module``: adapt it if needed, fill in the base weights.
+
+    Changes ``checkpoint`` (and, if ``module`` has no adapters yet, ``module``) in place. A
+    checkpoint without a LoRA record is left as it is.
+
+    Raises:
+        ValueError: if the checkpoint is of a newer format, was saved from a model with base weights
+            this module does not have, or this module's base weights differ from those trained on.
+    """
+    record = checkpoint.get(CHECKPOINT_KEY)
+    if record is None:
+        return
+    if record.get("version", 0) > CHECKPOINT_VERSION:
+        raise ValueError(
+            f"checkpoint LoRA record has version {record.get('version')}, newer than this lightning_lora "
+            f"supports ({CHECKPOINT_VERSION}); upgrade lightning_lora"
+        )
+    undo = None
+    if not lora_modules(module):
+        adapters = _apply_specs(module, record["modules"])
+        undo = _install(module, adapters, LoRAConfig(**record["config"]), record["trainable"])
+    try:
+        _fill_base_weights(record, checkpoint["state_dict"], module)
+    except ValueError:
+        if undo is not None:
+            undo()
+        raise
+
+
+def _fill_base_weights(record: dict[str, Any], state: dict[str, Any], module: nn.Module) -> None:
+    base_keys = record["base_keys"]
+    own = module.state_dict()
+    unknown = [key for key in base_keys if key not in own]
+    if unknown:
+        raise ValueError(
+            f"checkpoint was saved without base weights {unknown[:5]!r} that this model does not have; "
+            f"load it into the model it was trained with"
+        )
+    dropped = [key for key in base_keys if key not in state]
+    if not dropped:
+        return
+    found = fingerprint_tensors((key, own[key]) for key in base_keys)
+    if found != record["base_fingerprint"]:
+        raise ValueError(
+            f"checkpoint was trained on different base weights (fingerprint {record['base_fingerprint'][:12]} "
+            f"in the checkpoint, {found[:12]} in this model): it holds no base weights, so load the base "
+            f"model it was trained on before resuming, or save with save_base_weights=True"
+        )
+    for key in dropped:
+        state[key] = own[key]
+
+
+class LoRACheckpointIO(CheckpointIO):
+    """Wraps a ``CheckpointIO``: slims every checkpoint, writes and removes its adapter file.
+
+    Args:
+        checkpoint_io: the strategy's own ``CheckpointIO`` that reads and writes the files.
+        module: a callable returning the LightningModule whose adapters are saved.
+        save_base_weights: keep the frozen base weights in the checkpoint.
+    """
+
+    def __init__(self, checkpoint_io: CheckpointIO, module: Any, save_base_weights: bool = False) -> None:
+        self.checkpoint_io = checkpoint_io
+        self._module = module
+        self.save_base_weights = save_base_weights
+        self._warned_merged = False
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
+        module = self._module()
+        if any(layer.merged for layer in lora_modules(module).values()):
+            if not self._warned_merged:
+                rank_zero_warn(
+                    f"LoRA adapters are merged: saving {path} as a full checkpoint without an adapter file"
+                )
+                self._warned_merged = True
+            self.checkpoint_io.save_checkpoint(checkpoint, path, storage_options=storage_options)
+            return
+        adapter = adapter_bytes(module) if lora_modules(module) else None
+        slim_checkpoint(checkpoint, module, keep_base_weights=self.save_base_weights)
+        self.checkpoint_io.save_checkpoint(checkpoint, path, storage_options=storage_options)
+        if adapter is not None:
+            atomic_write(adapter_path_for(str(path)), adapter)
+
+    def load_checkpoint(self, path: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        checkpoint = self.checkpoint_io.load_checkpoint(path, *args, **kwargs)
+        if "state_dict" in checkpoint:
+            restore_checkpoint(checkpoint, self._module())
+        return checkpoint
+
+    def remove_checkpoint(self, path: Any) -> None:
+        self.checkpoint_io.remove_checkpoint(path)
+        fs, adapter = url_to_fs(adapter_path_for(str(path)))
+        if fs.exists(adapter):
+            fs.rm(adapter)
+
+    def teardown(self) -> None:
+        self.checkpoint_io.teardown()

@@ -1,0 +1,97 @@
+"""``LoRAMixin``: LoRA abilities declared on the LightningModule itself.
+
+Example::
+
+    class Classifier(LoRAMixin, L.LightningModule):
+        lora_targets = ["attn.qkv", "mlp.fc1"]  # sensible targets for this architecture
+
+        def __init__(self):
+            super().__init__()
+            self.backbone = load_pretrained_backbone()
+            self.apply_lora(r=8, alpha=16)  # or leave it to LoRACallback
+
+        def configure_optimizers(self):
+            return torch.optim.AdamW(self.lora_parameters(), lr=1e-3)
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from lightning_lora import adapter_file, surgery
+from lightning_lora.checkpoint import restore_checkpoint, slim_checkpoint
+from lightning_lora.config import LoRAConfig
+
+
+class LoRAMixin:
+    """Mix into a ``LightningModule`` (before it in the bases) for LoRA methods and safe checkpoints.
+
+    Class attributes:
+        lora_targets: target patterns for this architecture, used by :meth:`apply_lora` and by
+            ``LoRACallback(targets=None)``.
+        lora_save_base_weights: keep frozen base weights in checkpoints the model saves without a
+            ``LoRACallback`` (with the callback, its ``save_base_weights`` decides).
+
+    Checkpoints: on save (without the callback) the frozen base weights are left out and recorded;
+    on load (``load_from_checkpoint`` or resume) a checkpoint without base weights is filled from the
+    model's own weights after they are shown to match the fingerprint of the weights trained on.
+    Keys may be missing only for frozen base weights: anything else still fails strict loading.
+    """
+
+    lora_targets: ClassVar[list[str] | None] = None
+    lora_save_base_weights: ClassVar[bool] = False
+
+    def apply_lora(self, config: LoRAConfig | None = None, **kwargs: Any) -> list[str]:
+        """Adapt this model in place; ``kwargs`` are ``LoRAConfig`` fields (``targets`` defaults to
+        ``lora_targets``). Returns the adapted module names."""
+        if config is not None and kwargs:
+            raise ValueError(f"pass either config or LoRAConfig fields, not both (got {sorted(kwargs)!r})")
+        if config is None:
+            if "targets" not in kwargs and self.lora_targets:
+                kwargs["targets"] = list(self.lora_targets)
+            config = LoRAConfig(**kwargs)
+        return surgery.apply_lora(self, config)
+
+    def lora_parameters(self) -> Iterator[nn.Parameter]:
+        """Adapter parameters and those of ``trainable`` modules: what the optimizer should hold."""
+        return surgery.lora_parameters(self)
+
+    def lora_state_dict(self) -> dict[str, torch.Tensor]:
+        """Adapter (and ``trainable`` module) tensors under clean names."""
+        return surgery.lora_state_dict(self)
+
+    def save_adapter(self, path: str | os.PathLike) -> str:
+        """Write the adapter file (see :func:`lightning_lora.save_adapter`)."""
+        return adapter_file.save_adapter(self, path)
+
+    def load_adapter(self, path: str | os.PathLike, check_base: bool = True) -> list[str]:
+        """Load an adapter file into this model (see :func:`lightning_lora.load_adapter`)."""
+        return adapter_file.load_adapter(self, path, check_base=check_base)
+
+    def merge_lora(self) -> None:
+        """Merge every adapter into its original weights."""
+        surgery.merge_lora(self)
+
+    def unmerge_lora(self) -> None:
+        """Take every merged adapter's update out of the original weights again."""
+        surgery.unmerge_lora(self)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        if not self._lora_callback_saves():
+            slim_checkpoint(checkpoint, self, keep_base_weights=self.lora_save_base_weights)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        restore_checkpoint(checkpoint, self)
+
+    def _lora_callback_saves(self) -> bool:
+        from lightning_lora.callback import LoRACallback
+
+        trainer = getattr(self, "_trainer", None)
+        return trainer is not None and any(isinstance(c, LoRACallback) for c in trainer.callbacks)

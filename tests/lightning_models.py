@@ -1,0 +1,71 @@
+"""Small LightningModules and data for the integration tests."""
+
+import lightning as L
+import torch
+from conftest import TinyModel
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_lora import LoRAMixin
+
+BATCH = 8
+
+
+def data(n: int = 64, seed: int = 0) -> DataLoader:
+    generator = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, 32, (n, 6), generator=generator)
+    labels = tokens[:, 0] % 3  # learnable from the tokens
+    return DataLoader(TensorDataset(tokens, labels), batch_size=BATCH)
+
+
+class Classifier(L.LightningModule):
+    """A LightningModule without the mixin: a small transformer classifier."""
+
+    def __init__(self, lr: float = 1e-2, depth: int = 2, dim: int = 16) -> None:
+        super().__init__()
+        self.lr = lr
+        self.net = TinyModel(dim=dim, depth=depth)
+
+    def forward(self, tokens):
+        return self.net(tokens)
+
+    def _loss(self, batch):
+        tokens, labels = batch
+        return nn.functional.cross_entropy(self(tokens), labels)
+
+    def training_step(self, batch, batch_idx):
+        loss = self._loss(batch)
+        self.log("train_loss", loss)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val_loss", self._loss(batch))
+
+    def test_step(self, batch, batch_idx):
+        self.log("test_loss", self._loss(batch))
+
+    def predict_step(self, batch, batch_idx):
+        return self(batch[0])
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=self.lr)
+
+
+class MixinClassifier(LoRAMixin, Classifier):
+    lora_targets = ["attn.qkv", "mlp.fc1"]
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.lora_parameters(), lr=self.lr)
+
+
+class LazyClassifier(Classifier):
+    """Creates its layers in ``configure_model``, as models built for sharding do."""
+
+    def __init__(self) -> None:
+        L.LightningModule.__init__(self)
+        self.lr = 1e-2
+        self.net = None
+
+    def configure_model(self):
+        if self.net is None:
+            self.net = TinyModel()

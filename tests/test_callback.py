@@ -1,0 +1,322 @@
+import csv
+import os
+import subprocess
+import sys
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback, EarlyStopping, LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning_models import Classifier, LazyClassifier, MixinClassifier, data
+
+import lightning_lora.callback as callback_module
+from lightning_lora import LoRACallback, LoRAConfig, lora_modules, lora_parameters, read_adapter, save_adapter
+
+
+def trainer(tmp_path, *callbacks, **kwargs):
+    settings = {
+        "max_epochs": 2,
+        "default_root_dir": tmp_path,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "log_every_n_steps": 1,
+        "deterministic": True,
+        "logger": CSVLogger(tmp_path, name="logs"),
+    }
+    settings.update(kwargs)
+    return L.Trainer(callbacks=list(callbacks), **settings)
+
+
+def csv_rows(trainer_):
+    with open(os.path.join(trainer_.logger.log_dir, "metrics.csv")) as file:
+        return list(csv.DictReader(file))
+
+
+def adapter_values(model):
+    return {k: v.clone() for k, v in model.state_dict().items() if "matrix_" in k}
+
+
+class LossRecorder(Callback):
+    def __init__(self):
+        self.losses = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.losses.append(outputs["loss"].item())
+
+
+def test_base_frozen_adapters_trained(tmp_path):
+    model = Classifier()
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    trainer(tmp_path, LoRACallback(r=4, alpha=8, targets=["qkv", "fc1"])).fit(model, data(), data())
+    adapted = set(lora_modules(model))
+    assert adapted == {f"net.blocks.{i}.{n}" for i in range(2) for n in ("attn.qkv", "mlp.fc1")}
+    for key, value in model.state_dict().items():
+        if "matrix_" in key:
+            continue
+        assert torch.equal(value, base[key.replace(".original_module", "")]), key
+    assert all(torch.count_nonzero(model.state_dict()[f"{n}.matrix_B.weight"]) > 0 for n in adapted)
+
+
+def test_logged_grad_norm_and_scaling(tmp_path):
+    class NormRecorder(Callback):
+        def __init__(self):
+            self.norms = []
+
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            grads = [p.grad.double().reshape(-1) for p in lora_parameters(pl_module)]
+            self.norms.append(torch.cat(grads).norm().item())
+
+    recorder = NormRecorder()
+    run = trainer(tmp_path, LoRACallback(r=4, alpha=8, targets=["qkv"]), recorder, max_epochs=1, log_every_n_steps=2)
+    run.fit(Classifier(), data())
+    rows = [row for row in csv_rows(run) if row.get("lora/grad_norm")]
+    assert [int(row["step"]) for row in rows] == [1, 3, 5, 7]
+    for row in rows:
+        assert float(row["lora/grad_norm"]) == pytest.approx(recorder.norms[int(row["step"])], rel=1e-5)
+        assert float(row["lora/scaling"]) == 8 / 4
+
+
+def test_grad_norm_only_on_logging_steps_and_per_layer(tmp_path, monkeypatch):
+    calls = []
+    original = callback_module._grad_norm
+    monkeypatch.setattr(callback_module, "_grad_norm", lambda layer: calls.append(1) or original(layer))
+    callback = LoRACallback(targets=["qkv"], log_per_layer=True, rank_pattern={"blocks.0.attn.qkv": 8})
+    run = trainer(tmp_path, callback, max_epochs=1, log_every_n_steps=4)
+    run.fit(Classifier(), data())
+    assert len(calls) == 2 * 2  # two logging steps of eight, two adapted layers
+    row = [row for row in csv_rows(run) if row.get("lora/grad_norm")][0]
+    assert row["lora/grad_norm/net.blocks.0.attn.qkv"] and row["lora/grad_norm/net.blocks.1.attn.qkv"]
+    assert float(row["lora/scaling/net.blocks.0.attn.qkv"]) == 1 / 8
+    assert float(row["lora/scaling/net.blocks.1.attn.qkv"]) == 1 / 4
+
+
+def test_grad_norm_once_per_accumulation_window_with_clipping(tmp_path):
+    run = trainer(tmp_path, LoRACallback(targets=["qkv"]), max_epochs=1, accumulate_grad_batches=2, gradient_clip_val=0.5)
+    run.fit(Classifier(), data())
+    rows = [row for row in csv_rows(run) if row.get("lora/grad_norm")]
+    assert len(rows) == 4  # eight batches, four optimizer steps
+
+
+def test_checkpoints_with_adapter_files_and_top_k_deletion(tmp_path):
+    top_k = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="val_loss", save_top_k=2, save_last=True)
+    every = ModelCheckpoint(dirpath=tmp_path / "weights", save_weights_only=True, every_n_epochs=1, save_top_k=-1)
+    run = trainer(tmp_path, LoRACallback(targets=["qkv"]), top_k, every, max_epochs=4)
+    run.fit(Classifier(), data(), data(seed=1))
+    for folder in ("ckpt", "weights"):
+        names = sorted(os.listdir(tmp_path / folder))
+        checkpoints = [n for n in names if n.endswith(".ckpt")]
+        assert sorted(n for n in names if n.endswith(".lora.safetensors")) == sorted(
+            n.removesuffix(".ckpt") + ".lora.safetensors" for n in checkpoints
+        )
+    assert len(os.listdir(tmp_path / "ckpt")) == 2 * 3  # top 2 + last
+    assert len(os.listdir(tmp_path / "weights")) == 2 * 4
+    run.save_checkpoint(tmp_path / "manual.ckpt")
+    assert (tmp_path / "manual.lora.safetensors").exists()
+
+
+def test_remote_fsspec_paths(tmp_path):
+    import fsspec
+
+    model = Classifier()
+    run = trainer(tmp_path, LoRACallback(targets=["qkv"]), max_epochs=1)
+    run.fit(model, data())
+    run.save_checkpoint("memory://lora-test/model.ckpt")
+    fs = fsspec.filesystem("memory")
+    assert fs.exists("/lora-test/model.lora.safetensors")
+    assert read_adapter("memory://lora-test/model.lora.safetensors").modules
+
+
+def test_default_checkpoint_is_slim(tmp_path):
+    model = Classifier(dim=256)
+    run = trainer(tmp_path, LoRACallback(targets=["qkv"]), max_epochs=1)
+    run.fit(model, data())
+    run.save_checkpoint(tmp_path / "slim.ckpt")
+    adapter_bytes = sum(p.numel() * p.element_size() for p in lora_parameters(model))
+    optimizer_bytes = 2 * adapter_bytes  # AdamW: exp_avg and exp_avg_sq
+    base_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad)
+    assert base_bytes > 4 * 2**20  # the test means something only if the base outweighs the margin
+    assert os.path.getsize(tmp_path / "slim.ckpt") < adapter_bytes + optimizer_bytes + 2**20
+    full = trainer(tmp_path, LoRACallback(targets=["qkv"], save_base_weights=True), max_epochs=1)
+    full.fit(Classifier(dim=256), data())
+    full.save_checkpoint(tmp_path / "full.ckpt")
+    assert os.path.getsize(tmp_path / "full.ckpt") > base_bytes
+
+
+@pytest.mark.parametrize("save_base_weights", [False, True])
+def test_exact_resume(tmp_path, save_base_weights):
+    base_state = Classifier().state_dict()
+
+    def fresh():
+        model = Classifier()
+        model.load_state_dict(base_state)
+        return model
+
+    def callback():
+        return LoRACallback(targets=["qkv", "fc1"], save_base_weights=save_base_weights)
+
+    torch.manual_seed(1)
+    straight = LossRecorder()
+    trainer(tmp_path / "a", callback(), straight, max_epochs=4).fit(fresh(), data())
+
+    torch.manual_seed(1)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "b", save_last=True)
+    trainer(tmp_path / "b", callback(), checkpoint, max_epochs=2).fit(fresh(), data())
+    resumed = LossRecorder()
+    torch.manual_seed(2)  # the adapters' fresh init differs: everything must come from the checkpoint
+    trainer(tmp_path / "c", callback(), resumed, max_epochs=4).fit(fresh(), data(), ckpt_path=tmp_path / "b" / "last.ckpt")
+    assert resumed.losses == straight.losses[len(straight.losses) // 2 :]
+
+
+def test_resume_slim_checkpoint_on_other_base_fails(tmp_path):
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    trainer(tmp_path, LoRACallback(targets=["qkv"]), checkpoint, max_epochs=1).fit(Classifier(), data())
+    other = Classifier()
+    recorder = LossRecorder()
+    with pytest.raises(ValueError, match="checkpoint was trained on different base weights"):
+        trainer(tmp_path, LoRACallback(targets=["qkv"]), recorder, max_epochs=2).fit(
+            other, data(), ckpt_path=tmp_path / "last.ckpt"
+        )
+    assert recorder.losses == []
+
+
+def test_adapter_reload_in_fresh_process_reproduces_predictions(tmp_path):
+    torch.manual_seed(0)
+    model = Classifier()
+    torch.save(model.state_dict(), tmp_path / "base.pt")
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    run = trainer(tmp_path, LoRACallback(r=4, alpha=8, targets=["qkv", "fc1"]), checkpoint, max_epochs=2)
+    run.fit(model, data())
+    tokens = next(iter(data(seed=5)))[0]
+    model.eval()
+    expected = model(tokens)
+    torch.save(tokens, tmp_path / "tokens.pt")
+    script = f"""
+import sys, torch
+sys.path.insert(0, {os.path.dirname(__file__)!r})
+from lightning_models import Classifier
+import lightning_lora
+model = Classifier()
+model.load_state_dict(torch.load({str(tmp_path / 'base.pt')!r}))
+lightning_lora.load_adapter(model, {str(tmp_path / 'ckpt' / 'last.lora.safetensors')!r})
+model.eval()
+torch.save(model(torch.load({str(tmp_path / 'tokens.pt')!r})), {str(tmp_path / 'out.pt')!r})
+"""
+    subprocess.run([sys.executable, "-c", script], check=True)
+    assert torch.equal(torch.load(tmp_path / "out.pt"), expected)
+
+
+def test_adapter_path_starts_every_stage_from_the_file(tmp_path):
+    model = Classifier()
+    base = model.state_dict()
+    trainer(tmp_path, LoRACallback(r=2, targets=["qkv"]), max_epochs=1).fit(model, data())
+    save_adapter(model, tmp_path / "a.lora.safetensors")
+    expected = trainer(tmp_path, max_epochs=1).validate(model, data(), verbose=False)
+
+    fresh = Classifier()
+    fresh.load_state_dict(base)
+    callback = LoRACallback(adapter_path=tmp_path / "a.lora.safetensors")
+    assert callback.config.r == 2
+    assert trainer(tmp_path, callback).validate(fresh, data(), verbose=False) == expected
+    trainer(tmp_path, callback, max_epochs=1).fit(fresh, data())  # continues from the loaded adapters
+    assert fresh.net.blocks[0].attn["qkv"].r == 2
+    predictions = trainer(tmp_path, callback).predict(fresh, data())
+    assert len(predictions) == 8
+
+
+def test_adapter_path_contradicting_arguments(tmp_path):
+    model = Classifier()
+    trainer(tmp_path, LoRACallback(r=2, targets=["qkv"]), max_epochs=1).fit(model, data())
+    save_adapter(model, tmp_path / "a.lora.safetensors")
+    with pytest.raises(ValueError, match=r"was trained with other settings: r=8 \(file: 2\)"):
+        LoRACallback(r=8, adapter_path=tmp_path / "a.lora.safetensors")
+    LoRACallback(r=2, adapter_path=tmp_path / "a.lora.safetensors")
+
+
+def test_merge_on_end_and_stages_after_fit(tmp_path):
+    model = Classifier()
+    run = trainer(
+        tmp_path,
+        LoRACallback(targets=["qkv"], merge_on_end=True),
+        EarlyStopping(monitor="val_loss", patience=1),
+        LearningRateMonitor(),
+        max_epochs=2,
+    )
+    run.fit(model, data(), data(seed=1))
+    assert all(layer.merged for layer in lora_modules(model).values())
+    run.validate(model, data(seed=1), verbose=False)
+    run.test(model, data(seed=1), verbose=False)
+    assert len(run.predict(model, data())) == 8
+    trainer(tmp_path, LoRACallback(targets=["qkv"]), max_epochs=1).fit(model, data())  # unmerges to train
+    assert not any(layer.merged for layer in lora_modules(model).values())
+
+
+def test_fast_dev_run_and_bf16_mixed(tmp_path):
+    trainer(tmp_path, LoRACallback(targets=["qkv"]), fast_dev_run=True).fit(Classifier(), data(), data())
+    model = Classifier()
+    run = trainer(tmp_path, LoRACallback(targets=["qkv"], adapter_dtype="float32"), max_epochs=1, precision="bf16-mixed")
+    run.fit(model, data())
+    assert model.net.blocks[0].attn["qkv"].matrix_B.weight.abs().sum() > 0
+
+
+def test_layers_created_in_configure_model_are_adapted(tmp_path):
+    model = LazyClassifier()
+    trainer(tmp_path, LoRACallback(targets=["qkv"]), max_epochs=1).fit(model, data())
+    assert set(lora_modules(model)) == {"net.blocks.0.attn.qkv", "net.blocks.1.attn.qkv"}
+    assert "configure_model" not in vars(model)
+
+
+def test_optimizer_without_adapters_is_an_error(tmp_path):
+    class Stale(Classifier):
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.net.head.parameters(), lr=0.1)
+
+    with pytest.raises(MisconfigurationException, match="the optimizer does not hold 8 of the 8 LoRA parameters"):
+        trainer(tmp_path, LoRACallback(targets=["qkv"]), max_epochs=1).fit(Stale(), data())
+
+
+def test_optimizer_over_all_parameters_warns(tmp_path):
+    class AllParams(Classifier):
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    with pytest.warns(UserWarning, match="the optimizer holds .* frozen parameters"):
+        trainer(tmp_path, LoRACallback(targets=["qkv"]), max_epochs=1).fit(AllParams(), data())
+
+
+def test_repeated_fit_is_idempotent(tmp_path):
+    model = Classifier()
+    callback = LoRACallback(targets=["qkv"])
+    trainer(tmp_path, callback, max_epochs=1).fit(model, data())
+    names = set(lora_modules(model))
+    trainer(tmp_path, callback, max_epochs=1).fit(model, data())
+    assert set(lora_modules(model)) == names
+    assert not any("matrix_A.original_module" in k for k in model.state_dict())
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"r": 0}, ValueError, "r must be a positive integer, got 0"),
+        ({"alpha": -1}, ValueError, "alpha must be a positive finite number, got -1"),
+        ({"targets": "qkv"}, TypeError, "targets must be a list of module name patterns"),
+        ({"log_grad_norm": "yes"}, TypeError, "log_grad_norm must be True or False, got 'yes'"),
+        ({"adapter_path": 3}, TypeError, "adapter_path must be a path or None, got 3"),
+        ({"config": {"r": 2}}, TypeError, "config must be a LoRAConfig, got dict"),
+        ({"config": LoRAConfig(), "r": 8}, ValueError, r"pass either config or the separate arguments.*\['r'\]"),
+        ({"adapter_path": "/nonexistent/a.lora.safetensors"}, FileNotFoundError, "a.lora.safetensors"),
+    ],
+)
+def test_constructor_validation(kwargs, error, message):
+    with pytest.raises(error, match=message):
+        LoRACallback(**kwargs)
+
+
+def test_targets_default_to_the_model_declaration(tmp_path):
+    model = MixinClassifier()
+    trainer(tmp_path, LoRACallback(), max_epochs=1).fit(model, data())
+    assert set(lora_modules(model)) == {f"net.blocks.{i}.{n}" for i in range(2) for n in ("attn.qkv", "mlp.fc1")}
+    plain = Classifier()
+    trainer(tmp_path, LoRACallback(), max_epochs=1).fit(plain, data())
+    assert len(lora_modules(plain)) == 9  # all-linear: 4 per block and the head
