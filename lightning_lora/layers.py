@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_lora.config import ADAPTER_DTYPES, scaling
+from lightning_lora.fused import lora_linear
 
 #: Default for ``merge(tolerance=...)``: the largest accepted relative error of the merged update.
 MERGE_TOLERANCE = 0.1
@@ -214,6 +215,27 @@ class LoRA(_LoRABase):
         dtype = _compute_dtype(x)
         hidden = F.linear(self.dropout(x), *_cast(self.matrix_A, dtype))  # (..., r)
         return F.linear(hidden, *_cast(self.matrix_B, dtype))  # (..., out_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``original_module(x) + scaling * matrix_B(matrix_A(dropout(x)))``; when merged, the original alone.
+
+        Around a plain ``nn.Linear`` without hooks, the base layer and the adapter run as one
+        autograd node (:func:`lightning_lora.fused.lora_linear`), which saves the elementwise
+        passes over the activations that the separate layers need. Other original modules
+        (subclasses may compute something else, hooks must run) and inputs the fused node does
+        not take (mixed dtypes outside autocast, other devices) use the separate layers.
+        """
+        if self.merged:
+            return self.original_module(x)
+        dtype = _fused_dtype(self.original_module, x)
+        if dtype is None:
+            return super().forward(x)
+        x = x.to(dtype)
+        dropped = self.dropout(x) if isinstance(self.dropout, nn.Dropout) and self.dropout.training else None
+        weight, bias = _cast(self.original_module, dtype)
+        return lora_linear(
+            x, weight, bias, *_cast(self.matrix_A, dtype), *_cast(self.matrix_B, dtype), self.scaling, dropped
+        )
 
     def delta_weight(self) -> torch.Tensor:
         return self.scaling * (self.matrix_B.weight.float() @ self.matrix_A.weight.float())
@@ -427,6 +449,40 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     if torch.is_autocast_enabled(x.device.type):
         return torch.get_autocast_dtype(x.device.type)
     return x.dtype
+
+
+def _fused_dtype(linear: nn.Module, x: torch.Tensor) -> torch.dtype | None:
+    """The dtype :func:`lora_linear` computes ``linear`` in for input ``x``, or None where it must not run.
+
+    It runs where it computes exactly what ``F.linear`` would: an ``nn.Linear`` itself (not a
+    subclass), no module hooks to call, input and weight on one device, and either one shared
+    dtype or, under autocast, float32 and the autocast dtype only (the tensors autocast casts).
+    """
+    if type(linear) is not nn.Linear or _has_hooks(linear):
+        return None
+    weight = linear.weight
+    if x.dim() == 0 or x.shape[-1] != linear.in_features or x.device != weight.device:
+        return None  # the separate layers raise the usual error, if any
+    if torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+        cast = (torch.float32, dtype)
+        return dtype if x.dtype in cast and weight.dtype in cast else None
+    return x.dtype if x.dtype == weight.dtype and x.is_floating_point() else None
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    """Whether calling ``module`` would run hooks (its own or global ones) besides ``forward``."""
+    hooks = torch.nn.modules.module
+    return bool(
+        module._forward_hooks
+        or module._forward_pre_hooks
+        or module._backward_hooks
+        or module._backward_pre_hooks
+        or hooks._global_forward_hooks
+        or hooks._global_forward_pre_hooks
+        or hooks._global_backward_hooks
+        or hooks._global_backward_pre_hooks
+    )
 
 
 def _cast(layer: nn.Module, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
