@@ -7,6 +7,7 @@ from lightning_lora.callback import LoRACallback  # noqa: E402
 from lightning_lora.checkpoint import LoRACheckpointIO, adapter_path_for  # noqa: E402
 from lightning_lora.config import LoRAConfig  # noqa: E402
 from lightning_lora.fingerprint import base_fingerprint  # noqa: E402
+from lightning_lora.hydra_config import LoRACallbackConf  # noqa: E402  (registers the Hydra "lora" group)
 from lightning_lora.layers import LoRA, LoRAConv, LoRAEmbedding, LoRALayer, LoRALinear  # noqa: E402
 from lightning_lora.mixin import LoRAMixin  # noqa: E402
 from lightning_lora.surgery import (  # noqa: E402
@@ -25,6 +26,7 @@ from lightning_lora.surgery import (  # noqa: E402
 __all__ = [
     "LoRA",
     "LoRACallback",
+    "LoRACallbackConf",
     "LoRACheckpointIO",
     "LoRAConfig",
     "LoRAConv",

@@ -1,0 +1,58 @@
+"""The ``lora`` config group for Hydra apps, registered in Hydra's ConfigStore on import.
+
+``lora/schema`` is a structured config of :class:`~lightning_lora.LoRACallback`'s arguments, so a
+YAML file that lists it in its defaults is type-checked and closed: ``lora.r=abc``,
+``lora.bias=maybe`` or an unknown key such as ``lora.rank=8`` fail while the config is composed,
+naming the key; values out of range (``lora.alpha=-1``) fail when the callback is instantiated,
+before any training. A Hydra app can use it from the installed package, without copying YAML
+files (``LoRACallback``'s defaults, overridable as usual: ``python your_app.py lora.r=8``)::
+
+    # your_app/config.yaml
+    defaults:
+      - lora: schema
+      - _self_
+
+    # your_app/train.py
+    import lightning_lora  # registers the lora group
+    callback = hydra.utils.instantiate(cfg.lora)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+from hydra.core.config_store import ConfigStore
+
+GROUP = "lora"
+
+
+@dataclass
+class LoRACallbackConf:
+    """Arguments of ``lightning_lora.LoRACallback``; see its docstring for each."""
+
+    _target_: str = "lightning_lora.LoRACallback"
+    r: int = 4
+    alpha: float = 1.0
+    bias: bool = True
+    targets: Optional[List[str]] = None
+    exclude: List[str] = field(default_factory=list)
+    dropout: float = 0.0
+    rank_pattern: Dict[str, int] = field(default_factory=dict)
+    alpha_pattern: Dict[str, float] = field(default_factory=dict)
+    use_rslora: bool = False
+    trainable: List[str] = field(default_factory=list)
+    adapter_dtype: Optional[str] = None
+    adapter_path: Optional[str] = None
+    save_base_weights: bool = False
+    log_grad_norm: bool = True
+    log_per_layer: bool = False
+    merge_on_end: bool = False
+
+
+def register_configs() -> None:
+    """Store ``lora/schema`` in Hydra's ConfigStore (YAML presets list it in their defaults)."""
+    ConfigStore.instance().store(group=GROUP, name="schema", node=LoRACallbackConf)
+
+
+register_configs()

@@ -1,0 +1,85 @@
+"""Every config composes and instantiates; bad overrides fail while composing, naming the key."""
+
+import re
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import ConfigCompositionException, InstantiationException
+from hydra.utils import instantiate
+from omegaconf import open_dict
+
+import lightning_lora
+from lightning_lora import LoRACallback
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+sys.path.insert(0, str(ROOT / "examples"))
+
+
+def composed(overrides, tmp_path):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("config", overrides=overrides, return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(tmp_path)
+    HydraConfig.instance().set_config(cfg)
+    return cfg
+
+
+@pytest.mark.parametrize("lora", ["default", "attention", "all_linear", "none"])
+@pytest.mark.parametrize("extra", [[], ["experiment=quick"], ["trainer=cpu"]])
+def test_every_config_composes_and_instantiates(lora, extra, tmp_path):
+    cfg = composed([f"lora={lora}", *extra], tmp_path)
+    assert isinstance(instantiate(cfg.model), L.LightningModule)
+    assert isinstance(instantiate(cfg.data), L.LightningDataModule)
+    assert isinstance(instantiate(cfg.trainer), L.Trainer)
+    assert instantiate(cfg.logger).save_dir == str(tmp_path)
+    if lora == "none":
+        assert cfg.lora is None and cfg.model.lr == 1e-3
+    else:
+        callback = instantiate(cfg.lora)
+        assert isinstance(callback, LoRACallback)
+        assert callback.config.trainable == ["model.head"]
+
+
+def test_preset_values(tmp_path):
+    assert composed(["lora=attention"], tmp_path).lora.targets == ["q_proj", "k_proj", "v_proj", "o_proj"]
+    assert composed(["lora=all_linear"], tmp_path).lora.targets == ["all-linear"]
+    callback = instantiate(composed(["lora.r=16", "lora.alpha=32", "lora.bias=false", "lora.targets=[q_proj,v_proj]"], tmp_path).lora)
+    assert (callback.config.r, callback.config.alpha, callback.config.bias) == (16, 32.0, False)
+    assert callback.config.targets == ["q_proj", "v_proj"]
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("lora.r=abc", r"Value 'abc' of type 'str' could not be converted to Integer\n\s+full_key: lora.r"),
+        ("lora.bias=maybe", r"Value 'maybe' is not a valid bool \(type str\)\n\s+full_key: lora.bias"),
+        ("lora.rank=8", r"Key 'rank' not in 'LoRACallbackConf'\n\s+full_key: lora.rank"),
+    ],
+)
+def test_bad_overrides_fail_while_composing(override, message, tmp_path):
+    with pytest.raises(ConfigCompositionException) as info:
+        composed([override], tmp_path)
+    assert re.search(message, str(info.value.__cause__))
+
+
+def test_out_of_range_value_fails_on_instantiation(tmp_path):
+    cfg = composed(["lora.alpha=-1"], tmp_path)
+    with pytest.raises(InstantiationException, match=r"alpha must be a positive finite number, got -1.0"):
+        instantiate(cfg.lora)
+
+
+def test_users_own_app_gets_the_lora_group_from_the_package(tmp_path):
+    assert lightning_lora.LoRACallbackConf  # importing the package registers lora/schema
+    (tmp_path / "config.yaml").write_text("defaults:\n  - lora: schema\n  - _self_\n")
+    with initialize_config_dir(config_dir=str(tmp_path), version_base="1.3"):
+        cfg = compose("config", overrides=["lora.r=8", "lora.targets=[fc1]"])
+        with pytest.raises(ConfigCompositionException):
+            compose("config", overrides=["lora.rank=8"])
+    callback = instantiate(cfg.lora)
+    assert isinstance(callback, LoRACallback)
+    assert (callback.config.r, callback.config.targets) == (8, ["fc1"])

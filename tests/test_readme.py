@@ -1,0 +1,31 @@
+"""The README's Python snippets run, in order, as a user would paste them."""
+
+import os
+import re
+from pathlib import Path
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def test_readme_snippets_run(tmp_path):
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+    assert len(blocks) >= 5
+    namespace: dict = {}
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        for block in blocks:
+            exec(compile(block, str(README), "exec"), namespace)
+    finally:
+        os.chdir(cwd)
+    assert (tmp_path / "run.lora.safetensors").exists()
+
+
+def test_readme_quick_start_is_two_commands():
+    text = README.read_text()
+    quick = re.search(r"## Quick start\n.*?```bash\n(.*?)```", text, re.S).group(1).strip().splitlines()
+    assert len(quick) == 2
+    assert quick[0].endswith("python examples/train.py")
+    assert quick[1].endswith("python -m pytest")
+    ci = (README.parent / ".ci" / "run").read_text()
+    assert "python -m pytest\n" in ci and 'pip install --quiet -e ".[dev]"' in ci
