@@ -138,7 +138,7 @@ class DigitsClassifier(LoRAMixin, L.LightningModule):
     def __init__(
         self,
         num_classes: int = 5,
-        lr: float = 3e-3,
+        lr: float = 5e-3,
         weight_decay: float = 0.0,
         pretrained_path: str | None = None,
         backbone: dict | None = None,

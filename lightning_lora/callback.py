@@ -15,6 +15,7 @@ What it does, in hook order:
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -44,8 +45,6 @@ _CONFIG_FIELDS = (
     "trainable",
     "adapter_dtype",
 )
-_DEFAULTS = {"r": 4, "alpha": 1.0, "bias": True, "targets": None, "exclude": [], "dropout": 0.0,
-             "rank_pattern": {}, "alpha_pattern": {}, "use_rslora": False, "trainable": [], "adapter_dtype": None}
 
 
 class LoRACallback(Callback):
@@ -92,26 +91,16 @@ class LoRACallback(Callback):
         merge_on_end: bool = False,
         config: LoRAConfig | None = None,
     ) -> None:
-        given = {
-            "r": r,
-            "alpha": alpha,
-            "bias": bias,
-            "targets": _plain(targets),
-            "exclude": _plain(exclude),
-            "dropout": dropout,
-            "rank_pattern": _plain(rank_pattern) or {},
-            "alpha_pattern": _plain(alpha_pattern) or {},
-            "use_rslora": use_rslora,
-            "trainable": _plain(trainable),
-            "adapter_dtype": adapter_dtype,
-        }
+        arguments = locals()
+        given = {name: _plain(arguments[name]) for name in _CONFIG_FIELDS}
+        defaults = {name: _plain(_SIGNATURE.parameters[name].default) for name in _CONFIG_FIELDS}
         for name in ("save_base_weights", "log_grad_norm", "log_per_layer", "merge_on_end"):
-            value = locals()[name]
+            value = arguments[name]
             if not isinstance(value, bool):
                 raise TypeError(f"{name} must be True or False, got {value!r} ({type(value).__name__})")
         if adapter_path is not None and not isinstance(adapter_path, (str, os.PathLike)):
             raise TypeError(f"adapter_path must be a path or None, got {adapter_path!r} ({type(adapter_path).__name__})")
-        changed = [name for name in _CONFIG_FIELDS if not _same(given[name], _DEFAULTS[name])]
+        changed = [name for name in _CONFIG_FIELDS if not _same(given[name], defaults[name])]
         if config is not None:
             if not isinstance(config, LoRAConfig):
                 raise TypeError(f"config must be a LoRAConfig, got {type(config).__name__}")
@@ -135,7 +124,14 @@ class LoRACallback(Callback):
             config = stored
         self._targets_from_model = config is None and given["targets"] is None
         if config is None:
-            config = LoRAConfig(**{**given, "targets": given["targets"] or ["all-linear"]})
+            config = LoRAConfig(
+                **{
+                    **given,
+                    "targets": given["targets"] or ["all-linear"],
+                    "rank_pattern": given["rank_pattern"] or {},
+                    "alpha_pattern": given["alpha_pattern"] or {},
+                }
+            )
         self.config = config
         self.adapter_path = None if adapter_path is None else str(adapter_path)
         self.save_base_weights = save_base_weights
@@ -168,8 +164,8 @@ class LoRACallback(Callback):
         if stage == "fit" and any(layer.merged for layer in lora_modules(pl_module).values()):
             unmerge_lora(pl_module)
             rank_zero_info("LoRA: adapters were merged; unmerged them to train")
-        if "configure_model" in vars(pl_module):
-            return  # already arranged by an earlier setup of this run
+        if getattr(vars(pl_module).get("configure_model"), "lora_wrapper", False):
+            del pl_module.configure_model  # left by a run that stopped before configure_model
         configure_model = pl_module.configure_model
 
         def configure_model_then_adapt() -> None:
@@ -177,6 +173,7 @@ class LoRACallback(Callback):
             configure_model()
             self._adapt(pl_module)
 
+        configure_model_then_adapt.lora_wrapper = True
         pl_module.configure_model = configure_model_then_adapt
 
     def _adapt(self, pl_module: pl.LightningModule) -> None:
@@ -244,6 +241,9 @@ class LoRACallback(Callback):
             rank_zero_info("LoRA: merged the adapters into the model weights")
 
 
+_SIGNATURE = inspect.signature(LoRACallback.__init__)
+
+
 def _grad_norm(layer: torch.nn.Module) -> torch.Tensor | None:
     grads = [p.grad for part in (layer.matrix_A, layer.matrix_B) for p in part.parameters() if p.grad is not None]
     if not grads:
@@ -263,4 +263,7 @@ def _plain(value: Any) -> Any:
 
 
 def _same(a: Any, b: Any) -> bool:
-    return type(a) is type(b) and a == b if isinstance(a, bool) or isinstance(b, bool) else a == b
+    """Equality that tells True from 1 (a flag passed as 1 is not the default True)."""
+    if isinstance(a, bool) or isinstance(b, bool):
+        return type(a) is type(b) and a == b
+    return a == b
