@@ -133,7 +133,7 @@ class DigitsClassifier(LoRAMixin, L.LightningModule):
         backbone: ``ViT`` keyword arguments (dim, depth, heads, mlp_ratio).
     """
 
-    lora_targets = ["q_proj", "v_proj"]  # the LoRA paper's choice for attention models
+    lora_targets = ["q_proj", "k_proj", "v_proj", "o_proj"]  # the attention projections
 
     def __init__(
         self,

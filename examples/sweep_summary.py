@@ -42,10 +42,19 @@ def load_results(sweep_dir: Path) -> list[dict[str, Any]]:
 
 
 def markdown_table(results: list[dict[str, Any]]) -> str:
+    """The comparison table, then each LoRA run's accuracy relative to a full fine-tuning run."""
     header = "| " + " | ".join(name for name, _ in COLUMNS) + " |"
     rule = "|" + "|".join("---" for _ in COLUMNS) + "|"
     rows = ["| " + " | ".join(_cell(result.get(key)) for _, key in COLUMNS) + " |" for result in results]
-    return "\n".join([header, rule, *rows])
+    full = next((r for r in results if r["adapter_bytes"] is None), None)
+    relative = [
+        f"- {r['overrides']}: {r['val_acc_after'] / full['val_acc_after']:.1%} of full fine-tuning's val/acc "
+        f"({r['val_acc_after']:.4f} vs {full['val_acc_after']:.4f}) with {r['trainable_percent']:.2f}% of the "
+        f"parameters trainable"
+        for r in results
+        if full is not None and r is not full
+    ]
+    return "\n".join([header, rule, *rows] + ([""] + relative if relative else []))
 
 
 def _cell(value: Any) -> str:

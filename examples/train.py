@@ -4,10 +4,11 @@
     python examples/train.py lora.r=16 lora.alpha=32 lora.bias=false 'lora.targets=[q_proj,v_proj]'
     python examples/train.py lora=attention trainer.max_epochs=3
     python examples/train.py -m lora=attention,all_linear,none   # ends with a comparison table
-    python examples/train.py mode=evaluate lora.adapter_path=<run>/checkpoints/last.lora.safetensors
+    python examples/train.py mode=evaluate lora.adapter_path=<run>/checkpoints/final.lora.safetensors
 
-Every run writes under Hydra's run directory: checkpoints/ (slim Lightning checkpoints, each with
-its .lora.safetensors adapter file), csv/ (logged metrics) and result.json (the summary below).
+Every run writes under Hydra's run directory: checkpoints/ (slim Lightning checkpoints: the best,
+last.ckpt and final.ckpt of the model at the end, each with its .lora.safetensors adapter file),
+csv/ (logged metrics) and result.json (the summary below).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
 import lightning_lora  # noqa: F401  (registers the Hydra "lora" group)
-from lightning_lora import lora_summary
+from lightning_lora import adapter_path_for, lora_summary
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from digits import DEFAULT_WEIGHTS, pretrain  # noqa: E402
@@ -78,8 +79,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     lora = instantiate(cfg.lora) if cfg.get("lora") is not None else None  # bad lora values fail here
     if cfg.mode == "evaluate" and (lora is None or lora.adapter_path is None):
         raise ValueError("mode=evaluate needs lora.adapter_path=<adapter file>, got none")
-    L.seed_everything(cfg.seed, verbose=False)
     weights = pretrained_weights(cfg)
+    L.seed_everything(cfg.seed, verbose=False)  # after any pretraining: a cached backbone gives the same run
     model = instantiate(cfg.model, pretrained_path=str(weights))
     data = instantiate(cfg.data)
     output = Path(HydraConfig.get().runtime.output_dir)
@@ -99,8 +100,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     after = validation_accuracy(trainer, model, data)
 
     summary = lora_summary(model)
-    last = Path(checkpoints.last_model_path)
-    adapter = last.with_name(last.name.removesuffix(".ckpt") + ".lora.safetensors")
+    last = output / "checkpoints" / "final.ckpt"  # the model just validated (last.ckpt is the last *saved* one)
+    trainer.save_checkpoint(last)
+    adapter = Path(adapter_path_for(str(last)))
     full_weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     result = {
         "lora": HydraConfig.get().runtime.choices.get("lora", "?"),

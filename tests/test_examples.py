@@ -24,7 +24,7 @@ def test_train_then_evaluate_through_hydra_api(backbone, tmp_path):
     assert (tmp_path / "result.json").exists()
     assert json.loads((tmp_path / "result.json").read_text()) == result
     assert result["trainable_params"] < result["total_params"] * 0.05
-    adapter = tmp_path / "checkpoints" / "last.lora.safetensors"
+    adapter = tmp_path / "checkpoints" / "final.lora.safetensors"
     assert result["adapter_bytes"] == adapter.stat().st_size < result["full_weights_bytes"]
     assert result["checkpoint_bytes"] < result["full_weights_bytes"]
     evaluated = run(composed([*QUICK, "mode=evaluate", f"model.pretrained_path={backbone}", f"lora.adapter_path={adapter}"], tmp_path / "eval"))
