@@ -123,22 +123,16 @@ def apply_lora(model: nn.Module, config: LoRAConfig | None = None) -> list[str]:
             new[name] = cls(site.module, **spec, adapter_dtype=config.adapter_dtype)
         except ValueError as err:
             raise ValueError(f"cannot adapt module '{name}': {err}") from err
-    _check_untied(model, [sites[n].module for n in targets if n not in new] + list(new.values()), targets)
-
-    for name, adapter in new.items():
-        site = sites[name]
-        setattr(site.parent, site.attribute, adapter)
-    object.__setattr__(model, _CONFIG_ATTR, config)
+    _check_untied({name: new.get(name, sites[name].module) for name in targets})
     known = getattr(model, _TRAINABLE_ATTR, [])
-    object.__setattr__(model, _TRAINABLE_ATTR, known + [t for t in trainable if t not in known])
-    _freeze(model)
+    _install(model, new, config, known + [t for t in trainable if t not in known])
     return targets
 
 
-def _check_untied(model: nn.Module, adapters: list[nn.Module], names: list[str]) -> None:
+def _check_untied(adapters: dict[str, LoRALayer]) -> None:
     owners: dict[int, str] = {}
-    for name, module in zip(names, adapters):
-        weight = module.original_module.weight if isinstance(module, LoRALayer) else module.weight
+    for name, module in adapters.items():
+        weight = module.original_module.weight
         if id(weight) in owners:
             raise ValueError(
                 f"modules '{owners[id(weight)]}' and '{name}' share one weight (tied weights); "
