@@ -1,0 +1,233 @@
+"""Training step time of LoRA variants against the frozen floor, side by side in one process.
+
+Variants (same model, batch, sequence length, dtype and seed):
+
+- floor: every weight frozen, no adapters; forward and backward through the activations only
+  (the embedding output requires grad, as it does in every variant);
+- lightning-lora: this project's ``apply_lora`` (no adapter bias, dropout 0, like the others);
+- PEFT LoRA with its defaults (``get_peft_model``), when ``peft`` is installed;
+- the plain reference ``original(x) + scaling * B(A(x))``;
+- full fine-tuning.
+
+Each timed step includes the AdamW step of the trainable variants. Before timing, the outputs and
+gradients of lightning-lora are compared with the reference's (same adapter weights, non-zero B);
+a mismatch stops the run with exit status 1. Peak memory is measured in a fresh process per
+variant (CPU: peak RSS from ``getrusage``; GPU: ``torch.cuda.max_memory_allocated``).
+
+Usage::
+
+    python benchmarks/step.py                      # the CPU preset
+    python benchmarks/step.py --preset gpu --json benchmarks/results/gpu-step.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import (  # noqa: E402
+    TOLERANCE,
+    ReferenceLoRA,
+    Setting,
+    Variant,
+    add_arguments,
+    adapted_names,
+    build_base,
+    build_training_variant,
+    environment,
+    loss_fn,
+    make_batch,
+    median_ms,
+    peft_adapters,
+    peft_available,
+    randomize_pairs,
+    relative_error,
+    round_ratio_quartiles,
+    setting_from_args,
+    time_interleaved,
+    training_step,
+    write_json,
+)
+
+from report import render_step  # noqa: E402
+
+from lightning_lora import lora_modules  # noqa: E402
+
+
+def build_variants(s: Setting, base: nn.Module, with_peft: bool) -> list[Variant]:
+    """Floor and full fine-tuning once, then each adapter variant for each target set."""
+    variants = [build_training_variant("floor", base, s), build_training_variant("full_ft", base, s)]
+    for label in s.target_sets:
+        kinds = ["lightning_lora", "peft", "reference"] if with_peft else ["lightning_lora", "reference"]
+        variants += [build_training_variant(kind, base, s, label) for kind in kinds]
+    return variants
+
+
+def forward_backward(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Output and embedding output (with its gradient) of one forward and backward, no optimizer step."""
+    h = model.embed(batch[0]).requires_grad_(True)
+    out = model.body(h)
+    loss_fn(out, batch[1]).backward()
+    return out.detach(), h
+
+
+def check_numerics(s: Setting, ours: Variant, reference: Variant, batch: tuple[torch.Tensor, torch.Tensor],
+                   peft: Variant | None) -> dict[str, Any]:
+    """Compare lightning-lora with the reference: output, input gradient, every A and B gradient.
+
+    Both get the same non-zero adapter weights first (so the adapters change the output).
+    PEFT is compared too when present, for information; it does not decide the outcome.
+
+    Returns:
+        The largest relative errors, the tolerance, and whether lightning-lora passed.
+    """
+    ref_layers = {n: m for n, m in reference.model.named_modules() if isinstance(m, ReferenceLoRA)}
+    our_layers = lora_modules(ours.model)
+    if list(our_layers) != list(ref_layers):
+        raise SystemExit(f"lightning-lora adapted {list(our_layers)} but the reference adapted {list(ref_layers)}")
+    randomize_pairs([(m.matrix_A, m.matrix_B) for m in our_layers.values()], s.seed)
+    randomize_pairs([(m.A, m.B) for m in ref_layers.values()], s.seed)
+    expected_out, expected_h = forward_backward(reference.model, batch)
+    expected_grads = [p.grad for m in ref_layers.values() for p in (m.A.weight, m.B.weight)]
+
+    def errors(model: nn.Module, pairs: list[tuple[nn.Linear, nn.Linear]]) -> dict[str, float]:
+        out, h = forward_backward(model, batch)
+        grads = [p.grad for a, b in pairs for p in (a.weight, b.weight)]
+        return {
+            "output": relative_error(out, expected_out),
+            "input_grad": relative_error(h.grad, expected_h.grad),
+            "adapter_grads": max(relative_error(g, e) for g, e in zip(grads, expected_grads)),
+        }
+
+    result: dict[str, Any] = {"tolerance": TOLERANCE[s.dtype]}
+    result["lightning_lora"] = errors(ours.model, [(m.matrix_A, m.matrix_B) for m in our_layers.values()])
+    if peft is not None:
+        pairs = list(peft_adapters(peft.model).values())
+        randomize_pairs(pairs, s.seed)
+        result["peft"] = errors(peft.model, pairs)
+    result["ok"] = max(result["lightning_lora"].values()) <= result["tolerance"]
+    for variant in (ours, reference, peft):
+        if variant is not None:
+            variant.model.zero_grad(set_to_none=True)
+    return result
+
+
+def measure_memory(s: Setting, variant: Variant, with_peft: bool) -> float:
+    """Peak memory (MiB) of ``variant`` trained a few steps in a fresh process.
+
+    With ``with_peft`` every such process imports PEFT, so that their baselines agree.
+    """
+    command = [sys.executable, __file__, "--setting-json", json.dumps(s.to_dict()), "--child", variant.kind]
+    if with_peft:
+        command.append("--child-imports-peft")
+    if variant.targets is not None:
+        command += ["--child-targets", variant.targets]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"memory run of {variant.key} failed:\n{done.stderr[-4000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])["peak_mib"]
+
+
+def child(s: Setting, kind: str, targets: str | None, imports_peft: bool) -> None:
+    """Build one variant alone, train three steps, print its peak memory as JSON."""
+    if imports_peft:
+        import peft  # noqa: F401  every child of a run imports the same libraries, so RSS baselines agree
+    base = build_base(s)
+    variant = build_training_variant(kind, base, s, targets, own_base=True)
+    batch = make_batch(s)
+    for _ in range(3):
+        training_step(variant, batch)
+    if s.device.startswith("cuda"):
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    print(json.dumps({"peak_mib": peak}))
+
+
+def run(s: Setting, memory: bool, with_peft: bool) -> dict[str, Any]:
+    """Build, check, time and (optionally) measure every variant; returns the JSON payload."""
+    base = build_base(s)
+    batch = make_batch(s)
+    variants = build_variants(s, base, with_peft)
+    by_key = {v.key: v for v in variants}
+    numerics = {}
+    for label in s.target_sets:
+        ours = by_key[f"lightning_lora[{label}]"]
+        numerics[label] = check_numerics(
+            s, ours, by_key[f"reference[{label}]"], batch, by_key.get(f"peft[{label}]")
+        )
+        numerics[label]["adapted"] = adapted_names(ours.model)
+    failed = {label: n for label, n in numerics.items() if not n["ok"]}
+    if failed:
+        print(json.dumps(failed, indent=2), file=sys.stderr)
+        raise SystemExit("lightning-lora's outputs or gradients differ from the reference LoRA beyond tolerance")
+
+    times, disturbed = time_interleaved(
+        {v.key: (lambda v=v: training_step(v, batch)) for v in variants}, s.warmup, s.steps, s.device
+    )
+    ms = {key: median_ms(t) for key, t in times.items()}
+    peaks = {v.key: measure_memory(s, v, with_peft) for v in variants} if memory else {}
+    rows = []
+    for v in variants:
+        peft_key = f"peft[{v.targets}]"
+        rows.append({
+            "key": v.key,
+            "variant": v.kind,
+            "label": v.label,
+            "targets": v.targets,
+            "ms": ms[v.key],
+            "vs_floor": ms[v.key] / ms["floor"],
+            "vs_floor_rounds": round_ratio_quartiles(times[v.key], times["floor"]),
+            "vs_full_ft": ms[v.key] / ms["full_ft"],
+            "vs_peft": ms[v.key] / ms[peft_key] if peft_key in ms else None,
+            "peak_mib": peaks.get(v.key),
+            "times_ms": [1000.0 * t for t in times[v.key]],
+            "disturbed_steps": disturbed[v.key],
+        })
+    return {
+        "benchmark": "step",
+        "setting": s.to_dict(),
+        "environment": environment(s),
+        "memory": "peak RSS of a fresh process per variant" if s.device == "cpu"
+        else "torch.cuda.max_memory_allocated in a fresh process per variant",
+        "numerics": numerics,
+        "rows": rows,
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_arguments(parser)
+    parser.add_argument("--no-memory", action="store_true", help="skip the per-variant memory processes")
+    parser.add_argument("--no-peft", action="store_true", help="leave PEFT out even if it is installed")
+    parser.add_argument("--setting-json", help=argparse.SUPPRESS)
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--child-targets", help=argparse.SUPPRESS)
+    parser.add_argument("--child-imports-peft", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.setting_json:
+        s = Setting(**json.loads(args.setting_json))
+        if args.child:
+            child(s, args.child, args.child_targets, args.child_imports_peft)
+            return
+    else:
+        s = setting_from_args(args)
+    torch.manual_seed(s.seed)
+    payload = run(s, memory=not args.no_memory, with_peft=peft_available() and not args.no_peft)
+    print(render_step(payload))
+    write_json(args.json, payload)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,115 @@
+"""Smoke tests of the benchmark scripts on a tiny model: tables, JSON, checks and the report."""
+
+import argparse
+import importlib
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+TINY = ["--layers", "1", "--hidden", "32", "--ffn", "64", "--heads", "4", "--vocab", "50", "--batch", "2",
+        "--seq-len", "8", "--r", "4", "--steps", "2", "--warmup", "1"]
+HAS_PEFT = importlib.util.find_spec("peft") is not None
+
+
+def _load(name: str):
+    """A benchmark script as a module (they are scripts, not a package)."""
+    if str(BENCHMARKS) not in sys.path:
+        sys.path.insert(0, str(BENCHMARKS))
+    if name in ("common", "report"):
+        return importlib.import_module(name)  # the very modules the scripts import
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_step_prints_the_table_and_writes_json(tmp_path, capsys):
+    step = _load("step")
+    path = tmp_path / "step.json"
+    step.main([*TINY, "--no-memory", "--targets", "query,value", "--json", str(path)])
+    printed = capsys.readouterr().out
+    payload = json.loads(path.read_text())
+    kinds = [row["variant"] for row in payload["rows"]]
+    assert kinds == ["floor", "full_ft", "lightning_lora"] + (["peft"] if HAS_PEFT else []) + ["reference"]
+    assert payload["rows"][0]["vs_floor"] == 1.0
+    assert all(row["ms"] > 0 and len(row["times_ms"]) == 2 for row in payload["rows"])
+    numerics = payload["numerics"]["query,value"]
+    assert numerics["ok"] and len(numerics["adapted"]) == 2
+    assert "| floor (frozen, input grads only) |" in printed and "lightning-lora vs the reference" in printed
+    if HAS_PEFT:
+        ours = next(row for row in payload["rows"] if row["variant"] == "lightning_lora")
+        assert ours["vs_peft"] > 0 and "numerics" in printed.lower()
+
+
+def test_step_memory_runs_in_a_fresh_process():
+    step = _load("step")
+    common = _load("common")
+    parser = argparse.ArgumentParser()
+    common.add_arguments(parser)
+    setting = common.setting_from_args(parser.parse_args(TINY))
+    variant = common.build_training_variant("floor", common.build_base(setting), setting)
+    assert step.measure_memory(setting, variant, with_peft=False) > 0
+
+
+def test_step_stops_when_the_adapter_computes_something_else(monkeypatch):
+    step = _load("step")
+    import lightning_lora.layers as layers
+
+    fused = layers.lora_linear
+    monkeypatch.setattr(layers, "lora_linear", lambda *args: fused(*args[:-2], 2 * args[-2], args[-1]))
+    with pytest.raises(SystemExit, match="differ from the reference LoRA beyond tolerance"):
+        step.main([*TINY, "--no-memory", "--no-peft"])
+
+
+def test_inference_checks_merged_against_unmerged(tmp_path, capsys):
+    inference = _load("inference")
+    path = tmp_path / "inference.json"
+    inference.main([*TINY, "--no-peft", "--json", str(path)])
+    payload = json.loads(path.read_text())
+    assert [row["variant"] for row in payload["rows"]] == ["base", "lightning_lora", "merged", "reference"]
+    numerics = next(iter(payload["numerics"].values()))
+    assert numerics["ok"] and numerics["adapters_change_output"] > 10 * numerics["merged_vs_unmerged"]
+    assert "| lightning-lora merged, query,value |" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown without a GPU")
+def test_gpu_preset_without_cuda_exits_with_a_clear_message():
+    step = _load("step")
+    with pytest.raises(SystemExit, match=r"torch.cuda.is_available\(\) is False.*use --preset cpu"):
+        step.main(["--preset", "gpu"])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_preset_runs_on_a_tiny_llama(tmp_path):
+    step = _load("step")
+    path = tmp_path / "gpu.json"
+    step.main(["--preset", "gpu", *TINY, "--no-memory", "--json", str(path)])
+    payload = json.loads(path.read_text())
+    assert set(payload["numerics"]) == {"attention", "all linears"}
+    assert all(n["ok"] for n in payload["numerics"].values())
+
+
+def test_report_renders_and_rewrites_the_readme_section(tmp_path):
+    report = _load("report")
+    step = _load("step")
+    results = tmp_path / "results"
+    step.main([*TINY, "--no-memory", "--no-peft", "--json", str(results / "cpu-step.json")])
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# Title\n\n{report.START}\nold\n{report.END}\n\nafter\n")
+    report.main([str(results), "--readme", str(readme)])
+    text = readme.read_text()
+    assert "old" not in text and text.startswith("# Title") and text.endswith(f"{report.END}\n\nafter\n")
+    assert "#### Preset `cpu`" in text and "| plain reference LoRA, query,value |" in text
+
+    readme.write_text("no markers\n")
+    with pytest.raises(SystemExit, match="must contain the lines '<!-- perf:start -->' and then"):
+        report.main([str(results), "--readme", str(readme)])
+    with pytest.raises(SystemExit, match="does not exist"):
+        report.main([str(tmp_path / "missing")])
