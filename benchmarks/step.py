@@ -12,7 +12,7 @@ Variants (same model, batch, sequence length, dtype and seed):
 Each timed step includes the AdamW step of the trainable variants. Before timing, the outputs and
 gradients of lightning-lora are compared with the reference's (same adapter weights, non-zero B);
 a mismatch stops the run with exit status 1. Peak memory is measured in a fresh process per
-variant (CPU: peak RSS from ``getrusage``; GPU: ``torch.cuda.max_memory_allocated``).
+variant (CPU: peak RSS, ``VmHWM``; GPU: ``torch.cuda.max_memory_allocated``).
 
 Usage::
 
@@ -122,37 +122,59 @@ def check_numerics(s: Setting, ours: Variant, reference: Variant, batch: tuple[t
     return result
 
 
-def measure_memory(s: Setting, variant: Variant, with_peft: bool) -> float:
-    """Peak memory (MiB) of ``variant`` trained a few steps in a fresh process.
+def measure_memory(s: Setting, variants: list[Variant], with_peft: bool) -> dict[str, float]:
+    """Peak memory (MiB) of each variant trained two steps in a fresh process of its own.
 
-    With ``with_peft`` every such process imports PEFT, so that their baselines agree.
+    The processes run side by side (their peaks do not depend on each other). With ``with_peft``
+    every one imports PEFT, so that their baselines agree.
     """
-    command = [sys.executable, __file__, "--setting-json", json.dumps(s.to_dict()), "--child", variant.kind]
-    if with_peft:
-        command.append("--child-imports-peft")
-    if variant.targets is not None:
-        command += ["--child-targets", variant.targets]
-    done = subprocess.run(command, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise SystemExit(f"memory run of {variant.key} failed:\n{done.stderr[-4000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])["peak_mib"]
+    running = {}
+    for variant in variants:
+        command = [sys.executable, __file__, "--setting-json", json.dumps(s.to_dict()), "--child", variant.kind]
+        if variant.targets is not None:
+            command += ["--child-targets", variant.targets]
+        if with_peft:
+            command.append("--child-imports-peft")
+        running[variant.key] = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    peaks = {}
+    for key, process in running.items():
+        out, err = process.communicate()
+        if process.returncode != 0:
+            raise SystemExit(f"memory run of {key} failed:\n{err[-4000:]}")
+        peaks[key] = json.loads(out.strip().splitlines()[-1])["peak_mib"]
+    return peaks
 
 
 def child(s: Setting, kind: str, targets: str | None, imports_peft: bool) -> None:
-    """Build one variant alone, train three steps, print its peak memory as JSON."""
+    """Build one variant alone, train two steps, print its peak memory as JSON."""
+    torch.set_num_threads(1)  # the processes run side by side; one thread each keeps them from thrashing
     if imports_peft:
         import peft  # noqa: F401  every child of a run imports the same libraries, so RSS baselines agree
     base = build_base(s)
     variant = build_training_variant(kind, base, s, targets, own_base=True)
     batch = make_batch(s)
-    for _ in range(3):
+    for _ in range(2):  # the second step holds the optimizer state and the next step's activations
         training_step(variant, batch)
     if s.device.startswith("cuda"):
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() / 2**20
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+        peak = _peak_rss_mib()
     print(json.dumps({"peak_mib": peak}))
+
+
+def _peak_rss_mib() -> float:
+    """This process's peak resident set size.
+
+    Linux carries ``ru_maxrss`` over ``execve`` from the forking parent, so a child of a large
+    process would report the parent's size; ``VmHWM`` belongs to the new process image alone.
+    """
+    status = Path("/proc/self/status")
+    if status.exists():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**20 if sys.platform == "darwin" else 1024)
 
 
 def run(s: Setting, memory: bool, with_peft: bool) -> dict[str, Any]:
@@ -177,7 +199,7 @@ def run(s: Setting, memory: bool, with_peft: bool) -> dict[str, Any]:
         {v.key: (lambda v=v: training_step(v, batch)) for v in variants}, s.warmup, s.steps, s.device
     )
     ms = {key: median_ms(t) for key, t in times.items()}
-    peaks = {v.key: measure_memory(s, v, with_peft) for v in variants} if memory else {}
+    peaks = measure_memory(s, variants, with_peft) if memory else {}
     rows = []
     for v in variants:
         peft_key = f"peft[{v.targets}]"

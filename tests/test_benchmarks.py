@@ -53,8 +53,10 @@ def test_step_memory_runs_in_a_fresh_process():
     parser = argparse.ArgumentParser()
     common.add_arguments(parser)
     setting = common.setting_from_args(parser.parse_args(TINY))
-    variant = common.build_training_variant("floor", common.build_base(setting), setting)
-    assert step.measure_memory(setting, variant, with_peft=False) > 0
+    base = common.build_base(setting)
+    variants = [common.build_training_variant(kind, base, setting) for kind in ("floor", "full_ft")]
+    peaks = step.measure_memory(setting, variants, with_peft=False)
+    assert set(peaks) == {"floor", "full_ft"} and all(peak > 0 for peak in peaks.values())
 
 
 def test_step_stops_when_the_adapter_computes_something_else(monkeypatch):

@@ -124,6 +124,20 @@ def test_bfloat16_model_with_float32_adapter_weights():
         _assert_close_in_norm(got, expected, BF16_TOLERANCE)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_autocast_matches_the_separate_layers(dtype):
+    layer = _layer().cuda()
+    x = torch.randn(4, 8, IN, device="cuda")
+    with torch.autocast("cuda", dtype=dtype):
+        assert type(layer(x.requires_grad_()).grad_fn).__name__ == FUSED
+        fused = _outputs_and_grads(layer, x, lambda m, t: m(t))
+        plain = _outputs_and_grads(layer, x, _reference)
+    for got, expected in zip(fused, plain):
+        _assert_close_in_norm(got, expected, BF16_TOLERANCE)
+
+
 @pytest.mark.parametrize("biases", [True, False], ids=["biases", "no_biases"])
 @pytest.mark.parametrize("dropout", [False, True], ids=["no_dropout", "dropout"])
 def test_float64_gradcheck(biases, dropout):
