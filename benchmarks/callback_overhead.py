@@ -5,7 +5,9 @@ logger attached and ``log_every_n_steps=1``, so every step is a logging step for
 (the most it ever does: gradient norm and scaling logged each step). Without the callback the
 model is adapted by ``apply_lora`` before ``fit``. The two runs alternate (several fits each) and
 the step time is the median over all timed steps of each, measured from batch start to batch end
-(forward, backward, optimizer step and every callback hook).
+(forward, backward, optimizer step and every callback hook). Since step-to-step noise on a shared
+machine can exceed the callback's cost, the time spent inside the callback's own hooks is also
+measured directly, per step.
 
 Usage::
 
@@ -21,6 +23,7 @@ import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -68,31 +71,63 @@ class EncoderModule(L.LightningModule):
 
 
 class StepTimer(L.Callback):
-    """Seconds from each batch start to its end (device synchronised at both ends)."""
+    """Seconds from each batch start to its end (device synchronised at both ends).
+
+    It also collects, per step, the seconds spent inside the hooks of a watched callback (see
+    :meth:`watch`): a direct measure of the callback's cost, free of step-to-step noise. (On a
+    GPU this is host time; the hooks are not synchronised separately.)
+    """
 
     def __init__(self, device: str) -> None:
         self.device = device
         self.times: list[float] = []
+        self.hook_times: list[float] = []
         self._start = 0.0
+        self._in_hooks = 0.0
+
+    def watch(self, callback: L.Callback) -> None:
+        """Time every hook that ``callback`` overrides, from now on."""
+        for name in dir(L.Callback):
+            hook = getattr(type(callback), name, None)
+            if name.startswith("_") or not callable(hook) or hook is getattr(L.Callback, name):
+                continue
+            setattr(callback, name, self._timed(getattr(callback, name)))
+
+    def _timed(self, hook: Callable[..., Any]) -> Callable[..., Any]:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return hook(*args, **kwargs)
+            finally:
+                self._in_hooks += time.perf_counter() - start
+
+        return timed
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
         synchronize(self.device)
+        self._in_hooks = 0.0
         self._start = time.perf_counter()
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         synchronize(self.device)
         self.times.append(time.perf_counter() - self._start)
+        self.hook_times.append(self._in_hooks)
 
 
-def fit(s: Setting, targets: list[str], with_callback: bool, root: Path) -> list[float]:
-    """One ``fit`` of ``warmup + steps`` steps; returns the timed steps' seconds."""
+def fit(s: Setting, targets: list[str], with_callback: bool, root: Path) -> tuple[list[float], list[float]]:
+    """One ``fit`` of ``warmup + steps`` steps.
+
+    Returns:
+        Seconds per timed step, and seconds per timed step inside the callback's hooks.
+    """
     module = EncoderModule(s)
     config = our_config(s, targets)
     timer = StepTimer(s.device)
     callbacks: list[L.Callback] = [timer]
     if with_callback:
         callbacks.append(LoRACallback(config=config))
+        timer.watch(callbacks[-1])
     else:
         apply_lora(module, config)
     tokens, targets = make_batch(s)
@@ -114,17 +149,20 @@ def fit(s: Setting, targets: list[str], with_callback: bool, root: Path) -> list
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # one batch per epoch: Lightning warns about the small loader
         trainer.fit(module, loader)
-    return timer.times[s.warmup:]
+    return timer.times[s.warmup:], timer.hook_times[s.warmup:]
 
 
 def run(s: Setting, repeats: int) -> dict[str, Any]:
     """Alternate fits with and without the callback; returns the JSON payload."""
     label = max(s.target_sets, key=lambda name: len(s.target_sets[name]))  # the most adapters: the most work
     times: dict[str, list[float]] = {"without": [], "with": []}
+    hooks: list[float] = []
     with tempfile.TemporaryDirectory() as root:
         for _ in range(repeats):
-            times["without"] += fit(s, s.target_sets[label], False, Path(root))
-            times["with"] += fit(s, s.target_sets[label], True, Path(root))
+            times["without"] += fit(s, s.target_sets[label], False, Path(root))[0]
+            step_times, hook_times = fit(s, s.target_sets[label], True, Path(root))
+            times["with"] += step_times
+            hooks += hook_times
     ms = {key: median_ms(t) for key, t in times.items()}
     return {
         "benchmark": "callback",
@@ -133,6 +171,8 @@ def run(s: Setting, repeats: int) -> dict[str, Any]:
         "ms_without": ms["without"],
         "ms_with": ms["with"],
         "ratio": ms["with"] / ms["without"],
+        "hook_ms": median_ms(hooks),
+        "hook_share": median_ms(hooks) / ms["with"],
         "times_ms": {key: [1000.0 * t for t in t_] for key, t_ in times.items()},
     }
 

@@ -118,12 +118,13 @@ def render_inference(payload: dict[str, Any]) -> str:
 
 
 def render_callback(payload: dict[str, Any]) -> str:
-    """One line: the step time with and without ``LoRACallback``."""
+    """The step time with and without ``LoRACallback``, and the time inside its hooks."""
     s = payload["setting"]
     return (
         f"Callback overhead, preset `{s['preset']}` ({s['targets']}, logging every step): with LoRACallback "
         f"{payload['ms_with']:.1f} ms/step, `apply_lora` without it {payload['ms_without']:.1f} ms/step, ratio "
-        f"**{payload['ratio']:.3f}** (median of {s['repeats']} x {s['steps']} steps each; {_machine(payload)})"
+        f"**{payload['ratio']:.3f}** (median of {s['repeats']} x {s['steps']} steps each); inside the callback's "
+        f"hooks {payload['hook_ms']:.2f} ms/step, **{payload['hook_share']:.2%}** of the step ({_machine(payload)})"
     )
 
 

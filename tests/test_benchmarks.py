@@ -80,6 +80,16 @@ def test_inference_checks_merged_against_unmerged(tmp_path, capsys):
     assert "| lightning-lora merged, query,value |" in capsys.readouterr().out
 
 
+def test_callback_overhead_times_steps_and_hooks(tmp_path, capsys):
+    callback_overhead = _load("callback_overhead")
+    path = tmp_path / "callback.json"
+    callback_overhead.main([*TINY, "--repeats", "1", "--json", str(path)])
+    payload = json.loads(path.read_text())
+    assert len(payload["times_ms"]["with"]) == len(payload["times_ms"]["without"]) == 2
+    assert payload["ratio"] > 0 and 0 < payload["hook_ms"] < payload["ms_with"]
+    assert "inside the callback's hooks" in capsys.readouterr().out
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown without a GPU")
 def test_gpu_preset_without_cuda_exits_with_a_clear_message():
     step = _load("step")
