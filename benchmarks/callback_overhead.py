@@ -3,9 +3,9 @@
 Both runs train the same seeded model on the same data for the same number of steps, with a
 logger attached and ``log_every_n_steps=1``, so every step is a logging step for the callback
 (the most it ever does: gradient norm and scaling logged each step). Without the callback the
-model is adapted by ``apply_lora`` before ``fit``. The two runs alternate (several fits each) and
-the step time is the median over all timed steps of each, measured from batch start to batch end
-(forward, backward, optimizer step and every callback hook). Since step-to-step noise on a shared
+model is adapted by ``apply_lora`` before ``fit``. The two runs alternate (several fits each, in
+ABBA order) and the step time is the median over all timed steps of each, measured from batch
+start to batch end (forward, backward, optimizer step and every callback hook). Since step-to-step noise on a shared
 machine can exceed the callback's cost, the time spent inside the callback's own hooks is also
 measured directly, per step.
 
@@ -158,11 +158,13 @@ def run(s: Setting, repeats: int) -> dict[str, Any]:
     times: dict[str, list[float]] = {"without": [], "with": []}
     hooks: list[float] = []
     with tempfile.TemporaryDirectory() as root:
-        for _ in range(repeats):
-            times["without"] += fit(s, s.target_sets[label], False, Path(root))[0]
-            step_times, hook_times = fit(s, s.target_sets[label], True, Path(root))
-            times["with"] += step_times
-            hooks += hook_times
+        for repeat in range(repeats):
+            # ABBA order: whichever fit runs first in a pair runs measurably slower on this machine
+            for with_callback in (False, True) if repeat % 2 == 0 else (True, False):
+                step_times, hook_times = fit(s, s.target_sets[label], with_callback, Path(root))
+                times["with" if with_callback else "without"] += step_times
+                if with_callback:
+                    hooks += hook_times
     ms = {key: median_ms(t) for key, t in times.items()}
     return {
         "benchmark": "callback",

@@ -11,8 +11,8 @@ Variants (same model, batch, sequence length, dtype and seed):
 
 Each timed step includes the AdamW step of the trainable variants. Before timing, the outputs and
 gradients of lightning-lora are compared with the reference's (same adapter weights, non-zero B);
-a mismatch stops the run with exit status 1. Peak memory is measured in a fresh process per
-variant (CPU: peak RSS, ``VmHWM``; GPU: ``torch.cuda.max_memory_allocated``).
+a mismatch stops the run with exit status 1. Peak memory is measured in a process of its own per
+variant (CPU: peak RSS, ``VmHWM``; GPU: ``torch.cuda.max_memory_allocated``; see ``MemoryRuns``).
 
 Usage::
 
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import resource
 import subprocess
 import sys
@@ -64,13 +65,14 @@ from report import render_step  # noqa: E402
 from lightning_lora import lora_modules  # noqa: E402
 
 
+def variant_specs(s: Setting, with_peft: bool) -> list[tuple[str, str | None]]:
+    """(kind, target set) of every variant: floor and full fine-tuning once, adapters per target set."""
+    kinds = ["lightning_lora", "peft", "reference"] if with_peft else ["lightning_lora", "reference"]
+    return [("floor", None), ("full_ft", None)] + [(kind, label) for label in s.target_sets for kind in kinds]
+
+
 def build_variants(s: Setting, base: nn.Module, with_peft: bool) -> list[Variant]:
-    """Floor and full fine-tuning once, then each adapter variant for each target set."""
-    variants = [build_training_variant("floor", base, s), build_training_variant("full_ft", base, s)]
-    for label in s.target_sets:
-        kinds = ["lightning_lora", "peft", "reference"] if with_peft else ["lightning_lora", "reference"]
-        variants += [build_training_variant(kind, base, s, label) for kind in kinds]
-    return variants
+    return [build_training_variant(kind, base, s, label) for kind, label in variant_specs(s, with_peft)]
 
 
 def forward_backward(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -122,52 +124,112 @@ def check_numerics(s: Setting, ours: Variant, reference: Variant, batch: tuple[t
     return result
 
 
-def measure_memory(s: Setting, variants: list[Variant], with_peft: bool) -> dict[str, float]:
-    """Peak memory (MiB) of each variant trained two steps in a fresh process of its own.
+class MemoryRuns:
+    """Peak memory (MiB) of each variant, trained two steps in a process of its own.
 
-    The processes run side by side (their peaks do not depend on each other). With ``with_peft``
-    every one imports PEFT, so that their baselines agree.
+    On a POSIX CPU run the processes are forked at construction, before the benchmark builds or
+    runs anything (they then hold exactly the imported libraries, as a fresh process would after
+    its imports), and wait until :meth:`measure` lets them go: this spares each one the imports,
+    which take longer than its work. Elsewhere (CUDA cannot be forked safely) :meth:`measure`
+    starts a fresh interpreter per variant. Either way the processes run side by side, one thread
+    each; with ``with_peft`` every one has PEFT imported, so that their baselines agree.
     """
-    running = {}
-    for variant in variants:
-        command = [sys.executable, __file__, "--setting-json", json.dumps(s.to_dict()), "--child", variant.kind]
-        if variant.targets is not None:
-            command += ["--child-targets", variant.targets]
-        if with_peft:
-            command.append("--child-imports-peft")
-        running[variant.key] = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    peaks = {}
-    for key, process in running.items():
-        out, err = process.communicate()
-        if process.returncode != 0:
-            raise SystemExit(f"memory run of {key} failed:\n{err[-4000:]}")
-        peaks[key] = json.loads(out.strip().splitlines()[-1])["peak_mib"]
-    return peaks
+
+    def __init__(self, s: Setting, with_peft: bool) -> None:
+        self.setting = s
+        self.with_peft = with_peft
+        self.specs = variant_specs(s, with_peft)
+        self._waiting: dict[str, tuple[Any, Any]] = {}
+        if s.device == "cpu" and "fork" in multiprocessing.get_all_start_methods():
+            if with_peft:
+                import peft  # noqa: F401  imported before the fork, so every process holds it
+            context = multiprocessing.get_context("fork")
+            for kind, label in self.specs:
+                parent_end, child_end = context.Pipe()
+                process = context.Process(target=_forked_memory_run, args=(child_end, s, kind, label), daemon=True)
+                process.start()
+                self._waiting[_key(kind, label)] = (process, parent_end)
+
+    def measure(self) -> dict[str, float]:
+        """Run every variant's process now and collect the peaks.
+
+        Raises:
+            SystemExit: if one of the processes fails (with its error).
+        """
+        if self._waiting:
+            for _, pipe in self._waiting.values():
+                pipe.send("go")
+            peaks = {}
+            for key, (process, pipe) in self._waiting.items():
+                status, value = pipe.recv()
+                process.join()
+                if status != "ok":
+                    raise SystemExit(f"memory run of {key} failed: {value}")
+                peaks[key] = value
+            return peaks
+        running = {}
+        for kind, label in self.specs:
+            command = [sys.executable, __file__, "--setting-json", json.dumps(self.setting.to_dict()), "--child", kind]
+            if label is not None:
+                command += ["--child-targets", label]
+            if self.with_peft:
+                command.append("--child-imports-peft")
+            running[_key(kind, label)] = subprocess.Popen(
+                command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            )
+        peaks = {}
+        for key, process in running.items():
+            out, err = process.communicate()
+            if process.returncode != 0:
+                raise SystemExit(f"memory run of {key} failed:\n{err[-4000:]}")
+            peaks[key] = json.loads(out.strip().splitlines()[-1])["peak_mib"]
+        return peaks
+
+    def close(self) -> None:
+        """End processes that never ran (the benchmark stopped early)."""
+        for process, _ in self._waiting.values():
+            if process.is_alive():
+                process.terminate()
 
 
-def child(s: Setting, kind: str, targets: str | None, imports_peft: bool) -> None:
-    """Build one variant alone, train two steps, print its peak memory as JSON."""
+def _key(kind: str, label: str | None) -> str:
+    return kind if label is None else f"{kind}[{label}]"
+
+
+def _forked_memory_run(pipe: Any, s: Setting, kind: str, label: str | None) -> None:
+    pipe.recv()  # wait while the parent times the variants
+    try:
+        pipe.send(("ok", train_and_measure(s, kind, label)))
+    except Exception as err:  # reported by the parent, which exits with it
+        pipe.send(("error", repr(err)))
+
+
+def train_and_measure(s: Setting, kind: str, label: str | None) -> float:
+    """Build one variant alone, train two steps; returns this process's peak memory in MiB."""
     torch.set_num_threads(1)  # the processes run side by side; one thread each keeps them from thrashing
-    if imports_peft:
-        import peft  # noqa: F401  every child of a run imports the same libraries, so RSS baselines agree
     base = build_base(s)
-    variant = build_training_variant(kind, base, s, targets, own_base=True)
+    variant = build_training_variant(kind, base, s, label, own_base=True)
     batch = make_batch(s)
     for _ in range(2):  # the second step holds the optimizer state and the next step's activations
         training_step(variant, batch)
     if s.device.startswith("cuda"):
         torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() / 2**20
-    else:
-        peak = _peak_rss_mib()
-    print(json.dumps({"peak_mib": peak}))
+        return torch.cuda.max_memory_allocated() / 2**20
+    return _peak_rss_mib()
+
+
+def child(s: Setting, kind: str, targets: str | None, imports_peft: bool) -> None:
+    """The fresh-interpreter memory run: print the peak memory of one variant as JSON."""
+    if imports_peft:
+        import peft  # noqa: F401  every process of a run imports the same libraries, so baselines agree
+    print(json.dumps({"peak_mib": train_and_measure(s, kind, targets)}))
 
 
 def _peak_rss_mib() -> float:
     """This process's peak resident set size.
 
-    Linux carries ``ru_maxrss`` over ``execve`` from the forking parent, so a child of a large
-    process would report the parent's size; ``VmHWM`` belongs to the new process image alone.
+    Linux carries ``ru_maxrss`` over ``execve`` (and ``fork``) from the parent, so a child of a
+    large process would report the parent's size; ``VmHWM`` belongs to this address space alone.
     """
     status = Path("/proc/self/status")
     if status.exists():
@@ -179,6 +241,15 @@ def _peak_rss_mib() -> float:
 
 def run(s: Setting, memory: bool, with_peft: bool) -> dict[str, Any]:
     """Build, check, time and (optionally) measure every variant; returns the JSON payload."""
+    memory_runs = MemoryRuns(s, with_peft) if memory else None  # before anything is built
+    try:
+        return _run(s, memory_runs, with_peft)
+    finally:
+        if memory_runs is not None:
+            memory_runs.close()
+
+
+def _run(s: Setting, memory_runs: MemoryRuns | None, with_peft: bool) -> dict[str, Any]:
     base = build_base(s)
     batch = make_batch(s)
     variants = build_variants(s, base, with_peft)
@@ -199,7 +270,7 @@ def run(s: Setting, memory: bool, with_peft: bool) -> dict[str, Any]:
         {v.key: (lambda v=v: training_step(v, batch)) for v in variants}, s.warmup, s.steps, s.device
     )
     ms = {key: median_ms(t) for key, t in times.items()}
-    peaks = measure_memory(s, variants, with_peft) if memory else {}
+    peaks = memory_runs.measure() if memory_runs is not None else {}
     rows = []
     for v in variants:
         peft_key = f"peft[{v.targets}]"

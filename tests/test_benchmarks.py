@@ -4,6 +4,7 @@ import argparse
 import importlib
 import importlib.util
 import json
+import multiprocessing
 import sys
 from pathlib import Path
 
@@ -47,16 +48,23 @@ def test_step_prints_the_table_and_writes_json(tmp_path, capsys):
         assert ours["vs_peft"] > 0 and "numerics" in printed.lower()
 
 
-def test_step_memory_runs_in_a_fresh_process():
+@pytest.mark.parametrize("fork", [True, False], ids=["forked", "fresh_interpreter"])
+def test_step_memory_runs_in_a_process_per_variant(fork, monkeypatch):
     step = _load("step")
     common = _load("common")
     parser = argparse.ArgumentParser()
     common.add_arguments(parser)
-    setting = common.setting_from_args(parser.parse_args(TINY))
-    base = common.build_base(setting)
-    variants = [common.build_training_variant(kind, base, setting) for kind in ("floor", "full_ft")]
-    peaks = step.measure_memory(setting, variants, with_peft=False)
-    assert set(peaks) == {"floor", "full_ft"} and all(peak > 0 for peak in peaks.values())
+    setting = common.setting_from_args(parser.parse_args([*TINY, "--targets", "query"]))
+    if not fork:
+        monkeypatch.setattr(step.multiprocessing, "get_all_start_methods", lambda: ["spawn"])
+    runs = step.MemoryRuns(setting, with_peft=False)
+    assert bool(runs._waiting) == (fork and "fork" in multiprocessing.get_all_start_methods())
+    expected = {"floor", "full_ft", "lightning_lora[query]", "reference[query]"}
+    if not runs._waiting:
+        runs.specs = [("lightning_lora", "query")]  # one interpreter start is slow enough for a smoke test
+        expected = {"lightning_lora[query]"}
+    peaks = runs.measure()
+    assert set(peaks) == expected and all(peak > 0 for peak in peaks.values())
 
 
 def test_step_stops_when_the_adapter_computes_something_else(monkeypatch):
