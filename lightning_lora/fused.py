@@ -21,6 +21,29 @@ from __future__ import annotations
 import torch
 
 
+def _forward(
+    x: torch.Tensor,
+    dropped: torch.Tensor | None,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    a_weight: torch.Tensor,
+    a_bias: torch.Tensor | None,
+    b_weight: torch.Tensor,
+    b_bias: torch.Tensor | None,
+    scaling: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The output ``(..., out)``, and the 2-D input, adapter input and ``x A^T`` that backward needs."""
+    in_features, out_features = weight.shape[1], weight.shape[0]
+    x2 = x.reshape(-1, in_features)  # (N, in)
+    d2 = x2 if dropped is None else dropped.reshape(-1, in_features)
+    hidden = torch.mm(d2, a_weight.t()) if a_bias is None else torch.addmm(a_bias, d2, a_weight.t())  # (N, r)
+    if b_bias is not None:
+        bias = b_bias * scaling if bias is None else torch.add(bias, b_bias, alpha=scaling)
+    out = torch.mm(x2, weight.t()) if bias is None else torch.addmm(bias, x2, weight.t())  # (N, out)
+    out.addmm_(hidden, b_weight.t(), alpha=scaling)
+    return out.view(*x.shape[:-1], out_features), x2, d2, hidden
+
+
 class _LoRALinearFunction(torch.autograd.Function):
     """``x W^T + b + scaling * ((d A^T + a) B^T + b_B)`` with ``d`` = x, or a dropout of x when given."""
 
@@ -37,18 +60,11 @@ class _LoRALinearFunction(torch.autograd.Function):
         b_bias: torch.Tensor | None,
         scaling: float,
     ) -> torch.Tensor:
-        in_features, out_features = weight.shape[1], weight.shape[0]
-        x2 = x.reshape(-1, in_features)  # (N, in)
-        d2 = x2 if dropped is None else dropped.reshape(-1, in_features)
-        hidden = torch.mm(d2, a_weight.t()) if a_bias is None else torch.addmm(a_bias, d2, a_weight.t())  # (N, r)
-        if b_bias is not None:
-            bias = b_bias * scaling if bias is None else torch.add(bias, b_bias, alpha=scaling)
-        out = torch.mm(x2, weight.t()) if bias is None else torch.addmm(bias, x2, weight.t())  # (N, out)
-        out.addmm_(hidden, b_weight.t(), alpha=scaling)
+        out, x2, d2, hidden = _forward(x, dropped, weight, bias, a_weight, a_bias, b_weight, b_bias, scaling)
         ctx.save_for_backward(x2, d2 if dropped is not None else None, weight, a_weight, b_weight, hidden)
         ctx.scaling = scaling
         ctx.x_shape = x.shape
-        return out.view(*x.shape[:-1], out_features)
+        return out
 
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
@@ -114,4 +130,6 @@ def lora_linear(
         >>> torch.allclose(out, x @ w.T + 0.5 * (x @ a.T) @ b.T, atol=1e-5)
         True
     """
-    return _LoRALinearFunction.apply(x, dropped, weight, bias, a_weight, a_bias, b_weight, b_bias, scaling)
+    if torch.is_grad_enabled():
+        return _LoRALinearFunction.apply(x, dropped, weight, bias, a_weight, a_bias, b_weight, b_bias, scaling)
+    return _forward(x, dropped, weight, bias, a_weight, a_bias, b_weight, b_bias, scaling)[0]  # no autograd node

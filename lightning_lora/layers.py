@@ -230,11 +230,19 @@ class LoRA(_LoRABase):
         dtype = _fused_dtype(self.original_module, x)
         if dtype is None:
             return super().forward(x)
-        x = x.to(dtype)
+        x = _in_dtype(x, dtype)
         dropped = self.dropout(x) if isinstance(self.dropout, nn.Dropout) and self.dropout.training else None
-        weight, bias = _cast(self.original_module, dtype)
+        linear, a, b = self.original_module, self.matrix_A, self.matrix_B
         return lora_linear(
-            x, weight, bias, *_cast(self.matrix_A, dtype), *_cast(self.matrix_B, dtype), self.scaling, dropped
+            x,
+            _in_dtype(linear.weight, dtype),
+            _in_dtype(linear.bias, dtype),
+            _in_dtype(a.weight, dtype),
+            _in_dtype(a.bias, dtype),
+            _in_dtype(b.weight, dtype),
+            _in_dtype(b.bias, dtype),
+            self.scaling,
+            dropped,
         )
 
     def delta_weight(self) -> torch.Tensor:
@@ -468,6 +476,13 @@ def _fused_dtype(linear: nn.Module, x: torch.Tensor) -> torch.dtype | None:
         cast = (torch.float32, dtype)
         return dtype if x.dtype in cast and weight.dtype in cast else None
     return x.dtype if x.dtype == weight.dtype and x.is_floating_point() else None
+
+
+def _in_dtype(tensor: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """``tensor`` cast to ``dtype`` (a differentiable cast), itself when already there or None."""
+    if tensor is None or tensor.dtype == dtype:
+        return tensor
+    return tensor.to(dtype)
 
 
 def _has_hooks(module: nn.Module) -> bool:

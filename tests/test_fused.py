@@ -78,6 +78,17 @@ def test_non_contiguous_and_empty_inputs():
     _assert_same(layer, torch.randn(0, 3, IN), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])
+def test_inference_matches_without_an_autograd_node(mode):
+    layer = _layer()
+    x = torch.randn(2, 5, IN)
+    with mode():
+        out = layer(x)
+        expected = _reference(layer, x)
+    assert out.grad_fn is None and not out.requires_grad
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
 def test_input_without_grad_still_trains_the_adapter():
     layer = _layer()
     layer(torch.randn(4, IN)).sum().backward()
