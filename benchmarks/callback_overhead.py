@@ -103,7 +103,8 @@ class StepTimer(L.Callback):
 
         return timed
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
         synchronize(self.device)
         self._in_hooks = 0.0
         self._start = time.perf_counter()

@@ -538,7 +538,7 @@ def time_interleaved(fns: dict[str, Callable[[], Any]], warmup: int, steps: int,
     for round_index in range(warmup + steps):
         shift = round_index % len(keys)
         for key in keys[shift:] + keys[:shift]:
-            for attempt in range(max_repeats + 1):
+            for _ in range(max_repeats + 1):
                 synchronize(device)
                 before = meter.read()
                 start = time.perf_counter()

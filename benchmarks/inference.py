@@ -109,7 +109,9 @@ def run(s: Setting, with_peft: bool) -> dict[str, Any]:
         print(failed, file=sys.stderr)
         raise SystemExit("merged and unmerged outputs (or unmerged and reference) differ beyond tolerance")
 
-    times, disturbed = time_interleaved({v.key: (lambda v=v: forward(v, tokens)) for v in variants}, s.warmup, s.steps, s.device)
+    times, disturbed = time_interleaved(
+        {v.key: (lambda v=v: forward(v, tokens)) for v in variants}, s.warmup, s.steps, s.device
+    )
     ms = {key: median_ms(t) for key, t in times.items()}
     rows = []
     for v in variants:

@@ -1,16 +1,20 @@
 """One autograd node for a LoRA-adapted linear layer: the base linear and the adapter together.
 
-The plain path ``original(x) + scaling * B(A(x))`` spends most of its overhead not in the two
-skinny adapter matmuls but in full passes over activations: forward multiplies the adapter output
-by ``scaling`` and adds it to the base output, backward multiplies the output gradient by
-``scaling`` again and adds the adapter's input gradient to the base one. Here instead:
+Besides the two skinny adapter matmuls (four in backward), the plain path
+``original(x) + scaling * B(A(x))`` makes full passes over activations: forward multiplies the
+adapter output by ``scaling`` and adds it to the base output, backward multiplies the output
+gradient by ``scaling`` again and adds the adapter's input gradient to the base one. Here instead:
 
 - forward: ``out = addmm(bias, x, W^T)`` then ``out += scaling * (x A^T) B^T`` in place, as a
   second ``addmm`` that accumulates into ``out`` with ``alpha=scaling`` (an adapter bias is folded
   into the base bias vector, also scaled);
 - backward: ``grad_x = grad_out W`` then ``grad_x += (scaling * grad_out B) A`` in place;
   ``scaling`` is applied to the ``r``-wide intermediate, never to a full-width activation;
-- saved for backward: ``x``, ``A``, ``B`` and ``x A^T`` (``r`` wide), besides the base weight.
+- saved for backward: ``x``, ``A``, ``B`` and ``x A^T`` (``r`` wide), besides the base weight;
+- without grad mode, no autograd node at all.
+
+The skinny matmuls remain: each streams a full activation or gradient through memory, so on a
+CPU each costs far more than its small share of the arithmetic.
 
 Everything is computed in the dtype of the tensors passed in: the caller casts them (under
 autocast, to the autocast dtype), so float32 master weights of the adapter train as usual.

@@ -225,7 +225,7 @@ def _compiled_block_matches_eager(backend: str) -> None:
         nn.init.normal_(adapter.matrix_B.weight, 0, 0.1)
     compiled = torch.compile(eager, backend=backend, fullgraph=True)
     with torch._dynamo.config.patch(error_on_recompile=True):
-        for step in range(3):  # new values each step: no recompilation
+        for _ in range(3):  # new values each step: no recompilation
             x = torch.randn(2, 5, 16)
             got = _outputs_and_grads(compiled, x, lambda m, t: m(t))
             expected = _outputs_and_grads(eager, x, lambda m, t: m(t))
@@ -251,7 +251,9 @@ def test_lightning_bf16_mixed_on_cpu_trains_through_the_fused_path(tmp_path):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             if not seen:
                 for adapter in lora_modules(pl_module).values():
-                    adapter.register_forward_hook(lambda m, args, out: seen.append((out.dtype, type(out.grad_fn).__name__)))
+                    adapter.register_forward_hook(
+                        lambda m, args, out: seen.append((out.dtype, type(out.grad_fn).__name__))
+                    )
 
     trainer = L.Trainer(
         default_root_dir=tmp_path,
