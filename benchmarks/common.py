@@ -288,8 +288,9 @@ class Encoder(nn.Module):
 def build_base(s: Setting) -> Encoder:
     """The base model of ``s``, seeded, on its device and dtype, every weight frozen."""
     torch.manual_seed(s.seed)
-    model = Encoder(s).to(device=s.device, dtype=s.torch_dtype)
-    return model.requires_grad_(False)
+    with torch.device(s.device):  # initialised where it runs: a CPU init of the GPU preset takes long
+        model = Encoder(s)
+    return model.to(dtype=s.torch_dtype).requires_grad_(False)
 
 
 def make_batch(s: Setting) -> tuple[torch.Tensor, torch.Tensor]:
