@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_lora import LoRAMixin
-from lightning_lora.adapter_file import atomic_write
+from lightning_lora.files import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -195,7 +195,7 @@ def pretrain(path: str | Path, classes: list[int], backbone: dict | None = None,
     accuracy = trainer.validate(model, data, verbose=False)[0]["val/acc"]
     log.info("pretrained backbone on digits %s: val/acc %.3f", classes, accuracy)
     state = {k: v.contiguous() for k, v in model.model.state_dict().items()}
-    atomic_write(str(path), save(state, metadata={"task": f"digits {classes}", "val_acc": f"{accuracy:.4f}"}))
+    write_atomic(str(path), save(state, metadata={"task": f"digits {classes}", "val_acc": f"{accuracy:.4f}"}))
     return Path(path)
 
 

@@ -1,18 +1,31 @@
-"""LoRA fine-tuning for PyTorch and Lightning: adapter layers, model surgery, adapter files."""
+"""LoRA fine-tuning for PyTorch and Lightning: adapter layers, model surgery, adapter files.
 
-__version__ = "0.1.0"
+The package, module by module (each module's docstring says what it owns):
 
-from lightning_lora.adapter_file import load_adapter, read_adapter, save_adapter  # noqa: E402
-from lightning_lora.callback import LoRACallback  # noqa: E402
-from lightning_lora.checkpoint import LoRACheckpointIO, adapter_path_for  # noqa: E402
-from lightning_lora.config import LoRAConfig  # noqa: E402
-from lightning_lora.fingerprint import base_fingerprint  # noqa: E402
-from lightning_lora.hydra_config import LoRACallbackConf  # noqa: E402  (registers the Hydra "lora" group)
-from lightning_lora.layers import LoRA, LoRAConv, LoRAEmbedding, LoRALayer, LoRALinear  # noqa: E402
-from lightning_lora.mixin import LoRAMixin  # noqa: E402
-from lightning_lora.surgery import (  # noqa: E402
+- ``spec``: ``AdapterSpec``, the settings of one adapter; ``config``: ``LoRAConfig``, all settings;
+  ``patterns``: module name patterns; ``naming``: clean module names through wrappers;
+- ``layers``: the adapter layers (``fused``: the fused linear autograd node);
+- ``plan``: model + config -> specs; ``surgery``: install specs, merge, unload, state dicts;
+- ``fingerprint``: base-weight fingerprints; ``files``: atomic rank-zero file IO;
+  ``adapter_file``: the adapter file format; ``checkpoint``: slim Lightning checkpoints;
+- ``callback``, ``mixin``: the Lightning integration; ``hydra_config``: the Hydra ``lora`` group.
+"""
+
+from lightning_lora.adapter_file import AdapterFile, library_version, load_adapter, read_adapter, save_adapter
+from lightning_lora.callback import LoRACallback
+from lightning_lora.checkpoint import LoRACheckpointIO, adapter_path_for
+from lightning_lora.config import LoRAConfig
+from lightning_lora.fingerprint import base_fingerprint
+from lightning_lora.hydra_config import LoRACallbackConf  # importing it registers the Hydra "lora" group
+from lightning_lora.layers import LoRA, LoRABase, LoRAConv, LoRAEmbedding, LoRALinear
+from lightning_lora.mixin import LoRAMixin
+from lightning_lora.plan import AdapterPlan, plan_adapters
+from lightning_lora.spec import AdapterSpec
+from lightning_lora.surgery import (
+    Installation,
     LoRASummary,
     apply_lora,
+    install,
     lora_config,
     lora_modules,
     lora_parameters,
@@ -23,15 +36,21 @@ from lightning_lora.surgery import (  # noqa: E402
     unmerge_lora,
 )
 
+__version__ = library_version()
+
 __all__ = [
+    "AdapterFile",
+    "AdapterPlan",
+    "AdapterSpec",
+    "Installation",
     "LoRA",
+    "LoRABase",
     "LoRACallback",
     "LoRACallbackConf",
     "LoRACheckpointIO",
     "LoRAConfig",
     "LoRAConv",
     "LoRAEmbedding",
-    "LoRALayer",
     "LoRALinear",
     "LoRAMixin",
     "LoRASummary",
@@ -39,6 +58,7 @@ __all__ = [
     "adapter_path_for",
     "apply_lora",
     "base_fingerprint",
+    "install",
     "load_adapter",
     "lora_config",
     "lora_modules",
@@ -47,6 +67,7 @@ __all__ = [
     "lora_summary",
     "merge_and_unload",
     "merge_lora",
+    "plan_adapters",
     "read_adapter",
     "save_adapter",
     "unmerge_lora",

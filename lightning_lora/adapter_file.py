@@ -1,21 +1,24 @@
-"""Adapter files: one ``.safetensors`` file with the adapter tensors and what is needed to reload them.
+"""Adapter files: the format of one ``.safetensors`` file holding a model's adapters.
 
 Layout: the tensors of :func:`~lightning_lora.lora_state_dict` (adapters and ``trainable`` modules)
 under clean module names, and string metadata:
 
 ==================== ==========================================================================
 ``format``           ``lightning_lora.adapter``
-``format_version``   ``1``
+``format_version``   ``2``
 ``library_version``  the ``lightning_lora`` version that wrote it
 ``config``           the ``LoRAConfig`` (JSON)
-``modules``          adapted module -> kind, r, alpha, bias, dropout, use_rslora, dtype, shapes (JSON)
+``modules``          adapted module -> its ``AdapterSpec`` and tensor shapes (JSON)
 ``trainable``        the fully trainable modules (JSON list)
 ``base_fingerprint`` :func:`~lightning_lora.base_fingerprint` of the base weights trained on
-``tensors_sha256``   SHA-256 of the tensor data, so corruption is detected on load
+``sha256``           SHA-256 of the header (every tensor's name, dtype, shape and offsets, and all
+                     other metadata) and of the tensor data, so any change is detected on load
 ==================== ==========================================================================
 
-Files are written atomically (temporary file, then rename) on global rank 0 only, and read with
-safetensors, which never unpickles anything.
+This module owns the format: :func:`adapter_bytes` (model -> bytes), :func:`parse_adapter`
+(bytes -> :class:`AdapterFile`) and :func:`check_fits` (does a file fit a model). Reading and
+writing go through :mod:`lightning_lora.files`; loading installs the stored specs with
+:func:`lightning_lora.surgery.install`. Nothing is ever unpickled.
 """
 
 from __future__ import annotations
@@ -23,82 +26,161 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 import torch
-from fsspec.core import url_to_fs
-from fsspec.implementations.local import LocalFileSystem
 from safetensors import SafetensorError
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 from torch import nn
 
-from lightning_lora import __version__
 from lightning_lora.config import LoRAConfig
+from lightning_lora.files import read_bytes, write_on_rank_zero
 from lightning_lora.fingerprint import base_fingerprint
-from lightning_lora.layers import LoRALayer
-from lightning_lora.surgery import (
-    _apply_specs,
-    _install,
-    _sites,
-    _trainable_modules,
-    lora_config,
-    lora_modules,
-    lora_state_dict,
-)
+from lightning_lora.naming import sites
+from lightning_lora.plan import AdapterPlan, check_fits as check_specs_fit
+from lightning_lora.spec import AdapterSpec
+from lightning_lora.surgery import install, lora_config, lora_modules, lora_tensors, merged_modules, trainable_modules
 
 FORMAT = "lightning_lora.adapter"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 #: The suffix of adapter files.
 SUFFIX = ".lora.safetensors"
+_DIGEST_KEY = "sha256"
+_OLD_DIGEST_KEY = "tensors_sha256"  # format version 1: a digest of the tensor data only
 
 
 @dataclass
 class AdapterFile:
-    """The parsed contents of an adapter file."""
+    """The parsed contents of an adapter file.
+
+    Attributes:
+        tensors: clean key -> tensor.
+        config: the ``LoRAConfig`` the adapters were made with.
+        modules: adapted module name -> its adapter settings.
+        trainable: names of the fully trainable modules whose tensors the file holds.
+        base_fingerprint: fingerprint of the base weights trained on.
+        library_version: the ``lightning_lora`` version that wrote the file.
+    """
 
     tensors: dict[str, torch.Tensor]
     config: LoRAConfig
-    modules: dict[str, dict[str, Any]]
+    modules: dict[str, AdapterSpec]
     trainable: list[str]
     base_fingerprint: str
     library_version: str
 
 
-def adapter_metadata(model: nn.Module) -> dict[str, str]:
-    """The metadata of :func:`save_adapter` for ``model``, without the tensor checksum."""
-    adapters = lora_modules(model)
-    if not adapters:
-        raise ValueError("model has no LoRA adapters to save; call apply_lora(model, config) first")
-    modules = {}
-    for name, adapter in adapters.items():
-        shapes = {
-            f"{part}.{key}": list(tensor.shape)
-            for part in ("matrix_A", "matrix_B")
-            for key, tensor in getattr(adapter, part).state_dict().items()
-        }
-        modules[name] = {**adapter.lora_spec(), "shapes": shapes}
-    config = lora_config(model) or LoRAConfig()
-    return {
-        "format": FORMAT,
-        "format_version": str(FORMAT_VERSION),
-        "library_version": __version__,
-        "config": json.dumps(config.to_dict()),
-        "modules": json.dumps(modules),
-        "trainable": json.dumps(list(_trainable_modules(model))),
-        "base_fingerprint": base_fingerprint(model),
-    }
+def library_version() -> str:
+    """The installed ``lightning-lora`` version, from the package metadata."""
+    try:
+        return version("lightning-lora")
+    except PackageNotFoundError:
+        return "unknown"
 
 
 def adapter_bytes(model: nn.Module) -> bytes:
-    """The bytes of an adapter file for ``model``, as :func:`save_adapter` writes them."""
-    metadata = adapter_metadata(model)
-    tensors = {key: t.detach().to("cpu", copy=True).contiguous() for key, t in lora_state_dict(model).items()}
-    draft = save_tensors(tensors, metadata={**metadata, "tensors_sha256": "0" * 64})
-    metadata["tensors_sha256"] = hashlib.sha256(_tensor_region(draft)).hexdigest()
+    """The bytes of an adapter file for ``model``, as :func:`save_adapter` writes them.
+
+    Raises:
+        ValueError: if the model has no adapters. RuntimeError: if an adapter is merged.
+    """
+    adapters = lora_modules(model)
+    if not adapters:
+        raise ValueError("model has no LoRA adapters to save; call apply_lora(model, config) first")
+    modules = {
+        name: {**adapter.spec.to_dict(), "shapes": {k: list(p.shape) for k, p in adapter.adapter_params().items()}}
+        for name, adapter in adapters.items()
+    }
+    metadata = {
+        "format": FORMAT,
+        "format_version": str(FORMAT_VERSION),
+        "library_version": library_version(),
+        "config": json.dumps((lora_config(model) or LoRAConfig()).to_dict()),
+        "modules": json.dumps(modules),
+        "trainable": json.dumps(list(trainable_modules(model))),
+        "base_fingerprint": base_fingerprint(model),
+    }
+    tensors = {key: t.detach().to("cpu", copy=True).contiguous() for key, t in lora_tensors(model).items()}
+    draft = save_tensors(tensors, metadata={**metadata, _DIGEST_KEY: "0" * 64})
+    metadata[_DIGEST_KEY] = _digest(_header(draft, "draft"), draft)
     return save_tensors(tensors, metadata=metadata)
+
+
+def parse_adapter(data: bytes, source: str) -> AdapterFile:
+    """Parse and verify the bytes of an adapter file (``source`` names it in errors).
+
+    Raises:
+        ValueError: if the data is truncated, corrupted, not an adapter file or of a newer format.
+    """
+    header = _header(data, source)
+    meta = header.get("__metadata__")
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise ValueError(f"{source} is not a lightning_lora adapter file (its metadata has no format {FORMAT!r})")
+    try:
+        format_version = int(meta["format_version"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"{source} has no valid format_version in its metadata") from err
+    if format_version > FORMAT_VERSION:
+        raise ValueError(
+            f"{source} has adapter format version {format_version}, newer than this lightning_lora supports "
+            f"({FORMAT_VERSION}); upgrade lightning_lora"
+        )
+    try:
+        tensors = load_tensors(data)
+    except SafetensorError as err:
+        raise ValueError(f"{source} is truncated or corrupted: {err}") from err
+    if format_version >= 2:
+        intact = meta.get(_DIGEST_KEY) == _digest(header, data)
+    else:
+        intact = meta.get(_OLD_DIGEST_KEY) == hashlib.sha256(_tensor_region(data)).hexdigest()
+    if not intact:
+        raise ValueError(f"{source} is corrupted: its header or tensor data does not match the checksum in its metadata")
+    try:
+        modules = json.loads(meta["modules"])
+        trainable = json.loads(meta["trainable"])
+        if not isinstance(modules, dict) or not isinstance(trainable, list):
+            raise ValueError("modules must be a JSON object and trainable a JSON list")
+        return AdapterFile(
+            tensors=tensors,
+            config=LoRAConfig.from_dict(json.loads(meta["config"])),
+            modules={str(name): AdapterSpec.from_dict(spec) for name, spec in modules.items()},
+            trainable=[str(name) for name in trainable],
+            base_fingerprint=str(meta["base_fingerprint"]),
+            library_version=str(meta.get("library_version", "unknown")),
+        )
+    except (KeyError, TypeError, ValueError, RecursionError) as err:
+        raise ValueError(f"{source} has invalid adapter metadata: {err!r}") from err
+
+
+def check_fits(model: nn.Module, adapter: AdapterFile, source: str, check_base: bool = True) -> None:
+    """Check, without changing ``model``, that ``adapter`` can be loaded into it.
+
+    The model must have the adapted and trainable modules the file names, adapters it already has
+    must have exactly the stored settings, and (with ``check_base``) its base weights must match the
+    stored fingerprint.
+
+    Raises:
+        ValueError: saying what does not fit.
+    """
+    merged = merged_modules(model)
+    if merged:
+        raise ValueError(f"cannot load {source} into a model with merged adapters {merged[:5]!r}; call unmerge_lora() first")
+    check_specs_fit(model, adapter.modules, source)
+    found = sites(model)
+    missing_trainable = [name for name in adapter.trainable if name not in found]
+    if missing_trainable:
+        raise ValueError(f"{source} has trainable modules {missing_trainable!r} that this model does not have")
+    if check_base:
+        fingerprint = base_fingerprint(model, adapter.trainable)
+        if fingerprint != adapter.base_fingerprint:
+            raise ValueError(
+                f"{source} was trained on different base weights: base fingerprint {adapter.base_fingerprint[:12]} "
+                f"in the file, {fingerprint[:12]} in this model. Load the base checkpoint it was trained on, "
+                f"or pass check_base=False to load anyway"
+            )
 
 
 def save_adapter(model: nn.Module, path: str | os.PathLike) -> str:
@@ -114,8 +196,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> str:
         ValueError: if the model has no adapters. RuntimeError: if an adapter is merged.
     """
     data = adapter_bytes(model)
-    if _global_rank() == 0:
-        atomic_write(str(path), data)
+    write_on_rank_zero(str(path), data)
     return str(path)
 
 
@@ -126,50 +207,18 @@ def read_adapter(path: str | os.PathLike) -> AdapterFile:
         ValueError: if the file is truncated, corrupted, not an adapter file or of a newer format.
         FileNotFoundError: if there is no such file.
     """
-    path = str(path)
-    fs, local_path = url_to_fs(path)
-    with fs.open(local_path, "rb") as handle:
-        data = handle.read()
-    header = _header(path, data)
-    meta = header.get("__metadata__") or {}
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a lightning_lora adapter file (its metadata has no format {FORMAT!r})")
-    try:
-        version = int(meta["format_version"])
-    except (KeyError, ValueError) as err:
-        raise ValueError(f"{path} has no valid format_version in its metadata") from err
-    if version > FORMAT_VERSION:
-        raise ValueError(
-            f"{path} has adapter format version {version}, newer than this lightning_lora supports "
-            f"({FORMAT_VERSION}); upgrade lightning_lora"
-        )
-    try:
-        tensors = load_tensors(data)
-    except SafetensorError as err:
-        raise ValueError(f"{path} is truncated or corrupted: {err}") from err
-    if hashlib.sha256(_tensor_region(data)).hexdigest() != meta.get("tensors_sha256"):
-        raise ValueError(f"{path} is corrupted: its tensor data does not match the checksum in its metadata")
-    try:
-        return AdapterFile(
-            tensors=tensors,
-            config=LoRAConfig(**json.loads(meta["config"])),
-            modules=json.loads(meta["modules"]),
-            trainable=json.loads(meta["trainable"]),
-            base_fingerprint=meta["base_fingerprint"],
-            library_version=meta.get("library_version", "unknown"),
-        )
-    except (KeyError, TypeError, ValueError) as err:
-        raise ValueError(f"{path} has invalid adapter metadata: {err!r}") from err
+    return parse_adapter(read_bytes(str(path)), str(path))
 
 
 def load_adapter(model: nn.Module, path: str | os.PathLike, check_base: bool = True) -> list[str]:
     """Load an adapter file into ``model``, in place.
 
     If the model has no adapters yet, the file's modules are adapted first with the stored
-    settings. Everything is checked before the model is touched: on any error it is unchanged.
+    settings; adapters the model already has must have exactly those settings. Everything is
+    checked before the model is kept changed: on any error it is as it was.
 
     Args:
-        model: the base model (plain or already adapted with the same modules and ranks).
+        model: the base model (plain or already adapted with the same modules and settings).
         path: the adapter file (any fsspec URL).
         check_base: compare the model's base weights with the fingerprint stored in the file.
 
@@ -177,143 +226,64 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, check_base: bool = T
         The adapted module names.
 
     Raises:
-        ValueError: on missing or unexpected tensors or modules, a shape or rank mismatch, a different
-            base model, or a truncated, corrupted or foreign file.
+        ValueError: on missing or unexpected tensors or modules, other settings, a shape mismatch, a
+            different base model, or a truncated, corrupted or foreign file.
     """
+    source = str(path)
     adapter = read_adapter(path)
-    current = lora_modules(model)
-    if any(layer.merged for layer in current.values()):
-        raise ValueError(f"cannot load {path} into a model with merged adapters; call unmerge_lora() first")
-    if current:
-        _check_same_modules(path, current, adapter.modules)
-        targets, new = current, {}
-        trainable_names = list(_trainable_modules(model))
-    else:
-        try:
-            new = _apply_specs(model, adapter.modules)
-        except (TypeError, ValueError) as err:
-            raise ValueError(f"cannot apply the adapters of {path} to this model: {err}") from err
-        targets, trainable_names = new, adapter.trainable
-    sites = _sites(model)
-    missing_trainable = [name for name in trainable_names if name not in sites]
-    if missing_trainable:
-        raise ValueError(f"{path} has trainable modules {missing_trainable!r} that this model does not have")
-    expected = _expected_tensors(targets, {name: sites[name].module for name in trainable_names})
-    _check_tensors(path, expected, adapter.tensors)
-    if check_base:
-        found = base_fingerprint(model, trainable_names)
-        if found != adapter.base_fingerprint:
-            raise ValueError(
-                f"{path} was trained on different base weights: base fingerprint {adapter.base_fingerprint[:12]} "
-                f"in the file, {found[:12]} in this model. Load the base checkpoint it was trained on, "
-                f"or pass check_base=False to load anyway"
-            )
-    if new:
-        _install(model, new, adapter.config, trainable_names)
+    check_fits(model, adapter, source, check_base)
+    installed = install(model, AdapterPlan(adapter.modules, adapter.config, tuple(adapter.trainable)))
+    try:
+        expected = lora_tensors(model)
+        _check_tensors(source, expected, adapter.tensors)
+    except ValueError:
+        installed.undo()
+        raise
     with torch.no_grad():
         for key, target in expected.items():
             target.copy_(adapter.tensors[key])
-    return list(targets)
+    return installed.names
 
 
-def _check_same_modules(path: str, current: dict[str, LoRALayer], stored: dict[str, dict[str, Any]]) -> None:
-    missing = [name for name in stored if name not in current]
-    unexpected = [name for name in current if name not in stored]
-    if missing or unexpected:
-        raise ValueError(
-            f"{path} does not fit the model's adapters: adapted in the file but not in the model: "
-            f"{missing[:5]!r}; adapted in the model but not in the file: {unexpected[:5]!r}"
-        )
-    for name, layer in current.items():
-        spec = layer.lora_spec()
-        for key in ("kind", "r", "bias"):
-            if spec[key] != stored[name][key]:
-                raise ValueError(
-                    f"{path} does not fit module '{name}': {key}={stored[name][key]!r} in the file, "
-                    f"{spec[key]!r} in the model"
-                )
-
-
-def _expected_tensors(adapters: dict[str, LoRALayer], trainable: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
-    """Key -> the parameter or buffer that the file's tensor of that key is loaded into."""
-    expected: dict[str, torch.Tensor] = {}
-    for name, adapter in adapters.items():
-        for part in ("matrix_A", "matrix_B"):
-            for key, tensor in _tensors(getattr(adapter, part)).items():
-                expected[f"{name}.{part}.{key}"] = tensor
-    for name, module in trainable.items():
-        for key, tensor in _tensors(module).items():
-            expected[f"{name}.{key}"] = tensor
-    return expected
-
-
-def _tensors(module: nn.Module) -> dict[str, torch.Tensor]:
-    keys = module.state_dict().keys()
-    named = dict(module.named_parameters())
-    named.update(dict(module.named_buffers()))
-    return {key: named[key] for key in keys}
-
-
-def _check_tensors(path: str, expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor]) -> None:
+def _check_tensors(source: str, expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor]) -> None:
     missing = sorted(set(expected) - set(found))
     unexpected = sorted(set(found) - set(expected))
     if missing or unexpected:
         raise ValueError(
-            f"{path} does not fit the model: missing tensors {missing[:5]!r}, unexpected tensors {unexpected[:5]!r}"
+            f"{source} does not fit the model: missing tensors {missing[:5]!r}, unexpected tensors {unexpected[:5]!r}"
         )
     for key, target in expected.items():
         if tuple(found[key].shape) != tuple(target.shape):
             raise ValueError(
-                f"{path} does not fit the model: tensor '{key}' has shape {tuple(found[key].shape)} in the "
+                f"{source} does not fit the model: tensor '{key}' has shape {tuple(found[key].shape)} in the "
                 f"file and {tuple(target.shape)} in the model (a different rank or layer size)"
             )
 
 
-def atomic_write(path: str, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that ``path`` never holds a partial file.
-
-    Local paths: a temporary file in the same folder, flushed to disk, then renamed over ``path``.
-    Remote fsspec paths: one ``put`` of the whole object (object stores publish it atomically).
-    """
-    fs, fs_path = url_to_fs(path)
-    if not isinstance(fs, LocalFileSystem):
-        fs.pipe_file(fs_path, data)
-        return
-    folder = os.path.dirname(os.path.abspath(fs_path))
-    os.makedirs(folder, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=folder, prefix=".", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, fs_path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-        raise
-
-
-def _header(path: str, data: bytes) -> dict[str, Any]:
+def _header(data: bytes, source: str) -> dict[str, Any]:
     if len(data) < 8:
-        raise ValueError(f"{path} is truncated or not a safetensors file ({len(data)} bytes)")
+        raise ValueError(f"{source} is truncated or not a safetensors file ({len(data)} bytes)")
     length = int.from_bytes(data[:8], "little")
     if 8 + length > len(data):
-        raise ValueError(f"{path} is truncated or not a safetensors file (header of {length} bytes, file of {len(data)})")
+        raise ValueError(f"{source} is truncated or not a safetensors file (header of {length} bytes, file of {len(data)})")
     try:
         header = json.loads(data[8 : 8 + length])
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"{path} is corrupted or not a safetensors file: its header is not JSON") from err
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+        raise ValueError(f"{source} is corrupted or not a safetensors file: its header is not JSON") from err
     if not isinstance(header, dict):
-        raise ValueError(f"{path} is corrupted or not a safetensors file: its header is not a JSON object")
+        raise ValueError(f"{source} is corrupted or not a safetensors file: its header is not a JSON object")
     return header
+
+
+def _digest(header: dict[str, Any], data: bytes) -> str:
+    """SHA-256 of the header (in a canonical JSON form, without the digest itself) and the tensor data."""
+    meta = header.get("__metadata__")
+    meta = {k: v for k, v in meta.items() if k != _DIGEST_KEY} if isinstance(meta, dict) else meta
+    canonical = json.dumps({**header, "__metadata__": meta}, sort_keys=True, separators=(",", ":"))
+    digest = hashlib.sha256(canonical.encode())
+    digest.update(_tensor_region(data))
+    return digest.hexdigest()
 
 
 def _tensor_region(data: bytes) -> bytes:
     return data[8 + int.from_bytes(data[:8], "little") :]
-
-
-def _global_rank() -> int:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank()
-    return int(os.environ.get("RANK", 0))

@@ -2,12 +2,17 @@
 
 What it does, in hook order:
 
-- ``setup`` (every stage): arranges for the model to be adapted right after ``configure_model``
-  (so layers created there are adapted too), which is still before checkpoint restore, strategy
-  wrapping (DDP sees only adapter parameters) and ``configure_optimizers``; it also wraps the
-  strategy's ``CheckpointIO`` (see :mod:`lightning_lora.checkpoint`).
-- ``on_fit_start``: checks that the optimizers hold every adapter parameter, warns once if they
-  also hold frozen ones.
+- ``setup`` (every stage): checks the strategy, resolves its settings (those stored with
+  ``adapter_path``, checked against the arguments given explicitly), wraps the strategy's
+  ``CheckpointIO`` (see :mod:`lightning_lora.checkpoint`) and arranges for the model to be adapted
+  right after ``configure_model`` (so layers created there are adapted too), which is still before
+  checkpoint restore, strategy wrapping (DDP sees only adapter parameters) and
+  ``configure_optimizers``. Lightning has no hook there, so the model's ``configure_model`` is
+  wrapped on the instance for that one call; the wrapper removes itself when it runs, and
+  ``on_exception`` and ``teardown`` remove it on every other way out of a run.
+- ``on_fit_start`` / ``on_validation_start`` / ``on_test_start`` / ``on_predict_start``: the
+  model must have adapters by now (else an error, never silent full fine-tuning); at fit start the
+  optimizers must hold every adapter parameter (a warning if they also hold frozen ones).
 - ``on_before_optimizer_step``: on logging steps only, logs ``lora/grad_norm`` (after AMP
   unscaling, once per accumulation window) and ``lora/scaling``.
 - ``on_fit_end``: merges the adapters when ``merge_on_end``.
@@ -15,36 +20,36 @@ What it does, in hook order:
 
 from __future__ import annotations
 
-import inspect
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
 from lightning_lora.adapter_file import load_adapter, read_adapter
 from lightning_lora.checkpoint import LoRACheckpointIO
-from lightning_lora.config import LoRAConfig
-from lightning_lora.surgery import apply_lora, lora_modules, lora_parameters, lora_summary, merge_lora, unmerge_lora
-
-_CONFIG_FIELDS = (
-    "r",
-    "alpha",
-    "bias",
-    "targets",
-    "exclude",
-    "dropout",
-    "rank_pattern",
-    "alpha_pattern",
-    "use_rslora",
-    "trainable",
-    "adapter_dtype",
+from lightning_lora.config import LoRAConfig, explicit_settings, reconcile
+from lightning_lora.spec import boolean
+from lightning_lora.surgery import (
+    apply_lora,
+    lora_modules,
+    lora_parameters,
+    lora_summary,
+    merge_lora,
+    merged_modules,
+    unmerge_lora,
 )
+
+#: Strategies whose sharding the callback does not support yet.
+UNSUPPORTED_STRATEGIES = (DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy)
+#: The arguments that are not ``LoRAConfig`` fields.
+CALLBACK_ARGUMENTS = ("adapter_path", "save_base_weights", "log_grad_norm", "log_per_layer", "merge_on_end")
 
 
 class LoRACallback(Callback):
@@ -52,10 +57,12 @@ class LoRACallback(Callback):
 
     Args:
         r, alpha, bias, targets, exclude, dropout, rank_pattern, alpha_pattern, use_rslora,
-            trainable, adapter_dtype: as in :class:`~lightning_lora.LoRAConfig`. ``targets=None``
-            takes the LightningModule's ``lora_targets`` if it declares them, else ``["all-linear"]``.
-        adapter_path: start from this adapter file (its stored settings are used; arguments that
-            contradict them are an error).
+            trainable, adapter_dtype: as in :class:`~lightning_lora.LoRAConfig`, with the same
+            defaults. ``targets=None`` takes the LightningModule's ``lora_targets`` if it declares
+            them, else ``["all-linear"]``.
+        adapter_path: start from this adapter file: its stored settings are used, and settings
+            given explicitly (different from the defaults) that contradict them are an error. The
+            file is read in ``setup``.
         save_base_weights: keep the frozen base weights in Lightning checkpoints (default: leave them
             out, so checkpoints hold adapters, optimizer and trainer state only).
         log_grad_norm: log ``lora/grad_norm``, the 2-norm over all adapter gradients.
@@ -91,106 +98,113 @@ class LoRACallback(Callback):
         merge_on_end: bool = False,
         config: LoRAConfig | None = None,
     ) -> None:
-        arguments = locals()
-        given = {name: _plain(arguments[name]) for name in _CONFIG_FIELDS}
-        defaults = {name: _plain(_SIGNATURE.parameters[name].default) for name in _CONFIG_FIELDS}
-        for name in ("save_base_weights", "log_grad_norm", "log_per_layer", "merge_on_end"):
-            value = arguments[name]
-            if not isinstance(value, bool):
-                raise TypeError(f"{name} must be True or False, got {value!r} ({type(value).__name__})")
-        if adapter_path is not None and not isinstance(adapter_path, (str, os.PathLike)):
-            raise TypeError(f"adapter_path must be a path or None, got {adapter_path!r} ({type(adapter_path).__name__})")
-        changed = [name for name in _CONFIG_FIELDS if not _same(given[name], defaults[name])]
+        settings = {
+            "r": r,
+            "alpha": alpha,
+            "bias": bias,
+            "targets": targets,
+            "exclude": exclude,
+            "dropout": dropout,
+            "rank_pattern": rank_pattern,
+            "alpha_pattern": alpha_pattern,
+            "use_rslora": use_rslora,
+            "trainable": trainable,
+            "adapter_dtype": adapter_dtype,
+        }
+        explicit = explicit_settings(settings)
         if config is not None:
             if not isinstance(config, LoRAConfig):
                 raise TypeError(f"config must be a LoRAConfig, got {type(config).__name__}")
-            if changed:
-                raise ValueError(f"pass either config or the separate arguments, not both (also got {changed!r})")
-        if adapter_path is not None:
-            stored = read_adapter(adapter_path).config
-            contradicting = [
-                f"{name}={given[name]!r} (file: {getattr(stored, name)!r})"
-                for name in changed
-                if not _same(given[name], getattr(stored, name))
-            ]
-            if config is not None:
-                contradicting += [
-                    f"{name}={getattr(config, name)!r} (file: {getattr(stored, name)!r})"
-                    for name in _CONFIG_FIELDS
-                    if getattr(config, name) != getattr(stored, name)
-                ]
-            if contradicting:
-                raise ValueError(f"adapter_path {str(adapter_path)!r} was trained with other settings: {', '.join(contradicting)}")
-            config = stored
-        self._targets_from_model = config is None and given["targets"] is None
-        if config is None:
-            config = LoRAConfig(
-                **{
-                    **given,
-                    "targets": given["targets"] or ["all-linear"],
-                    "rank_pattern": given["rank_pattern"] or {},
-                    "alpha_pattern": given["alpha_pattern"] or {},
-                }
-            )
-        self.config = config
+            if explicit:
+                raise ValueError(f"pass either config or the separate arguments, not both (also got {sorted(explicit)!r})")
+            explicit = explicit_settings(config.to_dict())
+        if adapter_path is not None and not isinstance(adapter_path, (str, os.PathLike)):
+            raise TypeError(f"adapter_path must be a path or None, got {adapter_path!r} ({type(adapter_path).__name__})")
+        self.config = LoRAConfig(**settings) if config is None else config
         self.adapter_path = None if adapter_path is None else str(adapter_path)
-        self.save_base_weights = save_base_weights
-        self.log_grad_norm = log_grad_norm
-        self.log_per_layer = log_per_layer
-        self.merge_on_end = merge_on_end
+        self.save_base_weights = boolean("save_base_weights", save_base_weights)
+        self.log_grad_norm = boolean("log_grad_norm", log_grad_norm)
+        self.log_per_layer = boolean("log_per_layer", log_per_layer)
+        self.merge_on_end = boolean("merge_on_end", merge_on_end)
+        self._explicit = explicit
         self._adapted: set[int] = set()
+        self._armed: pl.LightningModule | None = None
+        self._checked = False
 
     # --- setup ---------------------------------------------------------------------------------
 
-    def config_for(self, pl_module: pl.LightningModule) -> LoRAConfig:
-        """The config used for ``pl_module``: the model's ``lora_targets`` fill in ``targets=None``."""
-        declared = getattr(pl_module, "lora_targets", None)
-        if self._targets_from_model and declared:
-            return LoRAConfig(**{**self.config.to_dict(), "targets": list(declared)})
-        return self.config
-
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        strategy_name = type(trainer.strategy).__name__
-        if "DeepSpeed" in strategy_name or "FSDP" in strategy_name or "ModelParallel" in strategy_name:
+        if isinstance(trainer.strategy, UNSUPPORTED_STRATEGIES):
             raise MisconfigurationException(
-                f"LoRACallback supports single-device and DDP strategies, got {strategy_name}; "
+                f"LoRACallback supports single-device and DDP strategies, got {type(trainer.strategy).__name__}; "
                 f"use strategy='ddp' (adapters are small, so the model usually fits once per device)"
             )
-        if not isinstance(trainer.strategy.checkpoint_io, LoRACheckpointIO):
-            trainer.strategy.checkpoint_io = LoRACheckpointIO(
-                trainer.strategy.checkpoint_io, lambda: trainer.lightning_module, self.save_base_weights
+        checkpoint_io = trainer.strategy.checkpoint_io
+        if isinstance(checkpoint_io, LoRACheckpointIO) and checkpoint_io.owner is not self:
+            raise MisconfigurationException(
+                "the Trainer has more than one LoRACallback; pass one (its config can list every target)"
             )
-        if stage == "fit" and any(layer.merged for layer in lora_modules(pl_module).values()):
+        if self.adapter_path is not None:
+            stored = read_adapter(self.adapter_path).config
+            self.config = reconcile(stored, self._explicit, f"adapter_path {self.adapter_path!r}")
+        if not isinstance(checkpoint_io, LoRACheckpointIO):
+            trainer.strategy.checkpoint_io = LoRACheckpointIO(
+                checkpoint_io, lambda: trainer.lightning_module, self.save_base_weights, owner=self
+            )
+        if stage == "fit" and merged_modules(pl_module):
             unmerge_lora(pl_module)
             rank_zero_info("LoRA: adapters were merged; unmerged them to train")
-        if getattr(vars(pl_module).get("configure_model"), "lora_wrapper", False):
-            del pl_module.configure_model  # left by a run that stopped before configure_model
-        configure_model = pl_module.configure_model
+        self._checked = False
+        self._arm(pl_module)
+
+    def _arm(self, pl_module: pl.LightningModule) -> None:
+        """Wrap ``pl_module.configure_model`` on the instance: the original, then :meth:`_adapt`."""
+        self._disarm()
+        configure_model: Callable[[], None] = pl_module.configure_model
 
         def configure_model_then_adapt() -> None:
-            del pl_module.configure_model
+            self._disarm()
             configure_model()
             self._adapt(pl_module)
 
-        configure_model_then_adapt.lora_wrapper = True
-        pl_module.configure_model = configure_model_then_adapt
+        setattr(pl_module, "configure_model", configure_model_then_adapt)  # noqa: B010  (on the instance)
+        self._armed = pl_module
+
+    def _disarm(self) -> None:
+        """Remove the instance wrapper of :meth:`_arm`, if it is still there."""
+        if self._armed is not None:
+            vars(self._armed).pop("configure_model", None)
+            self._armed = None
 
     def _adapt(self, pl_module: pl.LightningModule) -> None:
         first_time = id(pl_module) not in self._adapted
         if first_time and self.adapter_path is not None and not lora_modules(pl_module):
             load_adapter(pl_module, self.adapter_path)
         else:
-            apply_lora(pl_module, self.config_for(pl_module))
+            apply_lora(pl_module, self.config)
         if first_time:
             self._adapted.add(id(pl_module))
             rank_zero_info(str(lora_summary(pl_module)))
 
+    def _check_adapted(self, pl_module: pl.LightningModule, stage: str) -> None:
+        if self._checked:
+            return
+        self._disarm()
+        if not lora_modules(pl_module):
+            raise MisconfigurationException(
+                f"LoRACallback: the model reached {stage} without LoRA adapters (its configure_model was not "
+                f"called through the Trainer after setup), so it would {'train every weight' if stage == 'fit' else 'run unadapted'}; "
+                f"let the Trainer call configure_model, or adapt the model yourself with lightning_lora.apply_lora"
+            )
+        self._checked = True
+
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        held = {id(p) for optimizer in trainer.optimizers for group in optimizer.param_groups for p in group["params"]}
+        self._check_adapted(pl_module, "fit")
         if not trainer.optimizers:
             return
+        held = {id(p) for optimizer in trainer.optimizers for group in optimizer.param_groups for p in group["params"]}
         adapters = list(lora_parameters(pl_module))
         missing = [p for p in adapters if id(p) not in held]
         if missing:
@@ -206,21 +220,42 @@ class LoRACallback(Callback):
                 f"build it over self.lora_parameters() to save its memory"
             )
 
+    @override
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._check_adapted(pl_module, "validate")
+
+    @override
+    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._check_adapted(pl_module, "test")
+
+    @override
+    def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._check_adapted(pl_module, "predict")
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._disarm()
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._disarm()
+
     # --- logging -------------------------------------------------------------------------------
 
     @override
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
+        # Lightning's own monitors (LearningRateMonitor, ThroughputMonitor) ask the same; it has no
+        # public equivalent. Nothing is computed and nothing synchronises on other steps.
         if not trainer._logger_connector.should_update_logs:
-            return  # no norm computed and no host-device sync on steps that do not log
+            return
         adapters = lora_modules(pl_module)
         if self.log_grad_norm:
-            per_layer = {name: _grad_norm(layer) for name, layer in adapters.items()}
+            per_layer = {name: _grad_norm(layer.adapter_params().values()) for name, layer in adapters.items()}
             norms = [norm for norm in per_layer.values() if norm is not None]
             if norms:
-                total = torch.linalg.vector_norm(torch.stack([n.to(norms[0].device) for n in norms]))
-                pl_module.log("lora/grad_norm", total, on_step=True, on_epoch=False)
+                pl_module.log("lora/grad_norm", torch.nn.utils.get_total_norm(norms), on_step=True, on_epoch=False)
             if self.log_per_layer:
                 for name, norm in per_layer.items():
                     if norm is not None:
@@ -241,29 +276,9 @@ class LoRACallback(Callback):
             rank_zero_info("LoRA: merged the adapters into the model weights")
 
 
-_SIGNATURE = inspect.signature(LoRACallback.__init__)
-
-
-def _grad_norm(layer: torch.nn.Module) -> torch.Tensor | None:
-    grads = [p.grad for part in (layer.matrix_A, layer.matrix_B) for p in part.parameters() if p.grad is not None]
+def _grad_norm(params: Any) -> torch.Tensor | None:
+    """The 2-norm over the gradients of ``params``, or None if none has a gradient."""
+    grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return None
-    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
-
-
-def _plain(value: Any) -> Any:
-    """Hydra's ListConfig / DictConfig (and tuples) as plain lists and dicts."""
-    if value is None or isinstance(value, (str, bytes)):
-        return value
-    if isinstance(value, Mapping):
-        return {key: _plain(item) for key, item in value.items()}
-    if isinstance(value, Sequence):
-        return [_plain(item) for item in value]
-    return value
-
-
-def _same(a: Any, b: Any) -> bool:
-    """Equality that tells True from 1 (a flag passed as 1 is not the default True)."""
-    if isinstance(a, bool) or isinstance(b, bool):
-        return type(a) is type(b) and a == b
-    return a == b
+    return torch.nn.utils.get_total_norm(grads)

@@ -12,17 +12,20 @@ writes is slimmed and gets a companion adapter file (``epoch=2-step=300.ckpt`` -
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
-from fsspec.core import url_to_fs
 from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
-from lightning_lora.adapter_file import SUFFIX, adapter_bytes, atomic_write
+from lightning_lora.adapter_file import SUFFIX, adapter_bytes
 from lightning_lora.config import LoRAConfig
+from lightning_lora.files import remove_if_exists, write_atomic
 from lightning_lora.fingerprint import fingerprint_tensors
-from lightning_lora.surgery import _apply_specs, _install, _trainable_modules, lora_config, lora_modules
+from lightning_lora.plan import AdapterPlan, check_fits
+from lightning_lora.spec import AdapterSpec
+from lightning_lora.surgery import install, lora_config, lora_modules, merged_modules, trainable_modules
 
 #: Key of the LoRA record in a Lightning checkpoint.
 CHECKPOINT_KEY = "lora"
@@ -51,7 +54,7 @@ def slim_checkpoint(checkpoint: dict[str, Any], module: nn.Module, keep_base_wei
     with merged ones (its weights then differ from the base), is left as it is.
     """
     adapters = lora_modules(module)
-    if CHECKPOINT_KEY in checkpoint or not adapters or any(layer.merged for layer in adapters.values()):
+    if CHECKPOINT_KEY in checkpoint or not adapters or merged_modules(module):
         return
     state = checkpoint["state_dict"]
     dropped = [] if keep_base_weights else [key for key in frozen_keys(module) if key in state]
@@ -61,8 +64,8 @@ def slim_checkpoint(checkpoint: dict[str, Any], module: nn.Module, keep_base_wei
         "base_keys": dropped,
         "base_fingerprint": fingerprint_tensors((key, own[key]) for key in dropped),
         "config": (lora_config(module) or LoRAConfig()).to_dict(),
-        "modules": {name: layer.lora_spec() for name, layer in adapters.items()},
-        "trainable": list(_trainable_modules(module)),
+        "modules": {name: layer.spec.to_dict() for name, layer in adapters.items()},
+        "trainable": list(trainable_modules(module)),
     }
     for key in dropped:
         del state[key]
@@ -72,11 +75,13 @@ def restore_checkpoint(checkpoint: dict[str, Any], module: nn.Module) -> None:
     """Make a slim checkpoint loadable into ``module``: adapt it if needed, fill in the base weights.
 
     Changes ``checkpoint`` (and, if ``module`` has no adapters yet, ``module``) in place. A
-    checkpoint without a LoRA record is left as it is.
+    checkpoint without a LoRA record is left as it is. Adapters ``module`` already has must have the
+    recorded settings (their dtype aside: Lightning may convert the model after restoring it).
 
     Raises:
-        ValueError: if the checkpoint is of a newer format, was saved from a model with base weights
-            this module does not have, or this module's base weights differ from those trained on.
+        ValueError: if the checkpoint is of a newer format, was saved from a model with other adapters
+            or base weights this module does not have, or this module's base weights differ from those
+            trained on. ``module`` is unchanged then.
     """
     record = checkpoint.get(CHECKPOINT_KEY)
     if record is None:
@@ -86,15 +91,17 @@ def restore_checkpoint(checkpoint: dict[str, Any], module: nn.Module) -> None:
             f"checkpoint LoRA record has version {record.get('version')}, newer than this lightning_lora "
             f"supports ({CHECKPOINT_VERSION}); upgrade lightning_lora"
         )
-    undo = None
-    if not lora_modules(module):
-        adapters = _apply_specs(module, record["modules"])
-        undo = _install(module, adapters, LoRAConfig(**record["config"]), record["trainable"])
+    specs = {name: AdapterSpec.from_dict(spec) for name, spec in record["modules"].items()}
+    current = lora_modules(module)
+    for name, spec in list(specs.items()):
+        if name in current:  # the dtype is left to Lightning's precision plugin
+            specs[name] = AdapterSpec(**{**spec.to_dict(), "adapter_dtype": current[name].spec.adapter_dtype})
+    check_fits(module, specs, "checkpoint")
+    installed = install(module, AdapterPlan(specs, LoRAConfig.from_dict(record["config"]), tuple(record["trainable"])))
     try:
         _fill_base_weights(record, checkpoint["state_dict"], module)
     except ValueError:
-        if undo is not None:
-            undo()
+        installed.undo()
         raise
 
 
@@ -128,17 +135,28 @@ class LoRACheckpointIO(CheckpointIO):
         checkpoint_io: the strategy's own ``CheckpointIO`` that reads and writes the files.
         module: a callable returning the LightningModule whose adapters are saved.
         save_base_weights: keep the frozen base weights in the checkpoint.
+        owner: the object that installed this wrapper (a ``LoRACallback``), if any.
     """
 
-    def __init__(self, checkpoint_io: CheckpointIO, module: Any, save_base_weights: bool = False) -> None:
+    def __init__(
+        self,
+        checkpoint_io: CheckpointIO,
+        module: Callable[[], nn.Module],
+        save_base_weights: bool = False,
+        owner: object = None,
+    ) -> None:
         self.checkpoint_io = checkpoint_io
         self._module = module
         self.save_base_weights = save_base_weights
+        self.owner = owner
         self._warned_merged = False
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
         module = self._module()
-        if any(layer.merged for layer in lora_modules(module).values()):
+        if "state_dict" not in checkpoint:  # e.g. the bare state dict the spawn launcher saves
+            self.checkpoint_io.save_checkpoint(checkpoint, path, storage_options=storage_options)
+            return
+        if merged_modules(module):
             if not self._warned_merged:
                 rank_zero_warn(
                     f"LoRA adapters are merged: saving {path} as a full checkpoint without an adapter file"
@@ -150,7 +168,7 @@ class LoRACheckpointIO(CheckpointIO):
         slim_checkpoint(checkpoint, module, keep_base_weights=self.save_base_weights)
         self.checkpoint_io.save_checkpoint(checkpoint, path, storage_options=storage_options)
         if adapter is not None:
-            atomic_write(adapter_path_for(str(path)), adapter)
+            write_atomic(adapter_path_for(str(path)), adapter)
 
     def load_checkpoint(self, path: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
         checkpoint = self.checkpoint_io.load_checkpoint(path, *args, **kwargs)
@@ -160,9 +178,7 @@ class LoRACheckpointIO(CheckpointIO):
 
     def remove_checkpoint(self, path: Any) -> None:
         self.checkpoint_io.remove_checkpoint(path)
-        fs, adapter = url_to_fs(adapter_path_for(str(path)))
-        if fs.exists(adapter):
-            fs.rm(adapter)
+        remove_if_exists(adapter_path_for(str(path)))
 
     def teardown(self) -> None:
         self.checkpoint_io.teardown()

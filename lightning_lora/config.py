@@ -1,23 +1,33 @@
-"""``LoRAConfig``: which modules to adapt and how, validated on construction."""
+"""``LoRAConfig``: which modules to adapt and how, validated on construction.
+
+Its fields are the one list of LoRA settings: ``LoRACallback``'s arguments, the Hydra schema
+``LoRACallbackConf`` and ``conf/lora/default.yaml`` repeat them with the same defaults (a test pins
+this). This module also decides how settings given explicitly combine with those stored with an
+adapter (:func:`explicit_settings`, :func:`reconcile`).
+"""
 
 from __future__ import annotations
 
 import dataclasses
-import math
-import numbers
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import torch
 
-#: Names accepted for ``adapter_dtype`` (``None`` keeps the original weight's dtype).
-ADAPTER_DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "float64": torch.float64,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-}
+from lightning_lora.patterns import ALL_LINEAR, check_pattern, first_match
+from lightning_lora.spec import (
+    ADAPTER_DTYPES,
+    AdapterSpec,
+    boolean,
+    dtype_name,
+    positive_int,
+    positive_number,
+    probability,
+    scaling,
+)
+
+_T = TypeVar("_T")
 
 
 @dataclass
@@ -25,7 +35,8 @@ class LoRAConfig:
     """Settings for :func:`lightning_lora.apply_lora`.
 
     Every field is checked when the config is built; a bad value raises one ``ValueError`` or
-    ``TypeError`` that names the field, what was expected and what was received.
+    ``TypeError`` that names the field, what was expected and what was received. Sequences are
+    stored as lists and mappings as dicts (Hydra's ``ListConfig``/``DictConfig`` are accepted).
 
     Example::
 
@@ -36,84 +47,147 @@ class LoRAConfig:
     r: int = 4  # rank of the update B @ A
     alpha: float = 1.0  # the update is scaled by alpha / r (alpha / sqrt(r) with use_rslora)
     bias: bool = True  # give matrix_A and matrix_B a bias (zero-initialised in B)
-    targets: list[str] = field(default_factory=lambda: ["all-linear"])  # module name patterns
-    exclude: list[str] = field(default_factory=list)  # patterns removed from the matches
+    # Module name patterns; None: the model's ``lora_targets`` attribute if it has one, else all-linear.
+    targets: Sequence[str] | None = None
+    exclude: Sequence[str] = ()  # patterns removed from the matches
     dropout: float = 0.0  # dropout on the adapter input only; 0 means no dropout work at all
-    rank_pattern: dict[str, int] = field(default_factory=dict)  # pattern -> r for those modules
-    alpha_pattern: dict[str, float] = field(default_factory=dict)  # pattern -> alpha
+    rank_pattern: Mapping[str, int] | None = None  # pattern -> r for those modules
+    alpha_pattern: Mapping[str, float] | None = None  # pattern -> alpha
     use_rslora: bool = False  # rank-stabilised scaling alpha / sqrt(r)
-    trainable: list[str] = field(default_factory=list)  # modules left fully trainable (new heads)
+    trainable: Sequence[str] = ()  # modules left fully trainable (new heads)
     adapter_dtype: str | None = None  # None: the original weight's dtype; e.g. "float32"
 
     def __post_init__(self) -> None:
-        self.r = _positive_int("r", self.r)
-        self.alpha = _positive_number("alpha", self.alpha)
-        self.bias = _boolean("bias", self.bias)
-        self.targets = _patterns("targets", self.targets, allow_empty=False)
+        self.r = positive_int("r", self.r)
+        self.alpha = positive_number("alpha", self.alpha)
+        self.bias = boolean("bias", self.bias)
+        self.targets = None if self.targets is None else _patterns("targets", self.targets, allow_empty=False)
         self.exclude = _patterns("exclude", self.exclude)
-        self.dropout = _probability("dropout", self.dropout)
-        self.rank_pattern = _pattern_map("rank_pattern", self.rank_pattern, _positive_int)
-        self.alpha_pattern = _pattern_map("alpha_pattern", self.alpha_pattern, _positive_number)
-        self.use_rslora = _boolean("use_rslora", self.use_rslora)
+        self.dropout = probability("dropout", self.dropout)
+        self.rank_pattern = _pattern_map("rank_pattern", self.rank_pattern, positive_int)
+        self.alpha_pattern = _pattern_map("alpha_pattern", self.alpha_pattern, positive_number)
+        self.use_rslora = boolean("use_rslora", self.use_rslora)
         self.trainable = _patterns("trainable", self.trainable)
         self.adapter_dtype = _dtype_name("adapter_dtype", self.adapter_dtype)
 
+    def targets_for(self, declared: Sequence[str] | None) -> list[str]:
+        """``targets``, or when it is None the model's declared ``lora_targets``, else ``["all-linear"]``."""
+        if self.targets is not None:
+            return list(self.targets)
+        return list(declared) if declared else [ALL_LINEAR]
+
     def rank_for(self, name: str) -> int:
         """The rank of module ``name``: the first matching ``rank_pattern`` entry, else ``r``."""
-        from lightning_lora.targets import first_match
-
-        key = first_match(name, self.rank_pattern)
-        return self.r if key is None else self.rank_pattern[key]
+        patterns = self.rank_pattern or {}
+        key = first_match(name, patterns)
+        return self.r if key is None else patterns[key]
 
     def alpha_for(self, name: str) -> float:
         """The alpha of module ``name``: the first matching ``alpha_pattern`` entry, else ``alpha``."""
-        from lightning_lora.targets import first_match
-
-        key = first_match(name, self.alpha_pattern)
-        return self.alpha if key is None else self.alpha_pattern[key]
+        patterns = self.alpha_pattern or {}
+        key = first_match(name, patterns)
+        return self.alpha if key is None else patterns[key]
 
     def scaling_for(self, name: str) -> float:
         """``alpha / r`` (or ``alpha / sqrt(r)`` with ``use_rslora``) for module ``name``."""
         return scaling(self.alpha_for(name), self.rank_for(name), self.use_rslora)
 
+    def spec_for(self, name: str, kind: str, weight_dtype: torch.dtype) -> AdapterSpec:
+        """The :class:`AdapterSpec` of module ``name`` (of adapter ``kind``, base weight in ``weight_dtype``)."""
+        return AdapterSpec(
+            kind=kind,
+            r=self.rank_for(name),
+            alpha=self.alpha_for(name),
+            bias=self.bias,
+            dropout=self.dropout,
+            use_rslora=self.use_rslora,
+            adapter_dtype=self.adapter_dtype or dtype_name(weight_dtype),
+        )
+
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-serialisable values, the inverse of ``LoRAConfig(**d)``."""
         return dataclasses.asdict(self)
 
+    @classmethod
+    def from_dict(cls, values: Any) -> LoRAConfig:
+        """A config from :meth:`to_dict`'s output, as stored in files.
 
-def scaling(alpha: float, r: int, use_rslora: bool = False) -> float:
-    """The factor applied to ``B @ A``: ``alpha / r``, or ``alpha / sqrt(r)`` when ``use_rslora``."""
-    return alpha / math.sqrt(r) if use_rslora else alpha / r
-
-
-def _positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be a positive integer, got {value!r} ({type(value).__name__})")
-    if value <= 0:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return int(value)
-
-
-def _positive_number(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a positive number, got {value!r} ({type(value).__name__})")
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
-    return float(value)
+        Raises:
+            ValueError: if ``values`` is not a mapping, has unknown keys, or holds a bad value.
+        """
+        if not isinstance(values, Mapping):
+            raise ValueError(f"a LoRAConfig must be a mapping, got {type(values).__name__}")
+        unknown = sorted(str(key) for key in values if key not in FIELDS)
+        if unknown:
+            raise ValueError(f"unknown LoRAConfig fields {unknown!r}; known: {list(FIELDS)!r}")
+        try:
+            return cls(**values)
+        except TypeError as err:
+            raise ValueError(str(err)) from err
 
 
-def _boolean(name: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be True or False, got {value!r} ({type(value).__name__})")
+#: The names of the settings, in order.
+FIELDS: tuple[str, ...] = tuple(field.name for field in dataclasses.fields(LoRAConfig))
+#: Each setting's default as declared (before normalisation: ``()`` and None, not ``[]`` and ``{}``).
+DEFAULTS: dict[str, Any] = {field.name: field.default for field in dataclasses.fields(LoRAConfig)}
+
+
+def explicit_settings(arguments: Mapping[str, Any]) -> dict[str, Any]:
+    """The settings in ``arguments`` whose values differ from the defaults: those given explicitly.
+
+    Values are compared in plain form (tuples and Hydra lists as lists, mappings as dicts), and a
+    flag given as 1 is not taken for the default True.
+    """
+    return {
+        name: value
+        for name, value in arguments.items()
+        if name in DEFAULTS and not _same(_plain(value), _plain(DEFAULTS[name]))
+    }
+
+
+def reconcile(stored: LoRAConfig, explicit: Mapping[str, Any], source: str) -> LoRAConfig:
+    """The settings stored with an adapter, after checking that no explicitly given one contradicts them.
+
+    Args:
+        stored: the config an adapter was trained with.
+        explicit: settings the user gave explicitly (see :func:`explicit_settings`).
+        source: what the stored config comes from, for the message (e.g. ``adapter_path 'a.safetensors'``).
+
+    Raises:
+        ValueError: naming each contradicting setting with both values.
+    """
+    given = LoRAConfig(**explicit).to_dict()  # validated and normalised like the stored values
+    stored_values = stored.to_dict()
+    contradicting = [
+        f"{name}={given[name]!r} (file: {stored_values[name]!r})"
+        for name in explicit
+        if not _same(given[name], stored_values[name])
+    ]
+    if contradicting:
+        raise ValueError(f"{source} was trained with other settings: {', '.join(contradicting)}")
+    return stored
+
+
+def _plain(value: Any) -> Any:
+    """Hydra's ListConfig / DictConfig, tuples and mappings as plain lists and dicts."""
+    if value is None or isinstance(value, (str, bytes)):
+        return value
+    if isinstance(value, Mapping):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, Sequence):
+        return [_plain(item) for item in value]
     return value
 
 
-def _probability(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a number in [0, 1), got {value!r} ({type(value).__name__})")
-    if not 0.0 <= value < 1.0:
-        raise ValueError(f"{name} must be a number in [0, 1), got {value!r}")
-    return float(value)
+def _same(a: Any, b: Any) -> bool:
+    """Equality that tells True from 1 and None from an empty collection."""
+    if isinstance(a, bool) or isinstance(b, bool):
+        return type(a) is type(b) and a == b
+    return (_empty(a) and _empty(b)) or a == b
+
+
+def _empty(value: Any) -> bool:
+    return value is None or (isinstance(value, (list, dict)) and not value)
 
 
 def _patterns(name: str, value: Any, allow_empty: bool = True) -> list[str]:
@@ -125,14 +199,20 @@ def _patterns(name: str, value: Any, allow_empty: bool = True) -> list[str]:
     for item in patterns:
         if not isinstance(item, str) or not item:
             raise TypeError(f"{name} must hold non-empty strings, got {item!r} in {patterns!r}")
+        check_pattern(name, item)
     if not patterns and not allow_empty:
-        raise ValueError(f"{name} must name at least one module pattern, got an empty list")
+        raise ValueError(
+            f"{name} must name at least one module pattern, got an empty list "
+            f"(use None for the model's lora_targets, or {[ALL_LINEAR]!r})"
+        )
     if len(set(patterns)) != len(patterns):
         raise ValueError(f"{name} must not repeat a pattern, got {patterns!r}")
     return patterns
 
 
-def _pattern_map(name: str, value: Any, check: Any) -> dict:
+def _pattern_map(name: str, value: Any, check: Callable[[str, Any], _T]) -> dict[str, _T]:
+    if value is None:
+        return {}
     if not isinstance(value, Mapping):
         raise TypeError(
             f"{name} must be a mapping from module pattern to value, got {value!r} "
@@ -142,6 +222,7 @@ def _pattern_map(name: str, value: Any, check: Any) -> dict:
     for key, item in value.items():
         if not isinstance(key, str) or not key:
             raise TypeError(f"{name} keys must be non-empty strings, got {key!r}")
+        check_pattern(name, key)
         result[key] = check(f"{name}[{key!r}]", item)
     return result
 

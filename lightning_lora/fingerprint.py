@@ -14,7 +14,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from lightning_lora.surgery import base_named_parameters, lora_modules
+from lightning_lora.surgery import base_named_parameters, merged_modules
 
 #: Values sampled from each tensor.
 SAMPLES_PER_TENSOR = 256
@@ -30,7 +30,7 @@ def base_fingerprint(model: nn.Module, trainable: Iterable[str] | None = None) -
     Raises:
         RuntimeError: if an adapter is merged (the weights then hold the update too).
     """
-    merged = [name for name, adapter in lora_modules(model).items() if adapter.merged]
+    merged = merged_modules(model)
     if merged:
         raise RuntimeError(f"cannot fingerprint base weights while modules {merged[:5]!r} are merged; unmerge first")
     return fingerprint_tensors(base_named_parameters(model, trainable))

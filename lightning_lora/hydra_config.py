@@ -19,8 +19,8 @@ files (``LoRACallback``'s defaults, overridable as usual: ``python your_app.py l
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
 
 from hydra.core.config_store import ConfigStore
 
@@ -29,19 +29,19 @@ GROUP = "lora"
 
 @dataclass
 class LoRACallbackConf:
-    """Arguments of ``lightning_lora.LoRACallback``; see its docstring for each."""
+    """Arguments of ``lightning_lora.LoRACallback`` with its defaults (a test pins the two together)."""
 
     _target_: str = "lightning_lora.LoRACallback"
     r: int = 4
     alpha: float = 1.0
     bias: bool = True
     targets: Optional[List[str]] = None
-    exclude: List[str] = field(default_factory=list)
+    exclude: Tuple[str, ...] = ()
     dropout: float = 0.0
-    rank_pattern: Dict[str, int] = field(default_factory=dict)
-    alpha_pattern: Dict[str, float] = field(default_factory=dict)
+    rank_pattern: Optional[Dict[str, int]] = None
+    alpha_pattern: Optional[Dict[str, float]] = None
     use_rslora: bool = False
-    trainable: List[str] = field(default_factory=list)
+    trainable: Tuple[str, ...] = ()
     adapter_dtype: Optional[str] = None
     adapter_path: Optional[str] = None
     save_base_weights: bool = False

@@ -6,29 +6,43 @@ Each wraps an existing layer and adds a low-rank update::
 
 ``matrix_B`` starts at zero (weight and bias), so a freshly wrapped layer computes exactly what the
 original did. ``merge()`` folds the update into the original weights (computed in float32, then cast)
-and ``unmerge()`` takes it out again.
+and ``unmerge()`` takes it out again. Every layer describes itself: :attr:`LoRABase.spec` gives its
+settings and :meth:`LoRABase.adapter_params` its own parameters, so no other module needs to know
+the attribute names. :func:`build_adapter` is the one place the package constructs adapter layers.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_lora.config import ADAPTER_DTYPES, scaling
 from lightning_lora.fused import lora_linear
+from lightning_lora.spec import (
+    ADAPTER_DTYPES,
+    AdapterSpec,
+    dtype_name,
+    positive_int,
+    positive_number,
+    probability,
+    scaling,
+)
 
 #: Default for ``merge(tolerance=...)``: the largest accepted relative error of the merged update.
 MERGE_TOLERANCE = 0.1
 
 
-class _LoRABase(nn.Module):
-    """What every adapter layer shares: hyper-parameters, initialisation, merge and unmerge."""
+class LoRABase(nn.Module):
+    """The base of every adapter layer: settings, initialisation, merge and unmerge.
+
+    Subclasses create ``matrix_A`` and ``matrix_B`` and define the update's computation.
+    """
 
     kind = ""
+    matrix_A: nn.Module
+    matrix_B: nn.Module
 
     def __init__(
         self,
@@ -41,12 +55,9 @@ class _LoRABase(nn.Module):
         adapter_dtype: str | torch.dtype | None,
     ) -> None:
         super().__init__()
-        if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
-            raise ValueError(f"r must be a positive integer, got {r!r}")
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0:
-            raise ValueError(f"alpha must be a positive number, got {alpha!r}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}")
+        r = positive_int("r", r)
+        alpha = positive_number("alpha", alpha)
+        dropout = probability("dropout", dropout)
         self.original_module = original_module
         self.r = r
         self.alpha = alpha
@@ -69,19 +80,38 @@ class _LoRABase(nn.Module):
 
     @property
     def has_bias(self) -> bool:
+        """Whether the adapter has biases (``matrix_B.bias`` is not None)."""
         return self.matrix_B.bias is not None
 
-    def lora_spec(self) -> dict[str, Any]:
-        """Plain values that rebuild this adapter around the same original layer."""
+    @property
+    def spec(self) -> AdapterSpec:
+        """This adapter's settings; :func:`build_adapter` rebuilds it from them around the same layer."""
+        return AdapterSpec(
+            kind=self.kind,
+            r=self.r,
+            alpha=self.alpha,
+            bias=self.has_bias,
+            dropout=self.dropout.p if isinstance(self.dropout, nn.Dropout) else 0.0,
+            use_rslora=self.use_rslora,
+            adapter_dtype=dtype_name(self.matrix_A.weight.dtype),
+        )
+
+    def adapter_params(self) -> dict[str, nn.Parameter]:
+        """The adapter's own parameters (what LoRA trains), by name relative to this layer.
+
+        The names are also the layer's ``state_dict`` keys of those tensors (``matrix_A.weight``, ...).
+        """
         return {
-            "kind": self.kind,
-            "r": self.r,
-            "alpha": self.alpha,
-            "bias": self.has_bias,
-            "dropout": self.dropout.p if isinstance(self.dropout, nn.Dropout) else 0.0,
-            "use_rslora": self.use_rslora,
-            "adapter_dtype": _dtype_name(self.matrix_A.weight.dtype),
+            f"{part}.{key}": param
+            for part, module in (("matrix_A", self.matrix_A), ("matrix_B", self.matrix_B))
+            for key, param in module.named_parameters()
         }
+
+    @property
+    def merge_creates_bias(self) -> bool:
+        """Whether merging adds a bias the original layer does not have (it changes the architecture)."""
+        original_bias = getattr(self.original_module, "bias", None)
+        return self.delta_bias() is not None and (original_bias is None or self._created_bias)
 
     def _adapter(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -167,7 +197,7 @@ class _LoRABase(nn.Module):
         return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}, merged={self.merged}"
 
 
-class LoRA(_LoRABase):
+class LoRA(LoRABase):
     """LoRA adapter around an ``nn.Linear``.
 
     Args:
@@ -258,7 +288,7 @@ class LoRA(_LoRABase):
 LoRALinear = LoRA
 
 
-class LoRAConv(_LoRABase):
+class LoRAConv(LoRABase):
     """LoRA adapter around an ``nn.Conv1d``, ``nn.Conv2d`` or ``nn.Conv3d``.
 
     ``matrix_A`` is a convolution with the original kernel size, stride, padding, dilation, groups
@@ -332,7 +362,7 @@ class LoRAConv(_LoRABase):
         return self.scaling * (torch.bmm(b, a_bias).reshape(-1) + self.matrix_B.bias.float())
 
 
-class LoRAEmbedding(_LoRABase):
+class LoRAEmbedding(LoRABase):
     """LoRA adapter around an ``nn.Embedding``.
 
     ``matrix_A`` is an ``nn.Embedding(num_embeddings, r)`` (normal init, the padding row zero) and
@@ -392,7 +422,7 @@ class LoRAEmbedding(_LoRABase):
 
 
 #: Adapter class for each supported original layer type (subclasses match too).
-ADAPTER_TYPES: dict[type[nn.Module], type[_LoRABase]] = {
+ADAPTER_TYPES: dict[type[nn.Module], type[LoRABase]] = {
     nn.Linear: LoRA,
     nn.Conv1d: LoRAConv,
     nn.Conv2d: LoRAConv,
@@ -400,38 +430,46 @@ ADAPTER_TYPES: dict[type[nn.Module], type[_LoRABase]] = {
     nn.Embedding: LoRAEmbedding,
 }
 _CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_KINDS = {cls.kind: cls for cls in (LoRA, LoRAConv, LoRAEmbedding)}
-
-LoRALayer = _LoRABase
 
 
-def adapter_class(module: nn.Module, name: str) -> type[_LoRABase]:
-    """The adapter class for ``module``.
+def adapter_kind(module: nn.Module, name: str) -> str:
+    """The adapter kind for ``module`` (named ``name`` in errors).
 
     Raises:
         TypeError: for a module type that has no adapter.
     """
     for base, cls in ADAPTER_TYPES.items():
         if isinstance(module, base):
-            return cls
+            return cls.kind
     supported = ", ".join(t.__name__ for t in ADAPTER_TYPES)
     raise TypeError(
         f"cannot adapt module '{name}' of type {type(module).__name__}: LoRA supports {supported}"
     )
 
 
-def adapter_from_spec(module: nn.Module, spec: dict[str, Any]) -> _LoRABase:
-    """Build the adapter described by :meth:`_LoRABase.lora_spec` around ``module``."""
-    cls = _KINDS[spec["kind"]]
-    return cls(
-        module,
-        bias=spec["bias"],
-        alpha=spec["alpha"],
-        r=spec["r"],
-        dropout=spec["dropout"],
-        use_rslora=spec["use_rslora"],
-        adapter_dtype=spec["adapter_dtype"],
-    )
+def build_adapter(module: nn.Module, spec: AdapterSpec, name: str) -> LoRABase:
+    """A new adapter layer with settings ``spec`` around ``module`` (named ``name`` in errors).
+
+    Raises:
+        TypeError: if ``module`` cannot take an adapter of ``spec.kind``.
+        ValueError: if the settings do not fit the module (e.g. a conv's groups).
+    """
+    kind = adapter_kind(module, name)
+    if kind != spec.kind:
+        raise TypeError(f"cannot put a {spec.kind!r} adapter on module '{name}' of type {type(module).__name__}")
+    cls = next(cls for cls in ADAPTER_TYPES.values() if cls.kind == kind)
+    try:
+        return cls(
+            module,
+            bias=spec.bias,
+            alpha=spec.alpha,
+            r=spec.r,
+            dropout=spec.dropout,
+            use_rslora=spec.use_rslora,
+            adapter_dtype=spec.adapter_dtype,
+        )
+    except ValueError as err:
+        raise ValueError(f"cannot adapt module '{name}': {err}") from err
 
 
 def _conv_base(conv: nn.Module) -> type[nn.Module]:
@@ -446,10 +484,6 @@ def _resolve_dtype(adapter_dtype: str | torch.dtype | None, default: torch.dtype
     if adapter_dtype not in ADAPTER_DTYPES:
         raise ValueError(f"adapter_dtype must be None or one of {sorted(ADAPTER_DTYPES)}, got {adapter_dtype!r}")
     return ADAPTER_DTYPES[adapter_dtype]
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:

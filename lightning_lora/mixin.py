@@ -18,27 +18,34 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
 
 from lightning_lora import adapter_file, surgery
-from lightning_lora.checkpoint import restore_checkpoint, slim_checkpoint
+from lightning_lora.checkpoint import LoRACheckpointIO, restore_checkpoint, slim_checkpoint
 from lightning_lora.config import LoRAConfig
 
+if TYPE_CHECKING:
+    from lightning.pytorch import LightningModule as _Module
+else:
+    _Module = object
 
-class LoRAMixin:
+
+
+class LoRAMixin(_Module):
     """Mix into a ``LightningModule`` (before it in the bases) for LoRA methods and safe checkpoints.
 
     Class attributes:
-        lora_targets: target patterns for this architecture, used by :meth:`apply_lora` and by
-            ``LoRACallback(targets=None)``.
+        lora_targets: target patterns for this architecture, used when a config's ``targets`` is
+            None (by :meth:`apply_lora` and by ``LoRACallback(targets=None)``).
         lora_save_base_weights: keep frozen base weights in checkpoints the model saves without a
             ``LoRACallback`` (with the callback, its ``save_base_weights`` decides).
 
-    Checkpoints: on save (without the callback) the frozen base weights are left out and recorded;
-    on load (``load_from_checkpoint`` or resume) a checkpoint without base weights is filled from the
+    Checkpoints: on save the frozen base weights are left out and recorded, unless the Trainer's
+    checkpoint IO is a ``LoRACheckpointIO`` (installed by ``LoRACallback``), which then does it; on
+    load (``load_from_checkpoint`` or resume) a checkpoint without base weights is filled from the
     model's own weights after they are shown to match the fingerprint of the weights trained on.
     Keys may be missing only for frozen base weights: anything else still fails strict loading.
     """
@@ -51,11 +58,7 @@ class LoRAMixin:
         ``lora_targets``). Returns the adapted module names."""
         if config is not None and kwargs:
             raise ValueError(f"pass either config or LoRAConfig fields, not both (got {sorted(kwargs)!r})")
-        if config is None:
-            if "targets" not in kwargs and self.lora_targets:
-                kwargs["targets"] = list(self.lora_targets)
-            config = LoRAConfig(**kwargs)
-        return surgery.apply_lora(self, config)
+        return surgery.apply_lora(self, config or LoRAConfig(**kwargs))
 
     def lora_parameters(self) -> Iterator[nn.Parameter]:
         """Adapter parameters and those of ``trainable`` modules: what the optimizer should hold."""
@@ -83,15 +86,18 @@ class LoRAMixin:
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
-        if not self._lora_callback_saves():
+        if not self._checkpoint_io_slims():
             slim_checkpoint(checkpoint, self, keep_base_weights=self.lora_save_base_weights)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)
         restore_checkpoint(checkpoint, self)
 
-    def _lora_callback_saves(self) -> bool:
-        from lightning_lora.callback import LoRACallback
-
-        trainer = getattr(self, "_trainer", None)
-        return trainer is not None and any(isinstance(c, LoRACallback) for c in trainer.callbacks)
+    def _checkpoint_io_slims(self) -> bool:
+        """Whether the attached Trainer writes through a ``LoRACheckpointIO``, which slims instead."""
+        try:
+            trainer = self.trainer
+        except RuntimeError:  # not attached to a Trainer
+            return False
+        strategy = getattr(trainer, "strategy", None)
+        return isinstance(getattr(strategy, "checkpoint_io", None), LoRACheckpointIO)

@@ -1,53 +1,92 @@
-"""Model surgery: wrap the targeted modules in adapters, freeze the rest, merge, unload.
+"""Model surgery: install planned adapters, freeze the rest, merge, unload, and read adapters back.
 
-Functions here change the model in place and say so. Each either succeeds or leaves the model
-exactly as it was.
+:func:`install` is the one step that changes a model's structure: it carries out an
+:class:`~lightning_lora.plan.AdapterPlan` transactionally (every adapter is built before any is put in
+place) and returns an :class:`Installation` that can be undone. :func:`apply_lora` is "plan, then
+install"; adapter files and checkpoints install the specs they store. The other functions find
+adapters by type (:func:`lora_modules`) and read or change their state. Functions that change the
+model in place say so, and either succeed or leave the model exactly as it was.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from lightning_lora.config import LoRAConfig
-from lightning_lora.layers import MERGE_TOLERANCE, LoRALayer, adapter_class, adapter_from_spec
-from lightning_lora.targets import ALL_LINEAR, select, walk
-
-# Attribute names under which a model keeps its LoRA bookkeeping (plain Python attributes).
-_CONFIG_ATTR = "_lora_config"
-_TRAINABLE_ATTR = "_lora_trainable"
+from lightning_lora.layers import MERGE_TOLERANCE, LoRABase, build_adapter
+from lightning_lora.naming import is_inside, sites, walk
+from lightning_lora.plan import CONFIG_ATTR, TRAINABLE_ATTR, AdapterPlan, plan_adapters
 
 
-@dataclass(frozen=True)
-class _Site:
-    """Where a module lives: its clean name, the module, and how its parent holds it."""
+@dataclass
+class Installation:
+    """The result of :func:`install`: what was adapted, and how to take it back.
 
-    name: str
-    module: nn.Module
-    parent: nn.Module | None
-    attribute: str
+    Attributes:
+        names: every module of the plan, in model order (adapted before or by this installation).
+        created: the adapters this installation put in place.
+    """
+
+    names: list[str]
+    created: dict[str, LoRABase]
+    _restore: Callable[[], None] = field(repr=False)
+
+    def undo(self) -> None:
+        """Restore the model exactly as it was before :func:`install` (modules, flags, bookkeeping)."""
+        self._restore()
 
 
-def _sites(model: nn.Module) -> dict[str, _Site]:
-    """Clean name -> site for every module outside adapters (an adapter itself included)."""
-    sites: dict[str, _Site] = {}
-    adapters: list[str] = []
-    for name, module, parent, attribute in walk(model):
-        if any(name.startswith(prefix + ".") for prefix in adapters):
+def install(model: nn.Module, plan: AdapterPlan) -> Installation:
+    """Put the adapters of ``plan`` into ``model``, in place, and freeze everything else.
+
+    Modules already adapted with the planned spec are left as they are. All parameters are frozen
+    except the adapters' and those of the plan's trainable modules. New adapters take the train or
+    eval mode of the module they wrap.
+
+    Returns:
+        An :class:`Installation`; its ``undo()`` restores the model exactly.
+
+    Raises:
+        ValueError: if a module is adapted with other settings, or a spec does not fit its module.
+        TypeError: if a module cannot take its adapter. On any error the model is unchanged.
+    """
+    found = sites(model)
+    created: dict[str, LoRABase] = {}
+    for name, spec in plan.specs.items():
+        module = found[name].module
+        if isinstance(module, LoRABase):
+            differences = module.spec.differences(spec)
+            if differences:
+                raise ValueError(f"module '{name}' is already adapted with other settings: {differences!r}")
             continue
-        if isinstance(module, LoRALayer):
-            adapters.append(name)
-        sites[name] = _Site(name, module, parent, attribute)  # the innermost of stacked wrappers wins
-    sites.pop("", None)
-    return sites
+        adapter = build_adapter(module, spec, name)
+        adapter.train(module.training)
+        created[name] = adapter
 
+    requires_grad = {id(p): (p, p.requires_grad) for p in model.parameters()}
+    previous = {attr: vars(model).get(attr) for attr in (CONFIG_ATTR, TRAINABLE_ATTR)}
 
-def _is_attention_out_proj(site: _Site) -> bool:
-    return isinstance(site.parent, nn.MultiheadAttention) and site.attribute == "out_proj"
+    def undo() -> None:
+        for name in created:
+            found[name].replace(found[name].module)
+        for param, flag in requires_grad.values():
+            param.requires_grad_(flag)
+        for attr, value in previous.items():
+            if value is None:
+                vars(model).pop(attr, None)
+            else:
+                object.__setattr__(model, attr, value)
+
+    for name, adapter in created.items():
+        found[name].replace(adapter)
+    object.__setattr__(model, CONFIG_ATTR, plan.config)
+    object.__setattr__(model, TRAINABLE_ATTR, list(plan.trainable))
+    _freeze(model)
+    return Installation(names=list(plan.specs), created=created, _restore=undo)
 
 
 def apply_lora(model: nn.Module, config: LoRAConfig | None = None) -> list[str]:
@@ -68,113 +107,64 @@ def apply_lora(model: nn.Module, config: LoRAConfig | None = None) -> list[str]:
         ValueError: if a pattern matches nothing (with the closest names), or an adapted module was
             adapted with other settings. On any error the model is left exactly as it was.
     """
-    if config is None:
-        config = LoRAConfig()
-    if not isinstance(config, LoRAConfig):
-        raise TypeError(f"config must be a LoRAConfig, got {type(config).__name__}")
-    sites = _sites(model)
-    names = list(sites)
-    trainable = select("trainable", config.trainable, names)
-    inside_trainable = {n for n in names if any(n == t or n.startswith(t + ".") for t in trainable)}
-    linear = [
-        n
-        for n, site in sites.items()
-        if n not in inside_trainable
-        and not _is_attention_out_proj(site)
-        and (isinstance(site.module, nn.Linear) or getattr(site.module, "kind", "") == "linear")
-    ]
-    chosen = select("targets", config.targets, names, linear)
-    excluded = set(select("exclude", config.exclude, names))
-    targets = [n for n in chosen if n not in excluded]
-    if not targets:
-        raise ValueError(f"exclude {config.exclude!r} removed every module matched by targets {config.targets!r}")
-    overlap = [n for n in targets if n in inside_trainable]
-    if overlap:
-        raise ValueError(f"modules {overlap!r} are matched by both targets and trainable; choose one")
-    for field_name in ("rank_pattern", "alpha_pattern"):
-        patterns = getattr(config, field_name)
-        select(field_name, patterns, targets)
-
-    new: dict[str, LoRALayer] = {}
-    for name in targets:
-        site = sites[name]
-        if _is_attention_out_proj(site):
-            raise TypeError(
-                f"cannot adapt module '{name}': nn.MultiheadAttention reads out_proj's weight directly, "
-                f"so an adapter there would have no effect"
-            )
-        spec = {
-            "r": config.rank_for(name),
-            "alpha": config.alpha_for(name),
-            "bias": config.bias,
-            "dropout": config.dropout,
-            "use_rslora": config.use_rslora,
-        }
-        if isinstance(site.module, LoRALayer):
-            existing = site.module.lora_spec()
-            wanted = {**spec, "adapter_dtype": config.adapter_dtype or existing["adapter_dtype"]}
-            differs = {k: (existing[k], v) for k, v in wanted.items() if existing[k] != v}
-            if differs:
-                detail = ", ".join(f"{k}={old!r} (now {new_!r})" for k, (old, new_) in differs.items())
-                raise ValueError(f"module '{name}' is already adapted with other settings: {detail}")
-            continue
-        cls = adapter_class(site.module, name)
-        try:
-            new[name] = cls(site.module, **spec, adapter_dtype=config.adapter_dtype)
-        except ValueError as err:
-            raise ValueError(f"cannot adapt module '{name}': {err}") from err
-    _check_untied({name: new.get(name, sites[name].module) for name in targets})
-    known = getattr(model, _TRAINABLE_ATTR, [])
-    _install(model, new, config, known + [t for t in trainable if t not in known])
-    return targets
-
-
-def _check_untied(adapters: dict[str, LoRALayer]) -> None:
-    owners: dict[int, str] = {}
-    for name, module in adapters.items():
-        weight = module.original_module.weight
-        if id(weight) in owners:
-            raise ValueError(
-                f"modules '{owners[id(weight)]}' and '{name}' share one weight (tied weights); "
-                f"adapt only one of them"
-            )
-        owners[id(weight)] = name
+    plan = plan_adapters(model, LoRAConfig() if config is None else config)
+    return install(model, plan).names
 
 
 def _freeze(model: nn.Module) -> None:
     model.requires_grad_(False)
     for adapter in lora_modules(model).values():
-        adapter.matrix_A.requires_grad_(True)
-        adapter.matrix_B.requires_grad_(True)
-    for module in _trainable_modules(model).values():
+        for param in adapter.adapter_params().values():
+            param.requires_grad_(True)
+    for module in trainable_modules(model).values():
         module.requires_grad_(True)
 
 
-def _trainable_modules(model: nn.Module) -> dict[str, nn.Module]:
-    wanted = getattr(model, _TRAINABLE_ATTR, [])
+def trainable_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Clean name -> module, for the modules an adapted ``model`` keeps fully trainable."""
+    wanted = getattr(model, TRAINABLE_ATTR, [])
     if not wanted:
         return {}
-    sites = _sites(model)
-    return {name: sites[name].module for name in wanted if name in sites}
+    found = sites(model)
+    return {name: found[name].module for name in wanted if name in found}
 
 
 def lora_config(model: nn.Module) -> LoRAConfig | None:
-    """The config of the last :func:`apply_lora` on ``model``, or None if it was never adapted."""
-    return getattr(model, _CONFIG_ATTR, None)
+    """The config of the last adaptation of ``model``, or None if it was never adapted."""
+    return getattr(model, CONFIG_ATTR, None)
 
 
-def lora_modules(model: nn.Module) -> dict[str, LoRALayer]:
+def lora_modules(model: nn.Module) -> dict[str, LoRABase]:
     """Clean name -> adapter layer, for every adapter in ``model`` (selected by type)."""
-    return {name: site.module for name, site in _sites(model).items() if isinstance(site.module, LoRALayer)}
+    return {name: site.module for name, site in sites(model).items() if isinstance(site.module, LoRABase)}
+
+
+def merged_modules(model: nn.Module) -> list[str]:
+    """The clean names of the adapters in ``model`` that are merged into their original weights."""
+    return [name for name, adapter in lora_modules(model).items() if adapter.merged]
 
 
 def lora_parameters(model: nn.Module) -> Iterator[nn.Parameter]:
     """What LoRA training updates: adapter parameters, then those of ``trainable`` modules."""
     for adapter in lora_modules(model).values():
-        yield from adapter.matrix_A.parameters()
-        yield from adapter.matrix_B.parameters()
-    for module in _trainable_modules(model).values():
+        yield from adapter.adapter_params().values()
+    for module in trainable_modules(model).values():
         yield from module.parameters()
+
+
+def lora_tensors(model: nn.Module, include_trainable: bool = True) -> dict[str, torch.Tensor]:
+    """Key -> the live parameter or buffer behind each entry of :func:`lora_state_dict`."""
+    tensors: dict[str, torch.Tensor] = {}
+    for name, adapter in lora_modules(model).items():
+        for key, param in adapter.adapter_params().items():
+            tensors[f"{name}.{key}"] = param
+    if include_trainable:
+        for name, module in trainable_modules(model).items():
+            named = dict(module.named_parameters())
+            named.update(dict(module.named_buffers()))
+            for key in module.state_dict():
+                tensors[f"{name}.{key}"] = named[key]
+    return tensors
 
 
 def lora_state_dict(model: nn.Module, include_trainable: bool = True) -> dict[str, torch.Tensor]:
@@ -183,16 +173,7 @@ def lora_state_dict(model: nn.Module, include_trainable: bool = True) -> dict[st
     Keys are ``<module>.matrix_A.weight`` and so on, free of ``module.``, ``_orig_mod.`` and FSDP
     prefixes; tensors are selected by module type, never by name. Base weights are never included.
     """
-    state: dict[str, torch.Tensor] = {}
-    for name, adapter in lora_modules(model).items():
-        for part in ("matrix_A", "matrix_B"):
-            for key, tensor in getattr(adapter, part).state_dict().items():
-                state[f"{name}.{part}.{key}"] = tensor
-    if include_trainable:
-        for name, module in _trainable_modules(model).items():
-            for key, tensor in module.state_dict().items():
-                state[f"{name}.{key}"] = tensor
-    return state
+    return {key: tensor.detach() for key, tensor in lora_tensors(model, include_trainable).items()}
 
 
 def base_named_parameters(
@@ -204,15 +185,15 @@ def base_named_parameters(
     ``<m>.original_module.weight`` is named ``<m>.weight``, so a model gives the same names before
     and after :func:`apply_lora`.
     """
-    trainable = tuple(_trainable_modules(model) if trainable is None else trainable)
+    left_out = tuple(trainable_modules(model) if trainable is None else trainable)
     seen: set[int] = set()
-    for name, module, _, _ in walk(model, base_view=True):
-        if any(name == t or name.startswith(t + ".") for t in trainable):
+    for site in walk(model, base_view=True):
+        if is_inside(site.name, left_out):
             continue
-        for key, param in module.named_parameters(recurse=False):
+        for key, param in site.module.named_parameters(recurse=False):
             if id(param) not in seen:
                 seen.add(id(param))
-                yield (f"{name}.{key}" if name else key), param
+                yield (f"{site.name}.{key}" if site.name else key), param
 
 
 def merge_lora(model: nn.Module, tolerance: float = MERGE_TOLERANCE) -> None:
@@ -225,7 +206,7 @@ def merge_lora(model: nn.Module, tolerance: float = MERGE_TOLERANCE) -> None:
     """
     adapters = lora_modules(model)
     _check_not_shared(model, adapters)
-    done: list[LoRALayer] = []
+    done: list[LoRABase] = []
     try:
         for name, adapter in adapters.items():
             try:
@@ -267,33 +248,28 @@ def merge_and_unload(model: nn.Module, tolerance: float = MERGE_TOLERANCE) -> nn
             could not be stored in the original architecture); use ``bias=False`` for such layers.
         RuntimeError: as :func:`merge_lora`. The model is unchanged on error.
     """
-    sites = _sites(model)
-    adapters = {name: site.module for name, site in sites.items() if isinstance(site.module, LoRALayer)}
-    needs_bias = [
-        name
-        for name, adapter in adapters.items()
-        if adapter.delta_bias() is not None and (adapter.original_module.bias is None or adapter._created_bias)
-    ]
+    found = sites(model)
+    adapters = {name: site.module for name, site in found.items() if isinstance(site.module, LoRABase)}
+    needs_bias = [name for name, adapter in adapters.items() if adapter.merge_creates_bias]
     if needs_bias:
         raise ValueError(
             f"cannot unload modules {needs_bias[:5]!r}: their adapters have a bias but the original "
             f"layers have none, so the merged model would not fit the original architecture; adapt "
             f"them with bias=False, or keep the adapters and call merge_lora()"
         )
-    if any(not adapter.merged for adapter in adapters.values()):
-        if any(adapter.merged for adapter in adapters.values()):
+    merged = merged_modules(model)
+    if len(merged) < len(adapters):
+        if merged:
             raise RuntimeError("some adapters are merged and some are not; unmerge_lora() first")
         merge_lora(model, tolerance)
     for name, adapter in adapters.items():
-        site = sites[name]
-        setattr(site.parent, site.attribute, adapter.original_module)
-    for attr in (_CONFIG_ATTR, _TRAINABLE_ATTR):
-        if attr in vars(model):
-            object.__delattr__(model, attr)
+        found[name].replace(adapter.original_module)
+    for attr in (CONFIG_ATTR, TRAINABLE_ATTR):
+        vars(model).pop(attr, None)
     return model
 
 
-def _check_not_shared(model: nn.Module, adapters: dict[str, LoRALayer]) -> None:
+def _check_not_shared(model: nn.Module, adapters: dict[str, LoRABase]) -> None:
     """Refuse to merge a weight that another module also uses (tied embeddings and heads)."""
     users: dict[int, list[str]] = {}
     for name, param in model.named_parameters(remove_duplicate=False):
@@ -334,49 +310,3 @@ def lora_summary(model: nn.Module) -> LoRASummary:
         trainable=sum(p.numel() for p in params if p.requires_grad),
         total=sum(p.numel() for p in params),
     )
-
-
-def _apply_specs(model: nn.Module, specs: dict[str, dict[str, Any]]) -> dict[str, LoRALayer]:
-    """Build (without installing) adapters for ``specs`` (clean name -> ``lora_spec()``).
-
-    Raises:
-        ValueError: if a named module does not exist. TypeError: if it cannot be adapted.
-    """
-    sites = _sites(model)
-    missing = [name for name in specs if name not in sites]
-    if missing:
-        raise ValueError(f"the model has no modules named {missing[:5]!r}")
-    built = {}
-    for name, spec in specs.items():
-        adapter_class(sites[name].module, name)
-        built[name] = adapter_from_spec(sites[name].module, spec)
-    return built
-
-
-def _install(
-    model: nn.Module, adapters: dict[str, LoRALayer], config: LoRAConfig, trainable: list[str]
-) -> Callable[[], None]:
-    """Put built adapters in place and freeze; returns a function that undoes exactly that."""
-    sites = _sites(model)
-    requires_grad = {id(p): p.requires_grad for p in model.parameters()}
-    previous = {attr: vars(model).get(attr) for attr in (_CONFIG_ATTR, _TRAINABLE_ATTR)}
-    for name, adapter in adapters.items():
-        site = sites[name]
-        setattr(site.parent, site.attribute, adapter)
-    object.__setattr__(model, _CONFIG_ATTR, config)
-    object.__setattr__(model, _TRAINABLE_ATTR, list(trainable))
-    _freeze(model)
-
-    def undo() -> None:
-        for name in adapters:
-            site = sites[name]
-            setattr(site.parent, site.attribute, site.module)
-        for param in model.parameters():
-            param.requires_grad_(requires_grad[id(param)])
-        for attr, value in previous.items():
-            if value is None:
-                vars(model).pop(attr, None)
-            else:
-                object.__setattr__(model, attr, value)
-
-    return undo

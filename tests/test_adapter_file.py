@@ -62,8 +62,10 @@ def test_file_holds_adapters_metadata_and_nothing_else(trained):
     adapter = read_adapter(path)
     assert set(adapter.tensors) == set(lora_state_dict(model))
     assert adapter.config == CONFIG
-    assert adapter.modules["blocks.0.mlp.fc1"]["r"] == 2
-    assert adapter.modules["blocks.0.mlp.fc1"]["shapes"]["matrix_A.weight"] == [2, 16]
+    assert adapter.modules["blocks.0.mlp.fc1"].r == 2
+    assert adapter.modules["blocks.0.mlp.fc1"] == model.blocks[0].mlp["fc1"].spec
+    stored = json.loads(_metadata(path.read_bytes())["modules"])
+    assert stored["blocks.0.mlp.fc1"]["shapes"]["matrix_A.weight"] == [2, 16]
     assert adapter.trainable == ["head"]
     assert adapter.base_fingerprint == base_fingerprint(model)
     tensor_bytes = sum(t.numel() * t.element_size() for t in lora_state_dict(model).values())
@@ -155,7 +157,7 @@ def test_truncated_corrupted_and_foreign_files_are_refused(trained, tmp_path):
         "truncated": (data[: len(data) - 10], "is truncated or corrupted"),
         "short": (data[:5], "is truncated or not a safetensors file"),
         "header": (data[:8] + b"\xff" * 20 + data[28:], "its header is not JSON"),
-        "flipped": (data[:-1] + bytes([data[-1] ^ 1]), "is corrupted: its tensor data does not match the checksum"),
+        "flipped": (data[:-1] + bytes([data[-1] ^ 1]), "is corrupted: its header or tensor data does not match the checksum"),
     }
     for name, (content, message) in cases.items():
         bad = tmp_path / f"{name}.safetensors"
@@ -242,13 +244,21 @@ def _metadata(data: bytes) -> dict:
 
 
 def _fix_checksum(path):
-    """Re-sign a hand-edited file so that the test reaches the check it is about."""
+    """Re-sign a hand-edited file so that the test reaches the check it is about.
+
+    The digest is the format's: SHA-256 of the header as canonical JSON (sorted keys, no spaces),
+    without the digest itself, followed by the tensor data.
+    """
     import hashlib
 
-    data = path.read_bytes()
-    meta = _metadata(data)
     from safetensors.torch import load
 
+    data = path.read_bytes()
+    save_file(load(data), path, metadata={**_metadata(data), "sha256": "0" * 64})
+    data = path.read_bytes()
     length = int.from_bytes(data[:8], "little")
-    meta["tensors_sha256"] = hashlib.sha256(data[8 + length :]).hexdigest()
-    save_file(load(data), path, metadata=meta)
+    header = json.loads(data[8 : 8 + length])
+    del header["__metadata__"]["sha256"]
+    digest = hashlib.sha256(json.dumps(header, sort_keys=True, separators=(",", ":")).encode())
+    digest.update(data[8 + length :])
+    save_file(load(data), path, metadata={**_metadata(data), "sha256": digest.hexdigest()})

@@ -217,8 +217,8 @@ def test_adapter_path_starts_every_stage_from_the_file(tmp_path):
     fresh = Classifier()
     fresh.load_state_dict(base)
     callback = LoRACallback(adapter_path=tmp_path / "a.lora.safetensors")
-    assert callback.config.r == 2
     assert trainer(tmp_path, callback).validate(fresh, data(), verbose=False) == expected
+    assert callback.config.r == 2  # the stored settings, read in setup
     trainer(tmp_path, callback, max_epochs=1).fit(fresh, data())  # continues from the loaded adapters
     assert fresh.net.blocks[0].attn["qkv"].r == 2
     predictions = trainer(tmp_path, callback).predict(fresh, data())
@@ -229,9 +229,27 @@ def test_adapter_path_contradicting_arguments(tmp_path):
     model = Classifier()
     trainer(tmp_path, LoRACallback(r=2, targets=["qkv"]), max_epochs=1).fit(model, data())
     save_adapter(model, tmp_path / "a.lora.safetensors")
+    contradicting = LoRACallback(r=8, adapter_path=tmp_path / "a.lora.safetensors")  # the constructor reads no file
     with pytest.raises(ValueError, match=r"was trained with other settings: r=8 \(file: 2\)"):
-        LoRACallback(r=8, adapter_path=tmp_path / "a.lora.safetensors")
-    LoRACallback(r=2, adapter_path=tmp_path / "a.lora.safetensors")
+        trainer(tmp_path, contradicting).validate(Classifier(), data(), verbose=False)
+    agreeing = LoRACallback(r=2, adapter_path=tmp_path / "a.lora.safetensors")
+    trainer(tmp_path, agreeing).validate(_base_of(model), data(), verbose=False)
+    assert agreeing.config.r == 2
+
+
+def _base_of(model):
+    """A fresh Classifier holding ``model``'s base weights."""
+    fresh = Classifier()
+    fresh.load_state_dict({k.replace(".original_module", ""): v for k, v in model.state_dict().items() if "matrix_" not in k})
+    return fresh
+
+
+def test_missing_adapter_path_fails_in_setup(tmp_path):
+    callback = LoRACallback(adapter_path=tmp_path / "nonexistent" / "a.lora.safetensors")
+    model = Classifier()
+    with pytest.raises(FileNotFoundError, match="a.lora.safetensors"):
+        trainer(tmp_path, callback, max_epochs=1).fit(model, data())
+    assert not lora_modules(model) and "configure_model" not in vars(model)
 
 
 def test_merge_on_end_and_stages_after_fit(tmp_path):
@@ -305,7 +323,6 @@ def test_repeated_fit_is_idempotent(tmp_path):
         ({"adapter_path": 3}, TypeError, "adapter_path must be a path or None, got 3"),
         ({"config": {"r": 2}}, TypeError, "config must be a LoRAConfig, got dict"),
         ({"config": LoRAConfig(), "r": 8}, ValueError, r"pass either config or the separate arguments.*\['r'\]"),
-        ({"adapter_path": "/nonexistent/a.lora.safetensors"}, FileNotFoundError, "a.lora.safetensors"),
     ],
 )
 def test_constructor_validation(kwargs, error, message):

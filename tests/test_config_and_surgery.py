@@ -36,6 +36,11 @@ ATTENTION = ["blocks.0.attn.qkv", "blocks.1.attn.qkv"]
         ({"alpha_pattern": ["qkv"]}, TypeError, "alpha_pattern must be a mapping from module pattern to value"),
         ({"use_rslora": 1}, TypeError, "use_rslora must be True or False, got 1"),
         ({"adapter_dtype": "fp32"}, ValueError, r"adapter_dtype must be None or one of .*got 'fp32'"),
+        ({"targets": ["re:(["]}, ValueError, r"targets pattern 're:\(\[' is not a valid regular expression"),
+        ({"exclude": ["re:a)"]}, ValueError, r"exclude pattern 're:a\)' is not a valid regular expression"),
+        ({"trainable": ["re:*"]}, ValueError, r"trainable pattern 're:\*' is not a valid regular expression"),
+        ({"rank_pattern": {"re:[": 2}}, ValueError, r"rank_pattern pattern 're:\[' is not a valid regular expression"),
+        ({"alpha_pattern": {"re:(": 2}}, ValueError, r"alpha_pattern pattern 're:\(' is not a valid regular expression"),
     ],
 )
 def test_config_rejects_bad_values(kwargs, error, message):
@@ -97,7 +102,6 @@ def test_unsupported_module_type_is_a_type_error(tiny_model):
     [
         (LoRAConfig(exclude=["nothing_like_this"]), ValueError, "exclude pattern 'nothing_like_this' matched no module"),
         (LoRAConfig(rank_pattern={"fc9": 2}), ValueError, "rank_pattern pattern 'fc9' matched no module"),
-        (LoRAConfig(targets=["re:(["]), ValueError, "targets pattern 're:\\(\\[' is not a valid regular expression"),
         (LoRAConfig(targets=["head"], trainable=["head"]), ValueError, "matched by both targets and trainable"),
         (LoRAConfig(targets=["qkv"], exclude=["qkv"]), ValueError, "removed every module matched by targets"),
     ],

@@ -7,7 +7,7 @@ from conftest import Block
 from lightning_models import Classifier, data
 from torch import nn
 
-from lightning_lora import LoRA, LoRACallback, LoRAConfig, LoRALayer, apply_lora, lora_modules
+from lightning_lora import LoRA, LoRACallback, LoRAConfig, LoRABase, apply_lora, lora_modules
 from lightning_lora.fused import lora_linear
 
 RANK = 4
@@ -129,7 +129,7 @@ def test_bfloat16_model_with_float32_adapter_weights():
     layer.original_module.requires_grad_(False)
     x = torch.randn(4, IN, dtype=torch.bfloat16)
     fused = _outputs_and_grads(layer, x, lambda m, t: m(t))
-    plain = _outputs_and_grads(layer, x, LoRALayer.forward)  # the separate layers, in the input's dtype
+    plain = _outputs_and_grads(layer, x, LoRABase.forward)  # the separate layers, in the input's dtype
     assert fused[0].dtype == torch.bfloat16 and fused[2].dtype == torch.float32
     for got, expected in zip(fused, plain):
         _assert_close_in_norm(got, expected, BF16_TOLERANCE)

@@ -197,7 +197,7 @@ def test_conv_rank_must_divide_groups():
 
 @pytest.mark.parametrize(
     ("kwargs", "message"),
-    [({"r": 0}, "r must be a positive integer, got 0"), ({"alpha": -1}, "alpha must be a positive number, got -1")],
+    [({"r": 0}, "r must be a positive integer, got 0"), ({"alpha": -1}, "alpha must be a positive finite number, got -1")],
 )
 def test_bad_layer_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):

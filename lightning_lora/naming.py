@@ -1,0 +1,84 @@
+"""Clean module names: where each module of a model sits, seen through wrappers.
+
+Names are the module paths a user sees: the prefixes that ``torch.compile`` (``_orig_mod.``), DDP
+(``module.``), FSDP and activation checkpointing add are left out, so a name means the same module
+before and after wrapping, and adapter files and plans can use it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+from torch import nn
+
+from lightning_lora.layers import LoRABase
+
+# Attributes by which wrappers hold the wrapped module; they never appear in clean names.
+_WRAPPER_ATTRIBUTES = ("_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module")
+# Wrapper classes that hold the wrapped module as ``module`` or ``_forward_module``.
+_MODULE_WRAPPERS = ("DistributedDataParallel", "DataParallel", "_LightningModuleWrapperBase")
+
+
+@dataclass(frozen=True)
+class Site:
+    """Where a module lives: its clean name, the module, and how its parent holds it."""
+
+    name: str
+    module: nn.Module
+    parent: nn.Module | None
+    attribute: str
+
+    def replace(self, module: nn.Module) -> None:
+        """Put ``module`` where this site's module is, in place."""
+        assert self.parent is not None, "the root module has no parent to replace it in"
+        setattr(self.parent, self.attribute, module)
+
+
+def walk(model: nn.Module, base_view: bool = False) -> Iterator[Site]:
+    """Each module of ``model`` once, as a :class:`Site`, parents before children.
+
+    With ``base_view`` an adapter's ``original_module`` takes the adapter's name and the adapter's
+    own modules are left out: the model as it was before adaptation.
+    """
+    seen: set[int] = set()
+    stack: list[Site] = [Site("", model, None, "")]
+    while stack:
+        site = stack.pop()
+        if id(site.module) in seen:
+            continue
+        seen.add(id(site.module))
+        yield site
+        current, name = site.module, site.name
+        if base_view and isinstance(current, LoRABase):
+            stack.append(Site(name, current.original_module, current, "original_module"))
+            continue
+        wrapper = any(base.__name__ in _MODULE_WRAPPERS for base in type(current).__mro__)
+        children = []
+        for attribute, child in current.named_children():
+            transparent = attribute in _WRAPPER_ATTRIBUTES or (wrapper and attribute in ("module", "_forward_module"))
+            child_name = name if transparent else (f"{name}.{attribute}" if name else attribute)
+            children.append(Site(child_name, child, current, attribute))
+        stack.extend(reversed(children))
+
+
+def sites(model: nn.Module) -> dict[str, Site]:
+    """Clean name -> site for every module outside adapters (adapters themselves included).
+
+    Where wrappers stack under one name, the innermost module wins; the root is left out.
+    """
+    found: dict[str, Site] = {}
+    adapters: list[str] = []
+    for site in walk(model):
+        if any(site.name.startswith(prefix + ".") for prefix in adapters):
+            continue
+        if isinstance(site.module, LoRABase):
+            adapters.append(site.name)
+        found[site.name] = site
+    found.pop("", None)
+    return found
+
+
+def is_inside(name: str, prefixes: Iterable[str]) -> bool:
+    """Whether module ``name`` is one of ``prefixes`` or lies inside one of them."""
+    return any(name == prefix or name.startswith(prefix + ".") for prefix in prefixes)

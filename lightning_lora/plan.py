@@ -1,0 +1,170 @@
+"""Planning: which modules of a model get which adapter, decided without changing the model.
+
+:func:`plan_adapters` turns a model and a :class:`~lightning_lora.LoRAConfig` into an
+:class:`AdapterPlan` (module name -> :class:`~lightning_lora.spec.AdapterSpec`, plus the modules
+left fully trainable). It resolves the target patterns, checks every rule (supported types, tied
+weights, patterns that match nothing, modules already adapted with other settings) and raises with
+the closest module names as a hint. :func:`lightning_lora.surgery.install` then carries a plan out.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from torch import nn
+
+from lightning_lora.config import LoRAConfig
+from lightning_lora.layers import LoRABase, adapter_kind
+from lightning_lora.naming import Site, is_inside, sites
+from lightning_lora.patterns import select
+from lightning_lora.spec import AdapterSpec
+
+
+#: Attribute under which an adapted model keeps the names of its fully trainable modules.
+TRAINABLE_ATTR = "_lora_trainable"
+#: Attribute under which an adapted model keeps the config it was adapted with.
+CONFIG_ATTR = "_lora_config"
+
+
+@dataclass(frozen=True)
+class AdapterPlan:
+    """What to install: an adapter spec per module, the config it came from, the trainable modules.
+
+    Attributes:
+        specs: clean module name -> the adapter settings for it, in model order.
+        config: the config, with ``targets`` resolved to the patterns actually used.
+        trainable: names of modules left fully trainable.
+    """
+
+    specs: Mapping[str, AdapterSpec]
+    config: LoRAConfig
+    trainable: tuple[str, ...]
+
+
+def plan_adapters(model: nn.Module, config: LoRAConfig) -> AdapterPlan:
+    """The adapters that ``config`` asks for in ``model``; the model is not changed.
+
+    Modules already adapted with the settings ``config`` gives them are part of the plan (installing
+    it skips them). ``config.targets=None`` takes the model's ``lora_targets`` attribute, if it
+    declares one, else ``["all-linear"]``.
+
+    Raises:
+        TypeError: if ``config`` is not a ``LoRAConfig``, or a target is of an unsupported type.
+        ValueError: if a pattern matches nothing (with the closest names), targets and trainable
+            overlap, adapted weights are tied, or a module is already adapted with other settings.
+    """
+    if not isinstance(config, LoRAConfig):
+        raise TypeError(f"config must be a LoRAConfig, got {type(config).__name__}")
+    found = sites(model)
+    names = list(found)
+    trainable = select("trainable", config.trainable, names)
+    inside_trainable = {name for name in names if is_inside(name, trainable)}
+    linear = [
+        name
+        for name, site in found.items()
+        if name not in inside_trainable and not _is_attention_out_proj(site) and _is_linear(site.module)
+    ]
+    targets_used = config.targets_for(getattr(model, "lora_targets", None))
+    chosen = select("targets", targets_used, names, linear)
+    excluded = set(select("exclude", config.exclude, names))
+    targets = [name for name in chosen if name not in excluded]
+    if not targets:
+        raise ValueError(f"exclude {config.exclude!r} removed every module matched by targets {targets_used!r}")
+    overlap = [name for name in targets if name in inside_trainable]
+    if overlap:
+        raise ValueError(f"modules {overlap!r} are matched by both targets and trainable; choose one")
+    select("rank_pattern", config.rank_pattern or {}, targets)
+    select("alpha_pattern", config.alpha_pattern or {}, targets)
+
+    specs = {name: _spec(found[name], config) for name in targets}
+    _check_untied(found, targets)
+    known = list(getattr(model, TRAINABLE_ATTR, []))
+    return AdapterPlan(
+        specs=specs,
+        config=dataclasses.replace(config, targets=targets_used),
+        trainable=tuple(known + [name for name in trainable if name not in known]),
+    )
+
+
+def check_fits(model: nn.Module, specs: Mapping[str, AdapterSpec], source: str) -> None:
+    """Check that adapters with ``specs`` can be installed in ``model`` as it is.
+
+    Every named module must exist and take an adapter of its spec's kind; a module already adapted
+    must have exactly that spec (equal settings), and a model that has adapters must have adapters
+    on exactly these modules.
+
+    Raises:
+        ValueError: naming the module, the setting and both values; ``source`` starts the message.
+    """
+    found = sites(model)
+    adapted = {name for name, site in found.items() if isinstance(site.module, LoRABase)}
+    missing = [name for name in specs if name not in found]
+    if missing:
+        raise ValueError(f"{source} does not fit the model: it has no modules named {missing[:5]!r}")
+    if adapted and adapted != set(specs):
+        raise ValueError(
+            f"{source} does not fit the model's adapters: adapted in the file but not in the model: "
+            f"{[n for n in specs if n not in adapted][:5]!r}; adapted in the model but not in the file: "
+            f"{sorted(adapted - set(specs))[:5]!r}"
+        )
+    for name, spec in specs.items():
+        module = found[name].module
+        if isinstance(module, LoRABase):
+            differences = module.spec.differences(spec)
+            if differences:
+                detail = ", ".join(f"{key}={new!r} in the file, {old!r} in the model" for key, (old, new) in differences.items())
+                raise ValueError(f"{source} does not fit module '{name}': {detail}")
+            continue
+        try:
+            kind = adapter_kind(module, name)
+        except TypeError as err:
+            raise ValueError(f"{source} does not fit the model: {err}") from err
+        if kind != spec.kind:
+            raise ValueError(
+                f"{source} does not fit module '{name}': a {spec.kind!r} adapter in the file, "
+                f"a {type(module).__name__} in the model"
+            )
+
+
+def _spec(site: Site, config: LoRAConfig) -> AdapterSpec:
+    module, name = site.module, site.name
+    if _is_attention_out_proj(site):
+        raise TypeError(
+            f"cannot adapt module '{name}': nn.MultiheadAttention reads out_proj's weight directly, "
+            f"so an adapter there would have no effect"
+        )
+    if isinstance(module, LoRABase):
+        existing = module.spec
+        wanted = config.spec_for(name, existing.kind, module.original_module.weight.dtype)
+        if config.adapter_dtype is None:
+            wanted = dataclasses.replace(wanted, adapter_dtype=existing.adapter_dtype)
+        differences = existing.differences(wanted)
+        if differences:
+            detail = ", ".join(f"{key}={old!r} (now {new!r})" for key, (old, new) in differences.items())
+            raise ValueError(f"module '{name}' is already adapted with other settings: {detail}")
+        return existing
+    return config.spec_for(name, adapter_kind(module, name), module.weight.dtype)
+
+
+def _check_untied(found: Mapping[str, Site], targets: list[str]) -> None:
+    owners: dict[int, str] = {}
+    for name in targets:
+        module = found[name].module
+        base = module.original_module if isinstance(module, LoRABase) else module
+        weight = base.weight
+        if id(weight) in owners:
+            raise ValueError(
+                f"modules '{owners[id(weight)]}' and '{name}' share one weight (tied weights); "
+                f"adapt only one of them"
+            )
+        owners[id(weight)] = name
+
+
+def _is_linear(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or (isinstance(module, LoRABase) and module.kind == "linear")
+
+
+def _is_attention_out_proj(site: Site) -> bool:
+    return isinstance(site.parent, nn.MultiheadAttention) and site.attribute == "out_proj"
