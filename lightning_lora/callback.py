@@ -98,7 +98,7 @@ class LoRACallback(Callback):
         merge_on_end: bool = False,
         config: LoRAConfig | None = None,
     ) -> None:
-        settings = {
+        settings: dict[str, Any] = {
             "r": r,
             "alpha": alpha,
             "bias": bias,

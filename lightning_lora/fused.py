@@ -22,6 +22,8 @@ autocast, to the autocast dtype), so float32 master weights of the adapter train
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 
@@ -53,7 +55,7 @@ class _LoRALinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx: torch.autograd.function.FunctionCtx,
+        ctx: Any,
         x: torch.Tensor,
         dropped: torch.Tensor | None,
         weight: torch.Tensor,
@@ -71,7 +73,7 @@ class _LoRALinearFunction(torch.autograd.Function):
         return out
 
     @staticmethod
-    def backward(ctx: torch.autograd.function.FunctionCtx, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x2, d2, weight, a_weight, b_weight, hidden = ctx.saved_tensors
         needs = ctx.needs_input_grad
         scaling = ctx.scaling

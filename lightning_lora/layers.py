@@ -14,6 +14,7 @@ the attribute names. :func:`build_adapter` is the one place the package construc
 from __future__ import annotations
 
 import math
+from typing import Any, overload
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +42,7 @@ class LoRABase(nn.Module):
     """
 
     kind = ""
+    original_module: nn.Module
     matrix_A: nn.Module
     matrix_B: nn.Module
 
@@ -68,20 +70,21 @@ class LoRABase(nn.Module):
         self._created_bias = False
         self._original_bias: torch.Tensor | None = None
         self._weight_residual: torch.Tensor | None = None
-        weight = original_module.weight
-        self._factory = {"device": weight.device, "dtype": _resolve_dtype(adapter_dtype, weight.dtype)}
+        weight = base_weight(original_module)
+        self._factory: dict[str, Any] = {"device": weight.device, "dtype": _resolve_dtype(adapter_dtype, weight.dtype)}
 
     def init_weights(self) -> None:
         """Kaiming-uniform ``matrix_A`` (a=sqrt(5)); zero ``matrix_B`` weight and bias."""
-        nn.init.kaiming_uniform_(self.matrix_A.weight, a=math.sqrt(5))
-        nn.init.zeros_(self.matrix_B.weight)
-        if self.matrix_B.bias is not None:
-            nn.init.zeros_(self.matrix_B.bias)
+        nn.init.kaiming_uniform_(base_weight(self.matrix_A), a=math.sqrt(5))
+        nn.init.zeros_(base_weight(self.matrix_B))
+        b_bias = base_bias(self.matrix_B)
+        if b_bias is not None:
+            nn.init.zeros_(b_bias)
 
     @property
     def has_bias(self) -> bool:
         """Whether the adapter has biases (``matrix_B.bias`` is not None)."""
-        return self.matrix_B.bias is not None
+        return base_bias(self.matrix_B) is not None
 
     @property
     def spec(self) -> AdapterSpec:
@@ -93,7 +96,7 @@ class LoRABase(nn.Module):
             bias=self.has_bias,
             dropout=self.dropout.p if isinstance(self.dropout, nn.Dropout) else 0.0,
             use_rslora=self.use_rslora,
-            adapter_dtype=dtype_name(self.matrix_A.weight.dtype),
+            adapter_dtype=dtype_name(base_weight(self.matrix_A).dtype),
         )
 
     def adapter_params(self) -> dict[str, nn.Parameter]:
@@ -148,7 +151,7 @@ class LoRABase(nn.Module):
         """
         if self.merged:
             raise RuntimeError(f"{type(self).__name__} is already merged; call unmerge() first")
-        weight = self.original_module.weight
+        weight = base_weight(self.original_module)
         delta = self.delta_weight()
         merged_weight = (weight.float() + delta).to(weight.dtype)
         error = _relative_error(merged_weight.float() - weight.float(), delta)
@@ -162,10 +165,10 @@ class LoRABase(nn.Module):
         bias_delta = self.delta_bias()
         weight.copy_(merged_weight)
         if bias_delta is not None:
-            bias = self.original_module.bias
+            bias = base_bias(self.original_module)
             if bias is None:
                 bias = nn.Parameter(torch.zeros_like(bias_delta, dtype=weight.dtype), requires_grad=False)
-                self.original_module.bias = bias
+                self.original_module.register_parameter("bias", bias)
                 self._created_bias = True
             else:
                 self._original_bias = bias.detach().clone()
@@ -181,15 +184,18 @@ class LoRABase(nn.Module):
         """
         if not self.merged:
             raise RuntimeError(f"{type(self).__name__} is not merged; nothing to unmerge")
-        weight = self.original_module.weight
+        weight = base_weight(self.original_module)
         restored = (weight.float() - self.delta_weight()).to(weight.dtype)
+        assert self._weight_residual is not None, "a merged layer keeps its rounding residual"
         weight.copy_(_add_bits(restored, self._weight_residual))
         self._weight_residual = None
         if self._created_bias:
-            self.original_module.bias = None
+            self.original_module.register_parameter("bias", None)
             self._created_bias = False
         elif self._original_bias is not None:
-            self.original_module.bias.copy_(self._original_bias)
+            bias = base_bias(self.original_module)
+            assert bias is not None, "a merged layer keeps the bias it had"
+            bias.copy_(self._original_bias)
             self._original_bias = None
         self.merged = False
 
@@ -223,6 +229,8 @@ class LoRA(LoRABase):
     """
 
     kind = "linear"
+    matrix_A: nn.Linear
+    matrix_B: nn.Linear
 
     def __init__(
         self,
@@ -265,24 +273,24 @@ class LoRA(LoRABase):
         linear, a, b = self.original_module, self.matrix_A, self.matrix_B
         return lora_linear(
             x,
-            _in_dtype(linear.weight, dtype),
-            _in_dtype(linear.bias, dtype),
-            _in_dtype(a.weight, dtype),
-            _in_dtype(a.bias, dtype),
-            _in_dtype(b.weight, dtype),
-            _in_dtype(b.bias, dtype),
+            _in_dtype(base_weight(linear), dtype),
+            _in_dtype(base_bias(linear), dtype),
+            _in_dtype(base_weight(a), dtype),
+            _in_dtype(base_bias(a), dtype),
+            _in_dtype(base_weight(b), dtype),
+            _in_dtype(base_bias(b), dtype),
             self.scaling,
             dropped,
         )
 
     def delta_weight(self) -> torch.Tensor:
-        return self.scaling * (self.matrix_B.weight.float() @ self.matrix_A.weight.float())
+        return self.scaling * (base_weight(self.matrix_B).float() @ base_weight(self.matrix_A).float())
 
     def delta_bias(self) -> torch.Tensor | None:
-        if not self.has_bias:
+        a_bias, b_bias = base_bias(self.matrix_A), base_bias(self.matrix_B)
+        if a_bias is None or b_bias is None:
             return None
-        a_bias, b = self.matrix_A.bias.float(), self.matrix_B
-        return self.scaling * (b.weight.float() @ a_bias + b.bias.float())
+        return self.scaling * (base_weight(self.matrix_B).float() @ a_bias.float() + b_bias.float())
 
 
 LoRALinear = LoRA
@@ -301,6 +309,9 @@ class LoRAConv(LoRABase):
     """
 
     kind = "conv"
+    original_module: nn.Conv1d | nn.Conv2d | nn.Conv3d
+    matrix_A: nn.Conv1d | nn.Conv2d | nn.Conv3d
+    matrix_B: nn.Conv1d | nn.Conv2d | nn.Conv3d
 
     def __init__(
         self,
@@ -320,19 +331,16 @@ class LoRAConv(LoRABase):
                 f"r must be a multiple of the convolution's groups ({conv.groups}) so the update "
                 f"merges into it, got r={r}"
             )
-        conv_type = type(conv) if type(conv) in _CONV_TYPES else _conv_base(conv)
-        self.matrix_A = conv_type(
-            conv.in_channels,
-            r,
-            conv.kernel_size,
-            stride=conv.stride,
-            padding=conv.padding,
-            dilation=conv.dilation,
-            groups=conv.groups,
-            bias=bias,
-            padding_mode=conv.padding_mode,
-            **self._factory,
-        )
+        conv_type = _conv_base(conv)  # subclasses of nn.ConvNd get a plain nn.ConvNd adapter
+        geometry: dict[str, Any] = {  # the original's, so that the update merges into it exactly
+            "kernel_size": conv.kernel_size,
+            "stride": conv.stride,
+            "padding": conv.padding,
+            "dilation": conv.dilation,
+            "groups": conv.groups,
+            "padding_mode": conv.padding_mode,
+        }
+        self.matrix_A = conv_type(conv.in_channels, r, bias=bias, **geometry, **self._factory)
         self.matrix_B = conv_type(r, conv.out_channels, 1, groups=conv.groups, bias=bias, **self._factory)
         self.init_weights()
 
@@ -345,21 +353,22 @@ class LoRAConv(LoRABase):
     def _grouped(self) -> tuple[torch.Tensor, int]:
         groups = self.original_module.groups
         out_channels = self.matrix_B.out_channels
-        b = self.matrix_B.weight.float().reshape(groups, out_channels // groups, self.r // groups)
+        b = base_weight(self.matrix_B).float().reshape(groups, out_channels // groups, self.r // groups)
         return b, groups
 
     def delta_weight(self) -> torch.Tensor:
         b, groups = self._grouped()
-        a = self.matrix_A.weight.float()
+        a = base_weight(self.matrix_A).float()
         delta = torch.bmm(b, a.reshape(groups, self.r // groups, -1))  # (groups, out/g, in/g * k)
-        return self.scaling * delta.reshape(self.original_module.weight.shape)
+        return self.scaling * delta.reshape(base_weight(self.original_module).shape)
 
     def delta_bias(self) -> torch.Tensor | None:
-        if not self.has_bias:
+        a_bias, b_bias = base_bias(self.matrix_A), base_bias(self.matrix_B)
+        if a_bias is None or b_bias is None:
             return None
         b, groups = self._grouped()
-        a_bias = self.matrix_A.bias.float().reshape(groups, self.r // groups, 1)
-        return self.scaling * (torch.bmm(b, a_bias).reshape(-1) + self.matrix_B.bias.float())
+        a_column = a_bias.float().reshape(groups, self.r // groups, 1)
+        return self.scaling * (torch.bmm(b, a_column).reshape(-1) + b_bias.float())
 
 
 class LoRAEmbedding(LoRABase):
@@ -372,6 +381,9 @@ class LoRAEmbedding(LoRABase):
     """
 
     kind = "embedding"
+    original_module: nn.Embedding
+    matrix_A: nn.Embedding
+    matrix_B: nn.Linear
 
     def __init__(
         self,
@@ -392,17 +404,18 @@ class LoRAEmbedding(LoRABase):
 
     def init_weights(self) -> None:
         """Normal ``matrix_A`` (padding row zero); zero ``matrix_B`` weight and bias."""
-        nn.init.normal_(self.matrix_A.weight)
+        nn.init.normal_(base_weight(self.matrix_A))
         if self.matrix_A.padding_idx is not None:
             with torch.no_grad():
-                self.matrix_A.weight[self.matrix_A.padding_idx].zero_()
-        nn.init.zeros_(self.matrix_B.weight)
-        if self.matrix_B.bias is not None:
-            nn.init.zeros_(self.matrix_B.bias)
+                base_weight(self.matrix_A)[self.matrix_A.padding_idx].zero_()
+        nn.init.zeros_(base_weight(self.matrix_B))
+        b_bias = base_bias(self.matrix_B)
+        if b_bias is not None:
+            nn.init.zeros_(b_bias)
 
     def _adapter(self, x: torch.Tensor) -> torch.Tensor:
-        weight_b, bias_b = _cast(self.matrix_B, self.matrix_B.weight.dtype)
-        hidden = F.embedding(x, self.matrix_A.weight, self.matrix_A.padding_idx)  # (..., r)
+        weight_b, bias_b = _cast(self.matrix_B, base_weight(self.matrix_B).dtype)
+        hidden = F.embedding(x, base_weight(self.matrix_A), self.matrix_A.padding_idx)  # (..., r)
         return F.linear(self.dropout(hidden), weight_b, bias_b)  # (..., embedding_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -412,9 +425,10 @@ class LoRAEmbedding(LoRABase):
         return result + (self.scaling * self._adapter(x)).to(result.dtype)
 
     def delta_weight(self) -> torch.Tensor:
-        delta = self.matrix_A.weight.float() @ self.matrix_B.weight.float().T  # (num, dim)
-        if self.has_bias:
-            delta = delta + self.matrix_B.bias.float()
+        delta = base_weight(self.matrix_A).float() @ base_weight(self.matrix_B).float().T  # (num, dim)
+        b_bias = base_bias(self.matrix_B)
+        if b_bias is not None:
+            delta = delta + b_bias.float()
         return self.scaling * delta
 
     def delta_bias(self) -> torch.Tensor | None:
@@ -472,7 +486,7 @@ def build_adapter(module: nn.Module, spec: AdapterSpec, name: str) -> LoRABase:
         raise ValueError(f"cannot adapt module '{name}': {err}") from err
 
 
-def _conv_base(conv: nn.Module) -> type[nn.Module]:
+def _conv_base(conv: nn.Module) -> type[nn.Conv1d] | type[nn.Conv2d] | type[nn.Conv3d]:
     return next(t for t in _CONV_TYPES if isinstance(conv, t))
 
 
@@ -512,6 +526,12 @@ def _fused_dtype(linear: nn.Module, x: torch.Tensor) -> torch.dtype | None:
     return x.dtype if x.dtype == weight.dtype and x.is_floating_point() else None
 
 
+@overload
+def _in_dtype(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor: ...
+@overload
+def _in_dtype(tensor: None, dtype: torch.dtype) -> None: ...
+@overload
+def _in_dtype(tensor: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None: ...
 def _in_dtype(tensor: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     """``tensor`` cast to ``dtype`` (a differentiable cast), itself when already there or None."""
     if tensor is None or tensor.dtype == dtype:
@@ -536,8 +556,22 @@ def _has_hooks(module: nn.Module) -> bool:
 
 def _cast(layer: nn.Module, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
     """A layer's weight and bias in ``dtype`` (differentiable casts; no copy when already there)."""
-    bias = layer.bias
-    return layer.weight.to(dtype), None if bias is None else bias.to(dtype)
+    bias = base_bias(layer)
+    return base_weight(layer).to(dtype), None if bias is None else bias.to(dtype)
+
+
+def base_weight(module: nn.Module) -> torch.Tensor:
+    """``module.weight``, typed: every layer the package adapts or creates has one."""
+    weight = module.weight
+    assert isinstance(weight, torch.Tensor), f"{type(module).__name__}.weight is not a tensor"
+    return weight
+
+
+def base_bias(module: nn.Module) -> torch.Tensor | None:
+    """``module.bias`` (None where the layer has none), typed."""
+    bias = getattr(module, "bias", None)
+    assert bias is None or isinstance(bias, torch.Tensor), f"{type(module).__name__}.bias is not a tensor"
+    return bias
 
 
 _BITS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from lightning_lora.config import LoRAConfig
-from lightning_lora.layers import LoRABase, adapter_kind
+from lightning_lora.layers import LoRABase, adapter_kind, base_weight
 from lightning_lora.naming import Site, is_inside, sites
 from lightning_lora.patterns import select
 from lightning_lora.spec import AdapterSpec
@@ -137,7 +137,7 @@ def _spec(site: Site, config: LoRAConfig) -> AdapterSpec:
         )
     if isinstance(module, LoRABase):
         existing = module.spec
-        wanted = config.spec_for(name, existing.kind, module.original_module.weight.dtype)
+        wanted = config.spec_for(name, existing.kind, base_weight(module.original_module).dtype)
         if config.adapter_dtype is None:
             wanted = dataclasses.replace(wanted, adapter_dtype=existing.adapter_dtype)
         differences = existing.differences(wanted)
@@ -145,15 +145,14 @@ def _spec(site: Site, config: LoRAConfig) -> AdapterSpec:
             detail = ", ".join(f"{key}={old!r} (now {new!r})" for key, (old, new) in differences.items())
             raise ValueError(f"module '{name}' is already adapted with other settings: {detail}")
         return existing
-    return config.spec_for(name, adapter_kind(module, name), module.weight.dtype)
+    return config.spec_for(name, adapter_kind(module, name), base_weight(module).dtype)
 
 
 def _check_untied(found: Mapping[str, Site], targets: list[str]) -> None:
     owners: dict[int, str] = {}
     for name in targets:
         module = found[name].module
-        base = module.original_module if isinstance(module, LoRABase) else module
-        weight = base.weight
+        weight = base_weight(module.original_module if isinstance(module, LoRABase) else module)
         if id(weight) in owners:
             raise ValueError(
                 f"modules '{owners[id(weight)]}' and '{name}' share one weight (tied weights); "

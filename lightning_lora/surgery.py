@@ -160,7 +160,7 @@ def lora_tensors(model: nn.Module, include_trainable: bool = True) -> dict[str, 
             tensors[f"{name}.{key}"] = param
     if include_trainable:
         for name, module in trainable_modules(model).items():
-            named = dict(module.named_parameters())
+            named: dict[str, torch.Tensor] = dict(module.named_parameters())
             named.update(dict(module.named_buffers()))
             for key in module.state_dict():
                 tensors[f"{name}.{key}"] = named[key]
