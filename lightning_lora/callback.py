@@ -86,8 +86,8 @@ class LoRACallback(Callback):
         targets: Sequence[str] | None = None,
         exclude: Sequence[str] = (),
         dropout: float = 0.0,
-        rank_pattern: Mapping[str, int] | None = None,
-        alpha_pattern: Mapping[str, float] | None = None,
+        rank_pattern: Mapping[str, int] = {},  # noqa: B006  (read, never changed: LoRAConfig copies it)
+        alpha_pattern: Mapping[str, float] = {},  # noqa: B006
         use_rslora: bool = False,
         trainable: Sequence[str] = (),
         adapter_dtype: str | None = None,

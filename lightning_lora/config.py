@@ -51,8 +51,8 @@ class LoRAConfig:
     targets: Sequence[str] | None = None
     exclude: Sequence[str] = ()  # patterns removed from the matches
     dropout: float = 0.0  # dropout on the adapter input only; 0 means no dropout work at all
-    rank_pattern: Mapping[str, int] | None = None  # pattern -> r for those modules
-    alpha_pattern: Mapping[str, float] | None = None  # pattern -> alpha
+    rank_pattern: Mapping[str, int] = dataclasses.field(default_factory=dict)  # pattern -> r for those modules
+    alpha_pattern: Mapping[str, float] = dataclasses.field(default_factory=dict)  # pattern -> alpha
     use_rslora: bool = False  # rank-stabilised scaling alpha / sqrt(r)
     trainable: Sequence[str] = ()  # modules left fully trainable (new heads)
     adapter_dtype: str | None = None  # None: the original weight's dtype; e.g. "float32"
@@ -78,13 +78,13 @@ class LoRAConfig:
 
     def rank_for(self, name: str) -> int:
         """The rank of module ``name``: the first matching ``rank_pattern`` entry, else ``r``."""
-        patterns = self.rank_pattern or {}
+        patterns = self.rank_pattern
         key = first_match(name, patterns)
         return self.r if key is None else patterns[key]
 
     def alpha_for(self, name: str) -> float:
         """The alpha of module ``name``: the first matching ``alpha_pattern`` entry, else ``alpha``."""
-        patterns = self.alpha_pattern or {}
+        patterns = self.alpha_pattern
         key = first_match(name, patterns)
         return self.alpha if key is None else patterns[key]
 
@@ -128,8 +128,11 @@ class LoRAConfig:
 
 #: The names of the settings, in order.
 FIELDS: tuple[str, ...] = tuple(field.name for field in dataclasses.fields(LoRAConfig))
-#: Each setting's default as declared (before normalisation: ``()`` and None, not ``[]`` and ``{}``).
-DEFAULTS: dict[str, Any] = {field.name: field.default for field in dataclasses.fields(LoRAConfig)}
+#: Each setting's default as declared (sequences as ``()``, mappings as ``{}``).
+DEFAULTS: dict[str, Any] = {
+    field.name: field.default_factory() if callable(field.default_factory) else field.default
+    for field in dataclasses.fields(LoRAConfig)
+}
 
 
 def explicit_settings(arguments: Mapping[str, Any]) -> dict[str, Any]:

@@ -19,10 +19,11 @@ files (``LoRACallback``'s defaults, overridable as usual: ``python your_app.py l
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
 from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
 
 GROUP = "lora"
 
@@ -38,8 +39,8 @@ class LoRACallbackConf:
     targets: Optional[List[str]] = None
     exclude: Tuple[str, ...] = ()
     dropout: float = 0.0
-    rank_pattern: Optional[Dict[str, int]] = None
-    alpha_pattern: Optional[Dict[str, float]] = None
+    rank_pattern: Dict[str, int] = field(default_factory=dict)
+    alpha_pattern: Dict[str, float] = field(default_factory=dict)
     use_rslora: bool = False
     trainable: Tuple[str, ...] = ()
     adapter_dtype: Optional[str] = None
@@ -51,8 +52,16 @@ class LoRACallbackConf:
 
 
 def register_configs() -> None:
-    """Store ``lora/schema`` in Hydra's ConfigStore (YAML presets list it in their defaults)."""
-    ConfigStore.instance().store(group=GROUP, name="schema", node=LoRACallbackConf)
+    """Store ``lora/schema`` in Hydra's ConfigStore (YAML presets list it in their defaults).
+
+    The schema is closed (unknown keys fail), except inside the pattern maps, whose keys are module
+    patterns: Hydra merges a dict override into the existing node, so ``lora.rank_pattern={q_proj:8}``
+    needs that node open to new keys (their values are still type-checked).
+    """
+    node = OmegaConf.structured(LoRACallbackConf)
+    for name in ("rank_pattern", "alpha_pattern"):
+        OmegaConf.set_struct(node[name], False)
+    ConfigStore.instance().store(group=GROUP, name="schema", node=node)
 
 
 register_configs()

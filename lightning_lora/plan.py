@@ -75,8 +75,8 @@ def plan_adapters(model: nn.Module, config: LoRAConfig) -> AdapterPlan:
     overlap = [name for name in targets if name in inside_trainable]
     if overlap:
         raise ValueError(f"modules {overlap!r} are matched by both targets and trainable; choose one")
-    select("rank_pattern", config.rank_pattern or {}, targets)
-    select("alpha_pattern", config.alpha_pattern or {}, targets)
+    select("rank_pattern", config.rank_pattern, targets)
+    select("alpha_pattern", config.alpha_pattern, targets)
 
     specs = {name: _spec(found[name], config) for name in targets}
     _check_untied(found, targets)

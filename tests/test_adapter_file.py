@@ -262,3 +262,45 @@ def _fix_checksum(path):
     digest = hashlib.sha256(json.dumps(header, sort_keys=True, separators=(",", ":")).encode())
     digest.update(data[8 + length :])
     save_file(load(data), path, metadata={**_metadata(data), "sha256": digest.hexdigest()})
+
+
+@pytest.mark.parametrize(("setting", "message"), [("alpha", "alpha=8.0 in the file, 4.0 in the model"), ("use_rslora", "use_rslora=False in the file, True in the model")])
+def test_loading_into_adapters_with_other_settings_is_refused(trained, tokens, setting, message):
+    base_state, model, path = trained
+    fresh = _fresh(base_state)
+    other = {"alpha": {"alpha": 4}, "use_rslora": {"use_rslora": True}}[setting]
+    apply_lora(fresh, LoRAConfig(**{**CONFIG.to_dict(), **other}))
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    with pytest.raises(ValueError, match=message):
+        load_adapter(fresh, path)
+    assert all(torch.equal(v, before[k]) for k, v in fresh.state_dict().items())
+
+
+def test_edited_metadata_or_header_is_detected(trained, tmp_path):
+    _, _, path = trained
+    data = path.read_bytes()
+    length = int.from_bytes(data[:8], "little")
+    header = data[8 : 8 + length].decode()
+    config = json.loads(_metadata(data)["config"])
+    edits = {
+        "alpha": header.replace(json.dumps(json.dumps(config))[1:-1], json.dumps(json.dumps({**config, "alpha": 9.0}))[1:-1]),
+        "dtype": header.replace('"dtype":"F32"', '"dtype":"I32"', 1),
+    }
+    for name, edited in edits.items():
+        assert edited != header, name
+        bad = tmp_path / f"{name}.safetensors"
+        bad.write_bytes(data[:8] + edited.encode() + data[8 + length :])
+        with pytest.raises(ValueError, match="is corrupted: its header or tensor data does not match the checksum"):
+            read_adapter(bad)
+
+
+def test_adapter_files_respect_the_umask(trained, tmp_path):
+    import stat
+
+    _, model, _ = trained
+    previous = os.umask(0o022)
+    try:
+        path = save_adapter(model, tmp_path / "perm.lora.safetensors")
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o644

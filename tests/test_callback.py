@@ -337,3 +337,76 @@ def test_targets_default_to_the_model_declaration(tmp_path):
     plain = Classifier()
     trainer(tmp_path, LoRACallback(), max_epochs=1).fit(plain, data())
     assert len(lora_modules(plain)) == 9  # all-linear: 4 per block and the head
+
+
+class FailingSetup(Classifier):
+    def setup(self, stage):
+        raise RuntimeError("setup failed")
+
+
+class FailingCallback(Callback):
+    def setup(self, trainer, pl_module, stage):
+        raise RuntimeError("another callback failed")
+
+
+@pytest.mark.parametrize("failure", ["model", "callback"])
+def test_a_fit_that_fails_before_configure_model_leaves_nothing_behind(tmp_path, failure):
+    model = FailingSetup() if failure == "model" else Classifier()
+    extra = [] if failure == "model" else [FailingCallback()]
+    with pytest.raises(RuntimeError, match="failed"):
+        trainer(tmp_path, LoRACallback(targets=["qkv"]), *extra, max_epochs=1).fit(model, data())
+    assert "configure_model" not in vars(model)
+    if failure == "model":
+        model.setup = lambda stage: None  # the user fixes the model
+    trainer(tmp_path, max_epochs=1).fit(model, data())  # a later fit without LoRACallback
+    assert not lora_modules(model)
+
+
+def test_a_model_that_reaches_fit_unadapted_is_an_error(tmp_path):
+    class ReplacesConfigureModel(Classifier):
+        def setup(self, stage):
+            self.configure_model = lambda: None  # hides the callback's hook-in
+
+    model = ReplacesConfigureModel()
+    recorder = LossRecorder()
+    with pytest.raises(MisconfigurationException, match="the model reached fit without LoRA adapters .* train every weight"):
+        trainer(tmp_path, LoRACallback(targets=["qkv"]), recorder, max_epochs=1).fit(model, data())
+    assert recorder.losses == []
+
+
+def test_unsupported_strategies_are_recognised_by_type(tmp_path):
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    class Renamed(FSDPStrategy):  # a user subclass whose name says nothing
+        pass
+
+    fake = SimpleNamespace(strategy=Renamed.__new__(Renamed))
+    with pytest.raises(MisconfigurationException, match="supports single-device and DDP strategies, got Renamed"):
+        LoRACallback().setup(fake, Classifier(), "fit")
+
+
+def test_two_lora_callbacks_are_refused(tmp_path):
+    model = Classifier()
+    with pytest.raises(MisconfigurationException, match="the Trainer has more than one LoRACallback"):
+        trainer(tmp_path, LoRACallback(targets=["qkv"]), LoRACallback(targets=["fc1"]), max_epochs=1).fit(model, data())
+    assert not lora_modules(model) and "configure_model" not in vars(model)
+
+
+def test_empty_targets_are_an_error_not_all_linear():
+    with pytest.raises(ValueError, match="targets must name at least one module pattern, got an empty list"):
+        LoRACallback(targets=[])
+
+
+def test_checkpoint_io_passes_bare_state_dicts_through(tmp_path):
+    from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+
+    from lightning_lora import LoRACheckpointIO, apply_lora
+
+    model = Classifier()
+    apply_lora(model, LoRAConfig(targets=["qkv"]))
+    io = LoRACheckpointIO(TorchCheckpointIO(), lambda: model)
+    io.save_checkpoint(model.state_dict(), tmp_path / "spawn.ckpt")  # what the spawn launcher saves
+    assert set(torch.load(tmp_path / "spawn.ckpt", weights_only=True)) == set(model.state_dict())
+    assert not (tmp_path / "spawn.lora.safetensors").exists()

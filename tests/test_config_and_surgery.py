@@ -211,3 +211,85 @@ def test_merge_lora_is_all_or_nothing(tokens):
 def test_apply_lora_needs_a_config_object(tiny_model):
     with pytest.raises(TypeError, match="config must be a LoRAConfig, got dict"):
         apply_lora(tiny_model, {"r": 4})
+
+
+def test_new_adapters_take_the_mode_of_the_module_they_wrap(tiny_model, tokens):
+    tiny_model.eval()
+    apply_lora(tiny_model, LoRAConfig(targets=["qkv"], dropout=0.5))
+    randomize_adapters(tiny_model)
+    assert not any(adapter.training for adapter in lora_modules(tiny_model).values())
+    assert torch.equal(tiny_model(tokens), tiny_model(tokens))  # no dropout at inference
+    tiny_model.train()
+    assert all(adapter.dropout.training for adapter in lora_modules(tiny_model).values())
+
+
+def test_plan_changes_nothing_and_install_can_be_undone(tiny_model, tokens):
+    from lightning_lora import install, lora_config, plan_adapters
+
+    before_modules = [type(m) for m in tiny_model.modules()]
+    flags = [p.requires_grad for p in tiny_model.parameters()]
+    plan = plan_adapters(tiny_model, LoRAConfig(r=2, targets=["qkv"], rank_pattern={"blocks.1.attn.qkv": 4}))
+    assert [type(m) for m in tiny_model.modules()] == before_modules
+    assert {name: spec.r for name, spec in plan.specs.items()} == {"blocks.0.attn.qkv": 2, "blocks.1.attn.qkv": 4}
+    assert plan.specs["blocks.0.attn.qkv"].adapter_dtype == "float32"
+    installed = install(tiny_model, plan)
+    assert list(installed.created) == ["blocks.0.attn.qkv", "blocks.1.attn.qkv"]
+    assert lora_config(tiny_model) == plan.config
+    installed.undo()
+    assert [type(m) for m in tiny_model.modules()] == before_modules
+    assert [p.requires_grad for p in tiny_model.parameters()] == flags
+    assert lora_config(tiny_model) is None
+
+
+def test_config_targets_none_means_the_models_declaration(tiny_model):
+    assert LoRAConfig().targets_for(None) == ["all-linear"]
+    tiny_model.lora_targets = ["fc1"]
+    assert apply_lora(tiny_model, LoRAConfig()) == ["blocks.0.mlp.fc1", "blocks.1.mlp.fc1"]
+
+
+def test_every_adapter_lists_its_own_parameters():
+    from lightning_lora import LoRAConv, LoRAEmbedding
+
+    layers = [LoRA(nn.Linear(4, 5)), LoRAConv(nn.Conv2d(2, 3, 3), r=2, bias=False), LoRAEmbedding(nn.Embedding(7, 4))]
+    for layer in layers:
+        params = layer.adapter_params()
+        assert {id(p) for p in params.values()} == {
+            id(p) for name, p in layer.named_parameters() if not name.startswith("original_module.")
+        }
+        state = layer.state_dict()
+        assert all(torch.equal(state[key], param) for key, param in params.items())
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"kind": "lstm"}, r"kind must be one of \['linear', 'conv', 'embedding'\], got 'lstm'"),
+        ({"r": 0}, "r must be a positive integer, got 0"),
+        ({"alpha": "8"}, r"alpha must be a positive number, got '8' \(str\)"),
+        ({"adapter_dtype": "int8"}, r"adapter_dtype must be one of .*got 'int8'"),
+    ],
+)
+def test_adapter_spec_validates_every_field(values, message):
+    from lightning_lora import AdapterSpec
+
+    good = {"kind": "linear", "r": 4, "alpha": 8.0, "bias": True, "dropout": 0.0, "use_rslora": False, "adapter_dtype": "float32"}
+    spec = AdapterSpec(**good)
+    assert AdapterSpec.from_dict(spec.to_dict()) == spec and spec.scaling == 2.0
+    with pytest.raises((TypeError, ValueError), match=message):
+        AdapterSpec(**{**good, **values})
+    with pytest.raises(ValueError, match=message):
+        AdapterSpec.from_dict({**good, **values})
+    with pytest.raises(ValueError, match=r"an adapter spec must have the fields \['r'\]"):
+        AdapterSpec.from_dict({k: v for k, v in good.items() if k != "r"})
+
+
+def test_explicit_settings_and_reconcile_without_lightning():
+    from lightning_lora.config import explicit_settings, reconcile
+
+    stored = LoRAConfig(r=2, alpha=8, targets=["qkv"])
+    assert explicit_settings({"r": 4, "alpha": 1.0, "exclude": (), "rank_pattern": None, "use_rslora": 1}) == {"use_rslora": 1}
+    assert explicit_settings({"exclude": [], "rank_pattern": {}, "bias": True}) == {}
+    assert reconcile(stored, {}, "adapter_path 'a'") is stored
+    assert reconcile(stored, {"r": 2, "targets": ("qkv",)}, "adapter_path 'a'") is stored
+    with pytest.raises(ValueError, match=r"adapter_path 'a' was trained with other settings: alpha=16.0 \(file: 8.0\)"):
+        reconcile(stored, {"alpha": 16}, "adapter_path 'a'")

@@ -83,3 +83,16 @@ def test_users_own_app_gets_the_lora_group_from_the_package(tmp_path):
     callback = instantiate(cfg.lora)
     assert isinstance(callback, LoRACallback)
     assert (callback.config.r, callback.config.targets) == (8, ["fc1"])
+
+
+def test_dict_settings_are_overridable(tmp_path):
+    cfg = composed(["lora.rank_pattern={q_proj:8}", "lora.alpha_pattern={q_proj:16}", "lora.exclude=[k_proj]"], tmp_path)
+    callback = instantiate(cfg.lora)
+    assert callback.config.rank_pattern == {"q_proj": 8}
+    assert callback.config.alpha_pattern == {"q_proj": 16.0}
+    assert callback.config.exclude == ["k_proj"]
+
+
+def test_empty_targets_fail_on_instantiation(tmp_path):
+    with pytest.raises(InstantiationException, match="targets must name at least one module pattern"):
+        instantiate(composed(["lora.targets=[]"], tmp_path).lora)
