@@ -79,11 +79,6 @@ class AdapterSpec:
         """``alpha / r`` (or ``alpha / sqrt(r)`` with ``use_rslora``)."""
         return scaling(self.alpha, self.r, self.use_rslora)
 
-    @property
-    def dtype(self) -> torch.dtype:
-        """``adapter_dtype`` as a ``torch.dtype``."""
-        return ADAPTER_DTYPES[self.adapter_dtype]
-
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON values; :meth:`from_dict` is the inverse."""
         return asdict(self)
