@@ -11,6 +11,7 @@ under clean module names, and string metadata:
 ``modules``          adapted module -> its ``AdapterSpec`` and tensor shapes (JSON)
 ``trainable``        the fully trainable modules (JSON list)
 ``base_fingerprint`` :func:`~lightning_lora.base_fingerprint` of the base weights trained on
+``base_dtypes``      the dtypes those weights had (the fingerprint is checked in them)
 ``sha256``           SHA-256 of the header (every tensor's name, dtype, shape and offsets, and all
                      other metadata) and of the tensor data, so any change is detected on load
 ==================== ==========================================================================
@@ -38,11 +39,19 @@ from torch import nn
 
 from lightning_lora.config import LoRAConfig
 from lightning_lora.files import read_bytes, write_on_rank_zero
-from lightning_lora.fingerprint import base_fingerprint
+from lightning_lora.fingerprint import base_dtypes, base_fingerprint, dtype_note, matches_base
 from lightning_lora.naming import sites
 from lightning_lora.plan import AdapterPlan, check_fits as check_specs_fit
 from lightning_lora.spec import AdapterSpec
-from lightning_lora.surgery import install, lora_config, lora_modules, lora_tensors, merged_modules, trainable_modules
+from lightning_lora.surgery import (
+    base_named_parameters,
+    install,
+    lora_config,
+    lora_modules,
+    lora_tensors,
+    merged_modules,
+    trainable_modules,
+)
 
 FORMAT = "lightning_lora.adapter"
 FORMAT_VERSION = 2
@@ -63,6 +72,7 @@ class AdapterFile:
         trainable: names of the fully trainable modules whose tensors the file holds.
         base_fingerprint: fingerprint of the base weights trained on.
         library_version: the ``lightning_lora`` version that wrote the file.
+        base_dtypes: the dtypes of those weights (None in files of format version 1).
     """
 
     tensors: dict[str, torch.Tensor]
@@ -71,6 +81,7 @@ class AdapterFile:
     trainable: list[str]
     base_fingerprint: str
     library_version: str
+    base_dtypes: dict[str, str] | None = None
 
 
 def library_version() -> str:
@@ -102,6 +113,7 @@ def adapter_bytes(model: nn.Module) -> bytes:
         "modules": json.dumps(modules),
         "trainable": json.dumps(list(trainable_modules(model))),
         "base_fingerprint": base_fingerprint(model),
+        "base_dtypes": json.dumps(base_dtypes(model)),
     }
     tensors = {key: t.detach().to("cpu", copy=True).contiguous() for key, t in lora_tensors(model).items()}
     draft = save_tensors(tensors, metadata={**metadata, _DIGEST_KEY: "0" * 64})
@@ -141,8 +153,11 @@ def parse_adapter(data: bytes, source: str) -> AdapterFile:
     try:
         modules = json.loads(meta["modules"])
         trainable = json.loads(meta["trainable"])
+        dtypes = json.loads(meta["base_dtypes"]) if format_version >= 2 else None
         if not isinstance(modules, dict) or not isinstance(trainable, list):
             raise ValueError("modules must be a JSON object and trainable a JSON list")
+        if dtypes is not None and not (isinstance(dtypes, dict) and all(isinstance(v, str) for v in dtypes.values())):
+            raise ValueError("base_dtypes must be a JSON object of dtype names")
         return AdapterFile(
             tensors=tensors,
             config=LoRAConfig.from_dict(json.loads(meta["config"])),
@@ -150,6 +165,7 @@ def parse_adapter(data: bytes, source: str) -> AdapterFile:
             trainable=[str(name) for name in trainable],
             base_fingerprint=str(meta["base_fingerprint"]),
             library_version=str(meta.get("library_version", "unknown")),
+            base_dtypes=None if dtypes is None else {str(k): v for k, v in dtypes.items()},
         )
     except (KeyError, TypeError, ValueError, RecursionError) as err:
         raise ValueError(f"{source} has invalid adapter metadata: {err!r}") from err
@@ -173,14 +189,14 @@ def check_fits(model: nn.Module, adapter: AdapterFile, source: str, check_base: 
     missing_trainable = [name for name in adapter.trainable if name not in found]
     if missing_trainable:
         raise ValueError(f"{source} has trainable modules {missing_trainable!r} that this model does not have")
-    if check_base:
+    if check_base and not matches_base(model, adapter.base_fingerprint, adapter.base_dtypes, adapter.trainable):
         fingerprint = base_fingerprint(model, adapter.trainable)
-        if fingerprint != adapter.base_fingerprint:
-            raise ValueError(
-                f"{source} was trained on different base weights: base fingerprint {adapter.base_fingerprint[:12]} "
-                f"in the file, {fingerprint[:12]} in this model. Load the base checkpoint it was trained on, "
-                f"or pass check_base=False to load anyway"
-            )
+        note = dtype_note(base_named_parameters(model, adapter.trainable), adapter.base_dtypes)
+        raise ValueError(
+            f"{source} was trained on different base weights: base fingerprint {adapter.base_fingerprint[:12]} "
+            f"in the file, {fingerprint[:12]} in this model. Load the base checkpoint it was trained on, "
+            f"or pass check_base=False to load anyway.{note}"
+        )
 
 
 def save_adapter(model: nn.Module, path: str | os.PathLike) -> str:
@@ -195,9 +211,9 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> str:
     Raises:
         ValueError: if the model has no adapters. RuntimeError: if an adapter is merged.
     """
-    data = adapter_bytes(model)
-    write_on_rank_zero(str(path), data)
-    return str(path)
+    target = _path("path", path)
+    write_on_rank_zero(target, adapter_bytes(model))
+    return target
 
 
 def read_adapter(path: str | os.PathLike) -> AdapterFile:
@@ -207,7 +223,7 @@ def read_adapter(path: str | os.PathLike) -> AdapterFile:
         ValueError: if the file is truncated, corrupted, not an adapter file or of a newer format.
         FileNotFoundError: if there is no such file.
     """
-    return parse_adapter(read_bytes(str(path)), str(path))
+    return parse_adapter(read_bytes(_path("path", path)), str(path))
 
 
 def load_adapter(model: nn.Module, path: str | os.PathLike, check_base: bool = True) -> list[str]:
@@ -229,8 +245,8 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, check_base: bool = T
         ValueError: on missing or unexpected tensors or modules, other settings, a shape mismatch, a
             different base model, or a truncated, corrupted or foreign file.
     """
-    source = str(path)
-    adapter = read_adapter(path)
+    source = _path("path", path)
+    adapter = read_adapter(source)
     check_fits(model, adapter, source, check_base)
     installed = install(model, AdapterPlan(adapter.modules, adapter.config, tuple(adapter.trainable)))
     try:
@@ -243,6 +259,13 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, check_base: bool = T
         for key, target in expected.items():
             target.copy_(adapter.tensors[key])
     return installed.names
+
+
+def _path(name: str, value: Any) -> str:
+    """``value`` as a path string if it is a ``str`` or ``os.PathLike``, else a ``TypeError`` naming ``name``."""
+    if not isinstance(value, (str, os.PathLike)) or not str(value):
+        raise TypeError(f"{name} must be a file path or URL, got {value!r} ({type(value).__name__})")
+    return str(value)
 
 
 def _check_tensors(source: str, expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor]) -> None:

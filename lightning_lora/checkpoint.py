@@ -22,14 +22,14 @@ from torch import nn
 from lightning_lora.adapter_file import SUFFIX, adapter_bytes
 from lightning_lora.config import LoRAConfig
 from lightning_lora.files import remove_if_exists, write_atomic
-from lightning_lora.fingerprint import fingerprint_tensors
+from lightning_lora.fingerprint import dtype_note, dtypes_of, fingerprint_tensors, legacy_fingerprint
 from lightning_lora.plan import AdapterPlan, check_fits
 from lightning_lora.spec import AdapterSpec
 from lightning_lora.surgery import install, lora_config, lora_modules, merged_modules, trainable_modules
 
 #: Key of the LoRA record in a Lightning checkpoint.
 CHECKPOINT_KEY = "lora"
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2
 
 
 def adapter_path_for(checkpoint_path: str) -> str:
@@ -63,6 +63,7 @@ def slim_checkpoint(checkpoint: dict[str, Any], module: nn.Module, keep_base_wei
         "version": CHECKPOINT_VERSION,
         "base_keys": dropped,
         "base_fingerprint": fingerprint_tensors((key, own[key]) for key in dropped),
+        "base_dtypes": dtypes_of((key, own[key]) for key in dropped),
         "config": (lora_config(module) or LoRAConfig()).to_dict(),
         "modules": {name: layer.spec.to_dict() for name, layer in adapters.items()},
         "trainable": list(trainable_modules(module)),
@@ -117,12 +118,14 @@ def _fill_base_weights(record: dict[str, Any], state: dict[str, Any], module: nn
     dropped = [key for key in base_keys if key not in state]
     if not dropped:
         return
-    found = fingerprint_tensors((key, own[key]) for key in base_keys)
+    named = [(key, own[key]) for key in base_keys]
+    dtypes = record.get("base_dtypes")  # absent in records of version 1
+    found = fingerprint_tensors(named, dtypes) if dtypes is not None else legacy_fingerprint(named)
     if found != record["base_fingerprint"]:
         raise ValueError(
             f"checkpoint was trained on different base weights (fingerprint {record['base_fingerprint'][:12]} "
             f"in the checkpoint, {found[:12]} in this model): it holds no base weights, so load the base "
-            f"model it was trained on before resuming, or save with save_base_weights=True"
+            f"model it was trained on before resuming, or save with save_base_weights=True.{dtype_note(named, dtypes)}"
         )
     for key in dropped:
         state[key] = own[key]
@@ -170,8 +173,11 @@ class LoRACheckpointIO(CheckpointIO):
         if adapter is not None:
             write_atomic(adapter_path_for(str(path)), adapter)
 
-    def load_checkpoint(self, path: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
-        checkpoint = self.checkpoint_io.load_checkpoint(path, *args, **kwargs)
+    def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
+        """Load through the wrapped IO with ``weights_only=True`` (nothing but tensors and plain values is
+        unpickled) unless the caller passes ``weights_only=False`` for a trusted file; then restore it."""
+        weights_only = True if weights_only is None else weights_only
+        checkpoint = self.checkpoint_io.load_checkpoint(path, map_location=map_location, weights_only=weights_only)
         if "state_dict" in checkpoint:
             restore_checkpoint(checkpoint, self._module())
         return checkpoint

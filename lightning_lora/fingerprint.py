@@ -1,23 +1,30 @@
-"""A cheap, deterministic identifier of a model's frozen base weights.
+"""A cheap, deterministic identifier of a model's frozen base weights, whatever dtype holds them.
 
-It hashes every base parameter's name, shape and dtype and a fixed sample of its values (the same
-evenly spaced positions every time), so its cost does not grow with tensor size beyond the sample.
-It tells apart different checkpoints of one architecture; weights that differ only outside the
-sampled positions are not told apart.
+It hashes every base parameter's name and shape and a fixed sample of its values (the same evenly
+spaced positions every time), so its cost does not grow with tensor size beyond the sample. It tells
+apart different checkpoints of one architecture; weights that differ only outside the sampled
+positions are not told apart.
+
+The dtypes the weights had are recorded beside the digest (:func:`dtypes_of`). A check casts the
+sampled values to those dtypes first, so weights saved in bfloat16, float16 or float64 after a cast
+from float32 (Lightning's ``*-true`` precisions) match the float32 base they came from; weights held
+in a lower precision than recorded cannot, and :func:`dtype_note` says so in the error.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import torch
 from torch import nn
 
+from lightning_lora.spec import ADAPTER_DTYPES, dtype_name
 from lightning_lora.surgery import base_named_parameters, merged_modules
 
 #: Values sampled from each tensor.
 SAMPLES_PER_TENSOR = 256
+_DEFAULT = ""  # key of the most common dtype in a dtype map; other keys are tensor names
 
 
 def base_fingerprint(model: nn.Module, trainable: Iterable[str] | None = None) -> str:
@@ -30,26 +37,107 @@ def base_fingerprint(model: nn.Module, trainable: Iterable[str] | None = None) -
     Raises:
         RuntimeError: if an adapter is merged (the weights then hold the update too).
     """
-    merged = merged_modules(model)
-    if merged:
-        raise RuntimeError(f"cannot fingerprint base weights while modules {merged[:5]!r} are merged; unmerge first")
-    return fingerprint_tensors(base_named_parameters(model, trainable))
+    return fingerprint_tensors(_base(model, trainable))
 
 
-def fingerprint_tensors(named: Iterable[tuple[str, torch.Tensor]]) -> str:
-    """Hex digest of named tensors: each name, shape, dtype and a fixed sample of its values."""
+def base_dtypes(model: nn.Module, trainable: Iterable[str] | None = None) -> dict[str, str]:
+    """The dtypes of the base weights of ``model``, in the compact form of :func:`dtypes_of`."""
+    return dtypes_of(_base(model, trainable))
+
+
+def matches_base(model: nn.Module, digest: str, dtypes: Mapping[str, str] | None, trainable: Iterable[str] | None = None) -> bool:
+    """Whether ``model``'s base weights match a recorded digest (taken in the recorded ``dtypes``)."""
+    named = _base(model, trainable)
+    return fingerprint_tensors(named, dtypes) == digest if dtypes is not None else legacy_fingerprint(named) == digest
+
+
+def fingerprint_tensors(named: Iterable[tuple[str, torch.Tensor]], dtypes: Mapping[str, str] | None = None) -> str:
+    """Hex digest of named tensors: each name and shape, and a fixed sample of values.
+
+    Args:
+        named: (name, tensor) pairs.
+        dtypes: cast the sampled values of each tensor to these dtypes first (a map from
+            :func:`dtypes_of`); default: each tensor's own dtype.
+    """
+    digest = hashlib.sha256()
+    samples = []
+    for name, tensor in sorted(named, key=lambda item: item[0]):
+        digest.update(f"{name}|{tuple(tensor.shape)}\n".encode())
+        sample = _sample(tensor)
+        if sample is not None:
+            dtype = _dtype_for(dtypes, name) if dtypes is not None else tensor.dtype
+            samples.append(sample.to(dtype).to(torch.float64))
+    _update(digest, samples)
+    return digest.hexdigest()
+
+
+def legacy_fingerprint(named: Iterable[tuple[str, torch.Tensor]]) -> str:
+    """The digest files and checkpoints of format version 1 hold: the dtype was part of the hash."""
     digest = hashlib.sha256()
     samples = []
     for name, tensor in sorted(named, key=lambda item: item[0]):
         digest.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}\n".encode())
-        if tensor.is_meta or tensor.numel() == 0:
-            continue
-        flat = tensor.detach().reshape(-1)
-        count = min(SAMPLES_PER_TENSOR, flat.numel())
-        index = torch.linspace(0, flat.numel() - 1, count, device=flat.device).round().long()
-        samples.append(flat[index].to(torch.float64))
+        sample = _sample(tensor)
+        if sample is not None:
+            samples.append(sample.to(torch.float64))
+    _update(digest, samples)
+    return digest.hexdigest()
+
+
+def dtypes_of(named: Iterable[tuple[str, torch.Tensor]]) -> dict[str, str]:
+    """The dtype of each tensor, compactly: ``{"": the most common dtype, name: dtype of each other one}``."""
+    dtypes = {name: dtype_name(tensor.dtype) for name, tensor in named}
+    if not dtypes:
+        return {}
+    counts: dict[str, int] = {}
+    for value in dtypes.values():
+        counts[value] = counts.get(value, 0) + 1
+    common = max(counts, key=lambda value: counts[value])
+    return {_DEFAULT: common, **{name: value for name, value in dtypes.items() if value != common}}
+
+
+def dtype_note(named: Iterable[tuple[str, torch.Tensor]], dtypes: Mapping[str, str] | None) -> str:
+    """A sentence for error messages when the weights' dtypes differ from the recorded ones, else ""."""
+    if not dtypes:
+        return ""
+    differing = {
+        name: (_dtype_for(dtypes, name), tensor.dtype)
+        for name, tensor in named
+        if _dtype_for(dtypes, name) != tensor.dtype
+    }
+    if not differing:
+        return ""
+    name, (recorded, held) = next(iter(differing.items()))
+    return (
+        f" Note: {len(differing)} base weights are held in another dtype than when the file was written "
+        f"(e.g. '{name}': {dtype_name(held)} now, {dtype_name(recorded)} then); a copy in a lower precision "
+        f"cannot match, so load the base weights in {dtype_name(recorded)}."
+    )
+
+
+def _base(model: nn.Module, trainable: Iterable[str] | None) -> list[tuple[str, torch.Tensor]]:
+    merged = merged_modules(model)
+    if merged:
+        raise RuntimeError(f"cannot fingerprint base weights while modules {merged[:5]!r} are merged; unmerge first")
+    return list(base_named_parameters(model, trainable))
+
+
+def _dtype_for(dtypes: Mapping[str, str], name: str) -> torch.dtype:
+    value = dtypes.get(name, dtypes.get(_DEFAULT, "float32"))
+    return ADAPTER_DTYPES.get(value, torch.float64)
+
+
+def _sample(tensor: torch.Tensor) -> torch.Tensor | None:
+    if tensor.is_meta or tensor.numel() == 0:
+        return None
+    flat = tensor.detach().reshape(-1)
+    count = min(SAMPLES_PER_TENSOR, flat.numel())
+    index = torch.linspace(0, flat.numel() - 1, count, device=flat.device).round().long()
+    return flat[index]
+
+
+def _update(digest: "hashlib._Hash", samples: list[torch.Tensor]) -> None:
     if samples:
         device = samples[0].device
         values = torch.cat([s.to(device) for s in samples]).cpu()  # one small transfer
         digest.update(values.numpy().tobytes())
-    return digest.hexdigest()

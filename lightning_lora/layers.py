@@ -19,6 +19,7 @@ from typing import Any, overload
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules.lazy import LazyModuleMixin
 
 from lightning_lora.fused import lora_linear
 from lightning_lora.spec import (
@@ -60,6 +61,13 @@ class LoRABase(nn.Module):
         r = positive_int("r", r)
         alpha = positive_number("alpha", alpha)
         dropout = probability("dropout", dropout)
+        weight = base_weight(original_module)
+        limit = max(weight.shape[0], weight[0].numel())  # the larger of the layer's two sides
+        if r > limit:
+            raise ValueError(
+                f"r must be at most {limit} for a {type(original_module).__name__} of weight shape "
+                f"{tuple(weight.shape)} (a higher rank adds nothing), got r={r}"
+            )
         self.original_module = original_module
         self.r = r
         self.alpha = alpha
@@ -70,7 +78,6 @@ class LoRABase(nn.Module):
         self._created_bias = False
         self._original_bias: torch.Tensor | None = None
         self._weight_residual: torch.Tensor | None = None
-        weight = base_weight(original_module)
         self._factory: dict[str, Any] = {"device": weight.device, "dtype": _resolve_dtype(adapter_dtype, weight.dtype)}
 
     def init_weights(self) -> None:
@@ -452,6 +459,11 @@ def adapter_kind(module: nn.Module, name: str) -> str:
     Raises:
         TypeError: for a module type that has no adapter.
     """
+    if isinstance(module, LazyModuleMixin) and module.has_uninitialized_params():
+        raise TypeError(
+            f"cannot adapt module '{name}' of type {type(module).__name__}: its parameters are not "
+            f"initialised yet; run one forward pass (or adapt in configure_model after the model is built)"
+        )
     for base, cls in ADAPTER_TYPES.items():
         if isinstance(module, base):
             return cls.kind

@@ -84,6 +84,27 @@ class LoRAMixin(_Module):
         """Take every merged adapter's update out of the original weights again."""
         surgery.unmerge_lora(self)
 
+    @classmethod
+    def load_from_checkpoint(
+        cls,
+        checkpoint_path: Any,
+        map_location: Any = None,
+        hparams_file: Any = None,
+        strict: bool | None = None,
+        weights_only: bool | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """``LightningModule.load_from_checkpoint`` with ``weights_only=True`` unless the caller passes
+        ``weights_only=False`` for a trusted file: nothing but tensors and plain values is unpickled."""
+        return super().load_from_checkpoint(
+            checkpoint_path,
+            map_location=map_location,
+            hparams_file=hparams_file,
+            strict=strict,
+            weights_only=True if weights_only is None else weights_only,
+            **kwargs,
+        )
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
         if not self._checkpoint_io_slims():

@@ -410,3 +410,44 @@ def test_checkpoint_io_passes_bare_state_dicts_through(tmp_path):
     io.save_checkpoint(model.state_dict(), tmp_path / "spawn.ckpt")  # what the spawn launcher saves
     assert set(torch.load(tmp_path / "spawn.ckpt", weights_only=True)) == set(model.state_dict())
     assert not (tmp_path / "spawn.lora.safetensors").exists()
+
+
+PRECISIONS = ["bf16-true", "16-true", "64-true", "bf16-mixed", "32-true"]  # 16-mixed is bf16-mixed on CPU
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_resume_and_reload_in_every_cpu_precision(tmp_path, precision):
+    from lightning_lora import load_adapter
+
+    base_state = Classifier().state_dict()
+
+    def fresh():
+        model = Classifier()
+        model.load_state_dict(base_state)
+        return model
+
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    trained = fresh()
+    trainer(tmp_path, LoRACallback(targets=["qkv"]), checkpoint, max_epochs=1, precision=precision).fit(trained, data())
+    resumed = fresh()
+    trainer(tmp_path, LoRACallback(targets=["qkv"]), max_epochs=2, precision=precision).fit(
+        resumed, data(), ckpt_path=tmp_path / "last.ckpt"
+    )
+    assert resumed.trainer.global_step == 16
+    plain = fresh()  # the float32 base
+    load_adapter(plain, tmp_path / "last.lora.safetensors")
+    assert set(lora_modules(plain)) == {"net.blocks.0.attn.qkv", "net.blocks.1.attn.qkv"}
+
+
+def test_a_lower_precision_base_is_refused_with_the_dtype_named(tmp_path):
+    from lightning_lora import load_adapter
+
+    model = Classifier()
+    base_state = {k: v.clone() for k, v in model.state_dict().items()}
+    trainer(tmp_path, LoRACallback(targets=["qkv"]), max_epochs=1).fit(model, data())
+    save_adapter(model, tmp_path / "a.lora.safetensors")
+    half = Classifier()
+    half.load_state_dict(base_state)
+    half.to(torch.bfloat16)
+    with pytest.raises(ValueError, match=r"different base weights.*held in another dtype.*bfloat16 now, float32 then"):
+        load_adapter(half, tmp_path / "a.lora.safetensors")
