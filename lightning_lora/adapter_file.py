@@ -12,6 +12,8 @@ under clean module names, and string metadata:
 ``trainable``        the fully trainable modules (JSON list)
 ``base_fingerprint`` :func:`~lightning_lora.base_fingerprint` of the base weights trained on
 ``base_dtypes``      the dtypes those weights had (the fingerprint is checked in them)
+``checkpoint``       for the companion file of a Lightning checkpoint: that checkpoint's epoch and
+                     global step (JSON); the checkpoint records :func:`tensors_digest` of this file
 ``sha256``           SHA-256 of the header (every tensor's name, dtype, shape and offsets, and all
                      other metadata) and of the tensor data, so any change is detected on load
 ==================== ==========================================================================
@@ -29,6 +31,7 @@ import json
 import os
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -73,6 +76,7 @@ class AdapterFile:
         base_fingerprint: fingerprint of the base weights trained on.
         library_version: the ``lightning_lora`` version that wrote the file.
         base_dtypes: the dtypes of those weights (None in files of format version 1).
+        checkpoint: for a checkpoint's companion file, that checkpoint's ``epoch`` and ``global_step``.
     """
 
     tensors: dict[str, torch.Tensor]
@@ -82,6 +86,7 @@ class AdapterFile:
     base_fingerprint: str
     library_version: str
     base_dtypes: dict[str, str] | None = None
+    checkpoint: dict[str, int] | None = None
 
 
 def library_version() -> str:
@@ -92,8 +97,12 @@ def library_version() -> str:
         return "unknown"
 
 
-def adapter_bytes(model: nn.Module) -> bytes:
+def adapter_bytes(model: nn.Module, checkpoint: Mapping[str, int] | None = None) -> bytes:
     """The bytes of an adapter file for ``model``, as :func:`save_adapter` writes them.
+
+    Args:
+        model: the adapted model.
+        checkpoint: for the companion file of a checkpoint, its ``epoch`` and ``global_step``.
 
     Raises:
         ValueError: if the model has no adapters. RuntimeError: if an adapter is merged.
@@ -115,6 +124,8 @@ def adapter_bytes(model: nn.Module) -> bytes:
         "base_fingerprint": base_fingerprint(model),
         "base_dtypes": json.dumps(base_dtypes(model)),
     }
+    if checkpoint is not None:
+        metadata["checkpoint"] = json.dumps(dict(checkpoint))
     tensors = {key: t.detach().to("cpu", copy=True).contiguous() for key, t in lora_tensors(model).items()}
     draft = save_tensors(tensors, metadata={**metadata, _DIGEST_KEY: "0" * 64})
     metadata[_DIGEST_KEY] = _digest(_header(draft, "draft"), draft)
@@ -154,6 +165,11 @@ def parse_adapter(data: bytes, source: str) -> AdapterFile:
         modules = json.loads(meta["modules"])
         trainable = json.loads(meta["trainable"])
         dtypes = json.loads(meta["base_dtypes"]) if format_version >= 2 else None
+        checkpoint = json.loads(meta["checkpoint"]) if "checkpoint" in meta else None
+        if checkpoint is not None and not (
+            isinstance(checkpoint, dict) and all(isinstance(v, int) and not isinstance(v, bool) for v in checkpoint.values())
+        ):
+            raise ValueError("checkpoint must be a JSON object of integers")
         if not isinstance(modules, dict) or not isinstance(trainable, list):
             raise ValueError("modules must be a JSON object and trainable a JSON list")
         if dtypes is not None and not (isinstance(dtypes, dict) and all(isinstance(v, str) for v in dtypes.values())):
@@ -166,9 +182,20 @@ def parse_adapter(data: bytes, source: str) -> AdapterFile:
             base_fingerprint=str(meta["base_fingerprint"]),
             library_version=str(meta.get("library_version", "unknown")),
             base_dtypes=None if dtypes is None else {str(k): v for k, v in dtypes.items()},
+            checkpoint=checkpoint,
         )
     except (KeyError, TypeError, ValueError, RecursionError) as err:
         raise ValueError(f"{source} has invalid adapter metadata: {err!r}") from err
+
+
+def tensors_digest(tensors: Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 of named tensors (names, dtypes, shapes and values): what a checkpoint records of its companion."""
+    digest = hashlib.sha256()
+    for key in sorted(tensors):
+        tensor = tensors[key].detach().to("cpu").contiguous()
+        digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}\n".encode())
+        digest.update(tensor.view(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
 
 
 def check_fits(model: nn.Module, adapter: AdapterFile, source: str, check_base: bool = True) -> None:

@@ -26,14 +26,14 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
 from lightning_lora.adapter_file import load_adapter, read_adapter
-from lightning_lora.checkpoint import LoRACheckpointIO
+from lightning_lora.checkpoint import LoRACheckpointIO, link_companion
 from lightning_lora.config import LoRAConfig, explicit_settings, reconcile
 from lightning_lora.spec import boolean
 from lightning_lora.surgery import (
@@ -150,7 +150,11 @@ class LoRACallback(Callback):
             self.config = reconcile(stored, self._explicit, f"adapter_path {self.adapter_path!r}")
         if not isinstance(checkpoint_io, LoRACheckpointIO):
             trainer.strategy.checkpoint_io = LoRACheckpointIO(
-                checkpoint_io, lambda: trainer.lightning_module, self.save_base_weights, owner=self
+                checkpoint_io,
+                lambda: trainer.lightning_module,
+                self.save_base_weights,
+                owner=self,
+                linked=lambda: _checkpoint_links(trainer),
             )
         if stage == "fit" and merged_modules(pl_module):
             unmerge_lora(pl_module)
@@ -235,10 +239,30 @@ class LoRACallback(Callback):
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._disarm()
+        _link_companions(trainer)
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._disarm()
+        _link_companions(trainer)
+
+    # ModelCheckpoint runs after every other callback in a hook, so checkpoint links it made are
+    # given their companion links in the next hook.
+
+    @override
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        _link_companions(trainer)
+
+    @override
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        _link_companions(trainer)
+
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        _link_companions(trainer)
+        if self.merge_on_end:
+            merge_lora(pl_module)
+            rank_zero_info("LoRA: merged the adapters into the model weights")
 
     # --- logging -------------------------------------------------------------------------------
 
@@ -267,13 +291,21 @@ class LoRACallback(Callback):
             for name, value in scalings.items():
                 pl_module.log(f"lora/scaling/{name}", value, on_step=True, on_epoch=False)
 
-    # --- end -----------------------------------------------------------------------------------
 
-    @override
-    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.merge_on_end:
-            merge_lora(pl_module)
-            rank_zero_info("LoRA: merged the adapters into the model weights")
+
+def _checkpoint_links(trainer: pl.Trainer) -> list[str]:
+    """The ``last`` checkpoints that ``ModelCheckpoint(save_last="link")`` callbacks keep as links."""
+    return [
+        callback.last_model_path
+        for callback in trainer.checkpoint_callbacks
+        if isinstance(callback, ModelCheckpoint) and callback.save_last == "link" and callback.last_model_path
+    ]
+
+
+def _link_companions(trainer: pl.Trainer) -> None:
+    if trainer.is_global_zero:
+        for link in _checkpoint_links(trainer):
+            link_companion(link)
 
 
 def _grad_norm(params: Any) -> torch.Tensor | None:

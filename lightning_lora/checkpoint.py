@@ -8,24 +8,43 @@ weights are shown to match the fingerprint; any other missing key still fails st
 :class:`LoRACheckpointIO` wraps a strategy's ``CheckpointIO`` so that every checkpoint Lightning
 writes is slimmed and gets a companion adapter file (``epoch=2-step=300.ckpt`` ->
 ``epoch=2-step=300.lora.safetensors``), removed together with it.
+
+A checkpoint and its companion never disagree silently. The checkpoint records a digest of the
+adapter tensors (``adapter_digest``) and the companion records the checkpoint's epoch and global
+step. Writes are ordered so that a crash leaves either a matching pair or a checkpoint without a
+companion: the old companion is removed, the checkpoint written (atomically, for local files through
+Lightning's default IO), then the companion written atomically; removal takes the companion first.
+:func:`check_companion` verifies a pair and :func:`write_companion` regenerates a missing or stale
+companion from its checkpoint.
 """
 
 from __future__ import annotations
 
+import io
+import os
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
-from lightning_lora.adapter_file import SUFFIX, adapter_bytes
+from lightning_lora.adapter_file import SUFFIX, adapter_bytes, read_adapter, tensors_digest
 from lightning_lora.config import LoRAConfig
-from lightning_lora.files import remove_if_exists, write_atomic
+from lightning_lora.files import exists, read_bytes, remove_if_exists, write_atomic, write_on_rank_zero
 from lightning_lora.fingerprint import dtype_note, dtypes_of, fingerprint_tensors, legacy_fingerprint
 from lightning_lora.plan import AdapterPlan, check_fits
 from lightning_lora.spec import AdapterSpec
-from lightning_lora.surgery import install, lora_config, lora_modules, merged_modules, trainable_modules
+from lightning_lora.surgery import (
+    install,
+    lora_config,
+    lora_modules,
+    lora_state_dict,
+    merged_modules,
+    trainable_modules,
+)
 
 #: Key of the LoRA record in a Lightning checkpoint.
 CHECKPOINT_KEY = "lora"
@@ -67,6 +86,7 @@ def slim_checkpoint(checkpoint: dict[str, Any], module: nn.Module, keep_base_wei
         "config": (lora_config(module) or LoRAConfig()).to_dict(),
         "modules": {name: layer.spec.to_dict() for name, layer in adapters.items()},
         "trainable": list(trainable_modules(module)),
+        "adapter_digest": tensors_digest(lora_state_dict(module)),
     }
     for key in dropped:
         del state[key]
@@ -131,6 +151,56 @@ def _fill_base_weights(record: dict[str, Any], state: dict[str, Any], module: nn
         state[key] = own[key]
 
 
+def check_companion(checkpoint_path: str | os.PathLike) -> None:
+    """Check that a checkpoint's companion adapter file exists and belongs to it.
+
+    Raises:
+        ValueError: if the checkpoint has no LoRA record, the companion is missing, or it holds other
+            adapter tensors or another step than the checkpoint records (a stale pair).
+    """
+    path = str(checkpoint_path)
+    checkpoint = _load(path)
+    record = checkpoint.get(CHECKPOINT_KEY)
+    if not isinstance(record, dict) or "adapter_digest" not in record:
+        raise ValueError(f"{path} has no LoRA record of its adapter (not written by this lightning_lora version)")
+    companion = adapter_path_for(path)
+    if not exists(companion):
+        raise ValueError(f"{path} has no companion {companion}; regenerate it with lightning_lora.write_companion")
+    adapter = read_adapter(companion)
+    step = {"epoch": checkpoint.get("epoch"), "global_step": checkpoint.get("global_step")}
+    if tensors_digest(adapter.tensors) != record["adapter_digest"] or adapter.checkpoint != step:
+        raise ValueError(
+            f"{companion} does not belong to {path} (a stale pair: companion of step {adapter.checkpoint}, "
+            f"checkpoint of step {step}); regenerate it with lightning_lora.write_companion"
+        )
+
+
+def write_companion(checkpoint_path: str | os.PathLike, module: nn.Module) -> str:
+    """Regenerate a checkpoint's companion adapter file from the checkpoint itself.
+
+    ``module`` is the model the checkpoint was trained from (e.g. a fresh LightningModule with the
+    base weights loaded); it is adapted if needed and loads the checkpoint's state, in place, after
+    the base weights are checked against the checkpoint's fingerprint. Only global rank 0 writes.
+
+    Returns:
+        The companion's path.
+
+    Raises:
+        ValueError: if the checkpoint has no LoRA record or does not fit ``module``.
+    """
+    path = str(checkpoint_path)
+    checkpoint = _load(path)
+    record = checkpoint.get(CHECKPOINT_KEY)
+    if not isinstance(record, dict):
+        raise ValueError(f"{path} is not a LoRA checkpoint (it has no {CHECKPOINT_KEY!r} record)")
+    restore_checkpoint(checkpoint, module)
+    module.load_state_dict(checkpoint["state_dict"], strict=True)
+    step = {"epoch": checkpoint.get("epoch", 0), "global_step": checkpoint.get("global_step", 0)}
+    companion = adapter_path_for(path)
+    write_on_rank_zero(companion, adapter_bytes(module, checkpoint=step))
+    return companion
+
+
 class LoRACheckpointIO(CheckpointIO):
     """Wraps a ``CheckpointIO``: slims every checkpoint, writes and removes its adapter file.
 
@@ -139,6 +209,9 @@ class LoRACheckpointIO(CheckpointIO):
         module: a callable returning the LightningModule whose adapters are saved.
         save_base_weights: keep the frozen base weights in the checkpoint.
         owner: the object that installed this wrapper (a ``LoRACallback``), if any.
+        linked: a callable returning the checkpoint paths that are links to other checkpoints
+            (``ModelCheckpoint(save_last="link")``): their companions are links too, removed before any
+            checkpoint is written and put back by :func:`link_companion` once the checkpoint link is.
     """
 
     def __init__(
@@ -147,11 +220,13 @@ class LoRACheckpointIO(CheckpointIO):
         module: Callable[[], nn.Module],
         save_base_weights: bool = False,
         owner: object = None,
+        linked: Callable[[], list[str]] = list,
     ) -> None:
         self.checkpoint_io = checkpoint_io
         self._module = module
         self.save_base_weights = save_base_weights
         self.owner = owner
+        self._linked = linked
         self._warned_merged = False
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
@@ -167,11 +242,25 @@ class LoRACheckpointIO(CheckpointIO):
                 self._warned_merged = True
             self.checkpoint_io.save_checkpoint(checkpoint, path, storage_options=storage_options)
             return
-        adapter = adapter_bytes(module) if lora_modules(module) else None
+        companion = adapter_path_for(str(path))
+        step = {"epoch": checkpoint.get("epoch", 0), "global_step": checkpoint.get("global_step", 0)}
+        adapter = adapter_bytes(module, checkpoint=step) if lora_modules(module) else None
         slim_checkpoint(checkpoint, module, keep_base_weights=self.save_base_weights)
-        self.checkpoint_io.save_checkpoint(checkpoint, path, storage_options=storage_options)
+        for link in self._linked():  # the link may move to this checkpoint: no companion until it has
+            remove_if_exists(adapter_path_for(link))
+        remove_if_exists(companion)  # a crash from here on leaves a checkpoint without companion
+        self._write(checkpoint, path, storage_options)
         if adapter is not None:
-            write_atomic(adapter_path_for(str(path)), adapter)
+            write_atomic(companion, adapter)
+
+    def _write(self, checkpoint: dict[str, Any], path: Any, storage_options: Any) -> None:
+        """Lightning's default IO writes in place; then write atomically instead, else delegate."""
+        if type(self.checkpoint_io) is TorchCheckpointIO and storage_options is None:
+            buffer = io.BytesIO()
+            torch.save(checkpoint, buffer)
+            write_atomic(str(path), buffer.getvalue())
+        else:
+            self.checkpoint_io.save_checkpoint(checkpoint, path, storage_options=storage_options)
 
     def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
         """Load through the wrapped IO with ``weights_only=True`` (nothing but tensors and plain values is
@@ -180,11 +269,40 @@ class LoRACheckpointIO(CheckpointIO):
         checkpoint = self.checkpoint_io.load_checkpoint(path, map_location=map_location, weights_only=weights_only)
         if "state_dict" in checkpoint:
             restore_checkpoint(checkpoint, self._module())
+            if exists(adapter_path_for(str(path))):
+                try:
+                    check_companion(path)
+                except ValueError as err:
+                    rank_zero_warn(f"LoRA: resuming from {path}, whose companion adapter file is stale: {err}")
         return checkpoint
 
     def remove_checkpoint(self, path: Any) -> None:
+        remove_if_exists(adapter_path_for(str(path)))  # first: a crash leaves a checkpoint without companion
         self.checkpoint_io.remove_checkpoint(path)
-        remove_if_exists(adapter_path_for(str(path)))
 
     def teardown(self) -> None:
         self.checkpoint_io.teardown()
+
+
+def link_companion(link: str) -> None:
+    """Make the companion of checkpoint link ``link`` a link to the companion of the checkpoint it points to.
+
+    Lightning's ``ModelCheckpoint(save_last="link")`` makes ``last.ckpt`` a symbolic link (a copy where
+    links are not allowed); this gives ``last.lora.safetensors`` the same treatment. Local paths only.
+    """
+    if not os.path.islink(link):
+        return
+    companion = adapter_path_for(link)
+    target = adapter_path_for(os.path.join(os.path.dirname(link), os.readlink(link)))
+    if os.path.exists(target):
+        if os.path.lexists(companion):
+            os.remove(companion)
+        os.symlink(os.path.relpath(target, os.path.dirname(companion)), companion)
+
+
+def _load(path: str) -> dict[str, Any]:
+    """A checkpoint file, read with ``weights_only=True``."""
+    checkpoint = torch.load(io.BytesIO(read_bytes(path)), map_location="cpu", weights_only=True)
+    if not isinstance(checkpoint, dict):
+        raise ValueError(f"{path} is not a Lightning checkpoint (it holds a {type(checkpoint).__name__})")
+    return checkpoint

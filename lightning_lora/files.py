@@ -67,6 +67,12 @@ def read_bytes(path: str) -> bytes:
         return handle.read()
 
 
+def exists(path: str) -> bool:
+    """Whether ``path`` (local or fsspec URL) exists."""
+    fs, fs_path = url_to_fs(path)
+    return bool(fs.exists(fs_path))
+
+
 def remove_if_exists(path: str) -> None:
     """Remove ``path`` (local or fsspec URL) if it exists."""
     fs, fs_path = url_to_fs(path)

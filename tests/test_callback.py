@@ -451,3 +451,65 @@ def test_a_lower_precision_base_is_refused_with_the_dtype_named(tmp_path):
     half.to(torch.bfloat16)
     with pytest.raises(ValueError, match=r"different base weights.*held in another dtype.*bfloat16 now, float32 then"):
         load_adapter(half, tmp_path / "a.lora.safetensors")
+
+
+def test_a_failed_companion_write_leaves_a_checkpoint_without_companion_that_can_be_regenerated(tmp_path, monkeypatch):
+    import lightning_lora.checkpoint as checkpoint_module
+    from lightning_lora import check_companion, write_companion
+
+    base_state = Classifier().state_dict()
+    model = Classifier()
+    model.load_state_dict(base_state)
+    saver = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    trainer(tmp_path, LoRACallback(targets=["qkv"]), saver, max_epochs=1).fit(model, data())
+    check_companion(tmp_path / "last.ckpt")
+    old_companion = (tmp_path / "last.lora.safetensors").read_bytes()
+
+    real_write = checkpoint_module.write_atomic
+
+    def failing(path, data):  # the disk fills up right after the checkpoint is written
+        if str(path).endswith(".lora.safetensors"):
+            raise OSError("No space left on device")
+        real_write(path, data)
+
+    monkeypatch.setattr(checkpoint_module, "write_atomic", failing)
+    resumed = Classifier()
+    resumed.load_state_dict(base_state)
+    with pytest.raises(OSError, match="No space left"):
+        trainer(tmp_path, LoRACallback(targets=["qkv"]), ModelCheckpoint(dirpath=tmp_path, save_last=True), max_epochs=2).fit(
+            resumed, data(), ckpt_path=tmp_path / "last.ckpt"
+        )
+    monkeypatch.setattr(checkpoint_module, "write_atomic", real_write)
+    failed = tmp_path / "epoch=1-step=16.ckpt"  # the first checkpoint of the resumed run
+    assert failed.exists() and not (tmp_path / "epoch=1-step=16.lora.safetensors").exists()
+    check_companion(tmp_path / "last.ckpt")  # the previous pair is untouched
+    with pytest.raises(ValueError, match="has no companion .*regenerate it with lightning_lora.write_companion"):
+        check_companion(failed)
+    fresh = Classifier()
+    fresh.load_state_dict(base_state)
+    assert write_companion(failed, fresh) == str(tmp_path / "epoch=1-step=16.lora.safetensors")
+    check_companion(failed)
+    assert (tmp_path / "epoch=1-step=16.lora.safetensors").read_bytes() != old_companion
+
+    (tmp_path / "epoch=1-step=16.lora.safetensors").write_bytes(old_companion)  # a stale pair, however it came about
+    with pytest.raises(ValueError, match=r"does not belong to .*step=16.ckpt \(a stale pair: companion of step \{'epoch': 0, 'global_step': 8\}"):
+        check_companion(failed)
+    with pytest.warns(UserWarning, match="whose companion adapter file is stale"):
+        again = Classifier()
+        again.load_state_dict(base_state)
+        trainer(tmp_path / "r", LoRACallback(targets=["qkv"]), max_epochs=3).fit(again, data(), ckpt_path=failed)
+
+
+def test_save_last_link_gets_a_companion_link(tmp_path):
+    from lightning_lora import check_companion
+
+    saver = ModelCheckpoint(dirpath=tmp_path, save_last="link", monitor="val_loss", save_top_k=1)
+    trainer(tmp_path, LoRACallback(targets=["qkv"]), saver, max_epochs=3).fit(Classifier(), data(), data(seed=1))
+    last, companion = tmp_path / "last.ckpt", tmp_path / "last.lora.safetensors"
+    assert last.is_symlink() and companion.is_symlink()
+    assert companion.resolve().name == last.resolve().name.replace(".ckpt", ".lora.safetensors")
+    check_companion(last)
+    names = sorted(os.listdir(tmp_path))
+    assert sorted(n for n in names if n.endswith(".lora.safetensors")) == sorted(
+        n.removesuffix(".ckpt") + ".lora.safetensors" for n in names if n.endswith(".ckpt")
+    )
