@@ -31,7 +31,9 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
 import lightning_lora  # noqa: F401  (registers the Hydra "lora" group)
-from lightning_lora import adapter_path_for, lora_summary
+from lightning_lora import LoRACallback, adapter_path_for, lora_summary, read_adapter
+from lightning_lora.callback import CALLBACK_ARGUMENTS
+from lightning_lora.config import FIELDS, reconcile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from digits import DEFAULT_WEIGHTS, pretrain  # noqa: E402
@@ -68,6 +70,23 @@ def pretrained_weights(cfg: DictConfig) -> Path:
     return path
 
 
+def evaluation_callback(cfg: DictConfig) -> LoRACallback:
+    """The callback for ``mode=evaluate``: the adapter file's own settings.
+
+    The preset's values (``alpha: 8.0`` in ``lora/default.yaml``, say) are not the user's choice, so
+    only the ``lora.*`` settings typed on the command line are compared with the file; any that
+    contradicts it is an error.
+    """
+    path = cfg.lora.adapter_path if cfg.get("lora") is not None else None
+    if path is None:
+        raise ValueError("mode=evaluate needs lora.adapter_path=<adapter file>, got none")
+    settings = OmegaConf.to_container(cfg.lora, resolve=True)
+    assert isinstance(settings, dict)
+    typed = {key.lstrip("+~").split("=")[0].removeprefix("lora.") for key in HydraConfig.get().overrides.task}
+    reconcile(read_adapter(path).config, {name: settings[name] for name in FIELDS if name in typed}, f"lora.adapter_path {path!r}")
+    return LoRACallback(adapter_path=path, **{name: settings[name] for name in CALLBACK_ARGUMENTS if name != "adapter_path"})
+
+
 def validation_accuracy(trainer: L.Trainer, model: L.LightningModule, data: L.LightningDataModule) -> float:
     return float(trainer.validate(model, data, verbose=False)[0]["val/acc"])
 
@@ -76,9 +95,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     """Train (or evaluate) as configured; returns the summary that is also written to result.json."""
     if cfg.mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {cfg.mode!r}")
-    lora = instantiate(cfg.lora) if cfg.get("lora") is not None else None  # bad lora values fail here
-    if cfg.mode == "evaluate" and (lora is None or lora.adapter_path is None):
-        raise ValueError("mode=evaluate needs lora.adapter_path=<adapter file>, got none")
+    if cfg.mode == "evaluate":
+        lora = evaluation_callback(cfg)
+    else:
+        lora = instantiate(cfg.lora) if cfg.get("lora") is not None else None  # bad lora values fail here
     weights = pretrained_weights(cfg)
     L.seed_everything(cfg.seed, verbose=False)  # after any pretraining: a cached backbone gives the same run
     model = instantiate(cfg.model, pretrained_path=str(weights))

@@ -31,6 +31,16 @@ def test_train_then_evaluate_through_hydra_api(backbone, tmp_path):
     assert evaluated["val_acc"] == result["val_acc_after"]
 
 
+def test_evaluate_takes_the_files_settings_unless_typed_otherwise(backbone, tmp_path):
+    trained = [*QUICK, f"model.pretrained_path={backbone}", "lora=all_linear", "lora.r=2", "lora.alpha=2"]
+    result = run(composed(trained, tmp_path))
+    adapter = tmp_path / "checkpoints" / "final.lora.safetensors"
+    evaluate = [*QUICK, "mode=evaluate", f"model.pretrained_path={backbone}", f"lora.adapter_path={adapter}"]
+    assert run(composed(evaluate, tmp_path / "a"))["val_acc"] == result["val_acc_after"]  # preset values differ: fine
+    with pytest.raises(ValueError, match=r"was trained with other settings: r=4 \(file: 2\)"):
+        run(composed([*evaluate, "lora.r=4"], tmp_path / "b"))  # typed, even though 4 is the default
+
+
 def test_full_fine_tuning_baseline(backbone, tmp_path):
     result = run(composed([*QUICK, "lora=none", f"model.pretrained_path={backbone}"], tmp_path))
     assert result["trainable_params"] == result["total_params"]
