@@ -47,6 +47,7 @@ from lightning_lora.naming import sites
 from lightning_lora.plan import AdapterPlan, check_fits as check_specs_fit
 from lightning_lora.spec import AdapterSpec
 from lightning_lora.surgery import (
+    Installation,
     base_named_parameters,
     install,
     lora_config,
@@ -142,10 +143,10 @@ def parse_adapter(data: bytes, source: str) -> AdapterFile:
     meta = header.get("__metadata__")
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise ValueError(f"{source} is not a lightning_lora adapter file (its metadata has no format {FORMAT!r})")
-    try:
-        format_version = int(meta["format_version"])
-    except (KeyError, TypeError, ValueError) as err:
-        raise ValueError(f"{source} has no valid format_version in its metadata") from err
+    raw_version = meta.get("format_version")
+    if not isinstance(raw_version, str) or not raw_version.isdigit():
+        raise ValueError(f"{source} has no valid format_version in its metadata (got {raw_version!r})")
+    format_version = int(raw_version)
     if format_version > FORMAT_VERSION:
         raise ValueError(
             f"{source} has adapter format version {format_version}, newer than this lightning_lora supports "
@@ -153,7 +154,7 @@ def parse_adapter(data: bytes, source: str) -> AdapterFile:
         )
     try:
         tensors = load_tensors(data)
-    except SafetensorError as err:
+    except (SafetensorError, TypeError, RuntimeError, OverflowError) as err:  # torch refuses some shapes itself
         raise ValueError(f"{source} is truncated or corrupted: {err}") from err
     if format_version >= 2:
         intact = meta.get(_DIGEST_KEY) == _digest(header, data)
@@ -272,20 +273,25 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, check_base: bool = T
         ValueError: on missing or unexpected tensors or modules, other settings, a shape mismatch, a
             different base model, or a truncated, corrupted or foreign file.
     """
+    return install_adapter(model, path, check_base).names
+
+
+def install_adapter(model: nn.Module, path: str | os.PathLike, check_base: bool = True) -> Installation:
+    """:func:`load_adapter`, returning the :class:`~lightning_lora.surgery.Installation` (to undo it)."""
     source = _path("path", path)
     adapter = read_adapter(source)
     check_fits(model, adapter, source, check_base)
     installed = install(model, AdapterPlan(adapter.modules, adapter.config, tuple(adapter.trainable)))
     try:
         expected = lora_tensors(model)
-        _check_tensors(source, expected, adapter.tensors)
+        _check_tensors(source, expected, adapter.tensors, set(lora_tensors(model, include_trainable=False)))
     except ValueError:
         installed.undo()
         raise
     with torch.no_grad():
         for key, target in expected.items():
             target.copy_(adapter.tensors[key])
-    return installed.names
+    return installed
 
 
 def _path(name: str, value: Any) -> str:
@@ -295,7 +301,11 @@ def _path(name: str, value: Any) -> str:
     return str(value)
 
 
-def _check_tensors(source: str, expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor]) -> None:
+def _check_tensors(
+    source: str, expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor], adapter_keys: set[str]
+) -> None:
+    """Names and shapes must match; adapter tensors (built in the stored dtype) must match in dtype too,
+    while ``trainable`` modules' tensors are cast to the dtype the model holds them in."""
     missing = sorted(set(expected) - set(found))
     unexpected = sorted(set(found) - set(expected))
     if missing or unexpected:
@@ -307,6 +317,11 @@ def _check_tensors(source: str, expected: dict[str, torch.Tensor], found: dict[s
             raise ValueError(
                 f"{source} does not fit the model: tensor '{key}' has shape {tuple(found[key].shape)} in the "
                 f"file and {tuple(target.shape)} in the model (a different rank or layer size)"
+            )
+        if key in adapter_keys and found[key].dtype != target.dtype:
+            raise ValueError(
+                f"{source} is inconsistent: tensor '{key}' is {found[key].dtype} in the file but its adapter "
+                f"is {target.dtype}"
             )
 
 

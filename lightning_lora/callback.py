@@ -32,12 +32,14 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
-from lightning_lora.adapter_file import load_adapter, read_adapter
+from lightning_lora.adapter_file import install_adapter, read_adapter
 from lightning_lora.checkpoint import LoRACheckpointIO, link_companion
 from lightning_lora.config import LoRAConfig, explicit_settings, reconcile
 from lightning_lora.spec import boolean
+from lightning_lora.plan import plan_adapters
 from lightning_lora.surgery import (
-    apply_lora,
+    Installation,
+    install,
     lora_modules,
     lora_parameters,
     lora_summary,
@@ -130,6 +132,7 @@ class LoRACallback(Callback):
         self._adapted: set[int] = set()
         self._armed: pl.LightningModule | None = None
         self._checked = False
+        self._installation: Installation | None = None  # adapters added by this run, until it starts
 
     # --- setup ---------------------------------------------------------------------------------
 
@@ -184,9 +187,9 @@ class LoRACallback(Callback):
     def _adapt(self, pl_module: pl.LightningModule) -> None:
         first_time = id(pl_module) not in self._adapted
         if first_time and self.adapter_path is not None and not lora_modules(pl_module):
-            load_adapter(pl_module, self.adapter_path)
+            self._installation = install_adapter(pl_module, self.adapter_path)
         else:
-            apply_lora(pl_module, self.config)
+            self._installation = install(pl_module, plan_adapters(pl_module, self.config))
         if first_time:
             self._adapted.add(id(pl_module))
             rank_zero_info(str(lora_summary(pl_module)))
@@ -195,6 +198,7 @@ class LoRACallback(Callback):
         if self._checked:
             return
         self._disarm()
+        self._installation = None  # the run has started: its adapters are kept whatever happens
         if not lora_modules(pl_module):
             raise MisconfigurationException(
                 f"LoRACallback: the model reached {stage} without LoRA adapters (its configure_model was not "
@@ -239,6 +243,10 @@ class LoRACallback(Callback):
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._disarm()
+        if self._installation is not None:  # failed before the run started (restore, strategy setup)
+            self._installation.undo()
+            self._installation = None
+            self._adapted.discard(id(pl_module))
         _link_companions(trainer)
 
     @override

@@ -513,3 +513,17 @@ def test_save_last_link_gets_a_companion_link(tmp_path):
     assert sorted(n for n in names if n.endswith(".lora.safetensors")) == sorted(
         n.removesuffix(".ckpt") + ".lora.safetensors" for n in names if n.endswith(".ckpt")
     )
+
+
+def test_a_resume_that_fails_leaves_the_model_unadapted_and_a_retry_loads_the_file(tmp_path):
+    model = Classifier()
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    trainer(tmp_path, LoRACallback(r=2, targets=["qkv"]), ModelCheckpoint(dirpath=tmp_path, save_last=True), max_epochs=1).fit(model, data())
+    callback = LoRACallback(adapter_path=tmp_path / "last.lora.safetensors")
+    fresh = Classifier()  # other base weights: the resume fails at restore
+    with pytest.raises(ValueError, match="was trained on different base weights"):
+        trainer(tmp_path, callback, max_epochs=2).fit(fresh, data(), ckpt_path=tmp_path / "last.ckpt")
+    assert not lora_modules(fresh) and all(p.requires_grad for p in fresh.parameters())
+    fresh.load_state_dict(base)  # the user loads the right base and retries with the same callback
+    assert trainer(tmp_path, callback).validate(fresh, data(), verbose=False)
+    assert torch.equal(fresh.net.blocks[0].attn["qkv"].matrix_B.weight, model.net.blocks[0].attn["qkv"].matrix_B.weight)
