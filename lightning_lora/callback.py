@@ -28,6 +28,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
+from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
@@ -147,6 +148,13 @@ class LoRACallback(Callback):
         if isinstance(checkpoint_io, LoRACheckpointIO) and checkpoint_io.owner is not self:
             raise MisconfigurationException(
                 "the Trainer has more than one LoRACallback; pass one (its config can list every target)"
+            )
+        if isinstance(trainer.strategy.launcher, _MultiProcessingLauncher) and not lora_modules(pl_module):
+            raise MisconfigurationException(
+                f"strategy {type(trainer.strategy).__name__} launches processes that train copies of the model "
+                f"(ddp_spawn, ddp_fork, ddp_notebook), so the model in the launching process would end without "
+                f"the trained adapters; adapt it before "
+                f"fit (lightning_lora.apply_lora(model, callback.config)) or use strategy='ddp'"
             )
         if self.adapter_path is not None:
             stored = read_adapter(self.adapter_path).config
