@@ -12,7 +12,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning_models import Classifier, LazyClassifier, MixinClassifier, data
 
 import lightning_lora.callback as callback_module
-from lightning_lora import LoRACallback, LoRAConfig, lora_modules, lora_parameters, read_adapter, save_adapter
+from lightning_lora import LoRACallback, LoRAConfig, lora_modules, lora_parameters, lora_state_dict, read_adapter, save_adapter
 
 
 def trainer(tmp_path, *callbacks, **kwargs):
@@ -158,15 +158,20 @@ def test_exact_resume(tmp_path, save_base_weights):
 
     torch.manual_seed(1)
     straight = LossRecorder()
-    trainer(tmp_path / "a", callback(), straight, max_epochs=4).fit(fresh(), data())
+    uninterrupted = fresh()
+    trainer(tmp_path / "a", callback(), straight, max_epochs=4).fit(uninterrupted, data())
 
     torch.manual_seed(1)
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "b", save_last=True)
     trainer(tmp_path / "b", callback(), checkpoint, max_epochs=2).fit(fresh(), data())
     resumed = LossRecorder()
+    continued = fresh()
     torch.manual_seed(2)  # the adapters' fresh init differs: everything must come from the checkpoint
-    trainer(tmp_path / "c", callback(), resumed, max_epochs=4).fit(fresh(), data(), ckpt_path=tmp_path / "b" / "last.ckpt")
+    trainer(tmp_path / "c", callback(), resumed, max_epochs=4).fit(continued, data(), ckpt_path=tmp_path / "b" / "last.ckpt")
     assert resumed.losses == straight.losses[len(straight.losses) // 2 :]
+    final, expected = lora_state_dict(continued), lora_state_dict(uninterrupted)
+    assert final.keys() == expected.keys()
+    assert all(torch.equal(final[key], expected[key]) for key in final), "resumed adapters differ bit for bit"
 
 
 def test_resume_slim_checkpoint_on_other_base_fails(tmp_path):

@@ -29,3 +29,17 @@ def test_readme_quick_start_is_two_commands():
     assert quick[1].endswith("python -m pytest")
     ci = (README.parent / ".ci" / "run").read_text()
     assert "python -m pytest\n" in ci and 'pip install --quiet -e ".[dev]"' in ci
+
+
+def test_reliability_figures_are_the_test_suites():
+    from test_bad_inputs import CASES
+    from test_fuzz import MUTATIONS
+    from test_kill import TRIALS
+    from test_properties import MAX_EXAMPLES
+
+    text = README.read_text()
+    section = text[text.index("## Reliability and security") : text.index("## Hydra")]
+    assert f"- {len(CASES)} bad inputs" in section
+    assert f"- {MUTATIONS} random and structured mutations" in section
+    assert f"- {TRIALS} trials of `kill -9`" in section
+    assert f"over {MAX_EXAMPLES} random models each" in section
