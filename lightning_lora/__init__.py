@@ -13,7 +13,13 @@ The package, module by module (each module's docstring says what it owns):
 
 from lightning_lora.adapter_file import AdapterFile, library_version, load_adapter, read_adapter, save_adapter
 from lightning_lora.callback import LoRACallback
-from lightning_lora.checkpoint import LoRACheckpointIO, adapter_path_for, check_companion, write_companion
+from lightning_lora.checkpoint import (
+    LoRACheckpointIO,
+    adapter_path_for,
+    check_companion,
+    load_checkpoint,
+    write_companion,
+)
 from lightning_lora.config import LoRAConfig
 from lightning_lora.fingerprint import base_fingerprint
 from lightning_lora.hydra_config import LoRACallbackConf  # importing it registers the Hydra "lora" group
@@ -61,6 +67,7 @@ __all__ = [
     "check_companion",
     "install",
     "load_adapter",
+    "load_checkpoint",
     "lora_config",
     "lora_modules",
     "lora_parameters",

@@ -49,6 +49,14 @@ from lightning_lora.surgery import (
 #: Key of the LoRA record in a Lightning checkpoint.
 CHECKPOINT_KEY = "lora"
 CHECKPOINT_VERSION = 2
+#: A key put first in a LoRA checkpoint's state dict (holding an empty tensor) and taken out again
+#: before this package loads it. A loader that knows nothing of LoRA (``load_from_checkpoint`` of a
+#: class without ``LoRAMixin``, a resume without ``LoRACallback``) reports it as the first unexpected
+#: key, so its error says what the file is and how to load it.
+MARKER_KEY = (
+    "[lightning_lora] a LoRA checkpoint: the model must be adapted to load it; load it with LoRAMixin, "
+    "through LoRACallback, or with lightning_lora.load_checkpoint(model, path)"
+)
 
 
 def adapter_path_for(checkpoint_path: str) -> str:
@@ -90,6 +98,7 @@ def slim_checkpoint(checkpoint: dict[str, Any], module: nn.Module, keep_base_wei
     }
     for key in dropped:
         del state[key]
+    checkpoint["state_dict"] = {MARKER_KEY: torch.zeros(0), **state}
 
 
 def restore_checkpoint(checkpoint: dict[str, Any], module: nn.Module) -> None:
@@ -124,6 +133,29 @@ def restore_checkpoint(checkpoint: dict[str, Any], module: nn.Module) -> None:
     except ValueError:
         installed.undo()
         raise
+    checkpoint["state_dict"].pop(MARKER_KEY, None)
+
+
+def load_checkpoint(module: nn.Module, path: str | os.PathLike, strict: bool = True) -> nn.Module:
+    """Load a Lightning checkpoint of a LoRA model into ``module``, in place, without Lightning.
+
+    For models without :class:`~lightning_lora.LoRAMixin`: ``module`` (e.g. a fresh LightningModule with
+    its base weights loaded) is adapted as recorded, its base weights are checked against the
+    checkpoint's fingerprint, the left-out base weights are taken from it, and the checkpoint's
+    ``state_dict`` is loaded. Nothing but tensors and plain values is unpickled.
+
+    Returns:
+        ``module``.
+
+    Raises:
+        ValueError: if the checkpoint is not a LoRA checkpoint or does not fit ``module``.
+    """
+    checkpoint = _load(str(path))
+    if not isinstance(checkpoint.get(CHECKPOINT_KEY), dict) or not isinstance(checkpoint.get("state_dict"), dict):
+        raise ValueError(f"{path} is not a LoRA checkpoint (it has no {CHECKPOINT_KEY!r} record)")
+    restore_checkpoint(checkpoint, module)
+    module.load_state_dict(checkpoint["state_dict"], strict=strict)
+    return module
 
 
 def _fill_base_weights(record: dict[str, Any], state: dict[str, Any], module: nn.Module) -> None:
@@ -189,12 +221,8 @@ def write_companion(checkpoint_path: str | os.PathLike, module: nn.Module) -> st
         ValueError: if the checkpoint has no LoRA record or does not fit ``module``.
     """
     path = str(checkpoint_path)
+    load_checkpoint(module, path)
     checkpoint = _load(path)
-    record = checkpoint.get(CHECKPOINT_KEY)
-    if not isinstance(record, dict):
-        raise ValueError(f"{path} is not a LoRA checkpoint (it has no {CHECKPOINT_KEY!r} record)")
-    restore_checkpoint(checkpoint, module)
-    module.load_state_dict(checkpoint["state_dict"], strict=True)
     step = {"epoch": checkpoint.get("epoch", 0), "global_step": checkpoint.get("global_step", 0)}
     companion = adapter_path_for(path)
     write_on_rank_zero(companion, adapter_bytes(module, checkpoint=step))

@@ -35,6 +35,7 @@ from lightning_lora import (  # noqa: E402
     apply_lora,
     check_companion,
     load_adapter,
+    load_checkpoint,
     merge_and_unload,
     merge_lora,
     save_adapter,
@@ -389,6 +390,16 @@ def _(ws):
     (ws.root / "pair.lora.safetensors").write_bytes(ws.adapter.read_bytes())  # another run's adapter
     ws.snapshot()
     check_companion(ckpt)
+
+
+@case("ckpt-plain-loader", "checkpoint", "Classifier.load_from_checkpoint(slim last.ckpt) without LoRAMixin", RuntimeError, r"Unexpected key\(s\) in state_dict: \"\[lightning_lora\] a LoRA checkpoint")
+def _(ws):
+    Classifier.load_from_checkpoint(_last(ws))
+
+
+case("ckpt-helper-not-lora", "checkpoint", "lightning_lora.load_checkpoint(model, plain.ckpt)", ValueError, r"plain.ckpt is not a LoRA checkpoint")(
+    lambda ws: (torch.save({"state_dict": {}}, ws.root / "plain.ckpt"), ws.snapshot(), load_checkpoint(ws.plain, ws.root / "plain.ckpt"))
+)
 
 
 @case("ckpt-not-lora", "checkpoint", "write_companion of a checkpoint without LoRA record", ValueError, r"is not a LoRA checkpoint")

@@ -532,3 +532,24 @@ def test_a_resume_that_fails_leaves_the_model_unadapted_and_a_retry_loads_the_fi
     fresh.load_state_dict(base)  # the user loads the right base and retries with the same callback
     assert trainer(tmp_path, callback).validate(fresh, data(), verbose=False)
     assert torch.equal(fresh.net.blocks[0].attn["qkv"].matrix_B.weight, model.net.blocks[0].attn["qkv"].matrix_B.weight)
+
+
+def test_loading_a_lora_checkpoint_without_lora_says_what_it_is_and_the_helper_loads_it(tmp_path):
+    from lightning_lora import load_checkpoint
+
+    model = Classifier()
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    trainer(tmp_path, LoRACallback(targets=["qkv"]), ModelCheckpoint(dirpath=tmp_path, save_last=True), max_epochs=1).fit(model, data())
+    message = r"Unexpected key\(s\) in state_dict: \"\[lightning_lora\] a LoRA checkpoint: .* lightning_lora.load_checkpoint\(model, path\)\""
+    with pytest.raises(RuntimeError, match=message):
+        Classifier.load_from_checkpoint(tmp_path / "last.ckpt")  # a class without LoRAMixin
+    with pytest.raises(RuntimeError, match=message):
+        plain = Classifier()
+        plain.load_state_dict(base)
+        trainer(tmp_path / "r", max_epochs=2).fit(plain, data(), ckpt_path=tmp_path / "last.ckpt")  # resume without the callback
+    fresh = Classifier()
+    fresh.load_state_dict(base)
+    assert load_checkpoint(fresh, tmp_path / "last.ckpt") is fresh
+    tokens = next(iter(data()))[0]
+    model.eval(), fresh.eval()
+    assert torch.equal(fresh(tokens), model(tokens))
