@@ -43,6 +43,7 @@ from torch import nn
 from lightning_lora.config import LoRAConfig
 from lightning_lora.files import read_bytes, write_on_rank_zero
 from lightning_lora.fingerprint import base_dtypes, base_fingerprint, dtype_note, matches_base
+from lightning_lora.layers import LoRABase, adapter_class
 from lightning_lora.naming import sites
 from lightning_lora.plan import AdapterPlan, check_fits as check_specs_fit
 from lightning_lora.spec import AdapterSpec
@@ -214,6 +215,16 @@ def check_fits(model: nn.Module, adapter: AdapterFile, source: str, check_base: 
         raise ValueError(f"cannot load {source} into a model with merged adapters {merged[:5]!r}; call unmerge_lora() first")
     check_specs_fit(model, adapter.modules, source)
     found = sites(model)
+    for name, spec in adapter.modules.items():  # before anything is allocated for the claimed settings
+        module = found[name].module
+        original = module.original_module if isinstance(module, LoRABase) else module
+        for key, shape in adapter_class(spec.kind).param_shapes(original, spec).items():
+            tensor = adapter.tensors.get(f"{name}.{key}")
+            if tensor is not None and tuple(tensor.shape) != shape:
+                raise ValueError(
+                    f"{source} does not fit the model: tensor '{name}.{key}' has shape {tuple(tensor.shape)} in "
+                    f"the file, but its stored settings (r={spec.r}) on this model's layer make it {shape}"
+                )
     missing_trainable = [name for name in adapter.trainable if name not in found]
     if missing_trainable:
         raise ValueError(f"{source} has trainable modules {missing_trainable!r} that this model does not have")

@@ -123,6 +123,15 @@ class LoRABase(nn.Module):
         original_bias = getattr(self.original_module, "bias", None)
         return self.delta_bias() is not None and (original_bias is None or self._created_bias)
 
+    @classmethod
+    def param_shapes(cls, original_module: nn.Module, spec: AdapterSpec) -> dict[str, tuple[int, ...]]:
+        """The shapes :meth:`adapter_params` will have for ``spec`` around ``original_module``.
+
+        Computed without allocating anything, so a file's tensors can be checked against its claimed
+        settings before an adapter is built.
+        """
+        raise NotImplementedError
+
     def _adapter(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
@@ -256,6 +265,14 @@ class LoRA(LoRABase):
         self.matrix_B = nn.Linear(r, out_features, bias=bias, **self._factory)
         self.init_weights()
 
+    @classmethod
+    def param_shapes(cls, original_module: nn.Module, spec: AdapterSpec) -> dict[str, tuple[int, ...]]:
+        out_features, in_features = base_weight(original_module).shape
+        shapes: dict[str, tuple[int, ...]] = {"matrix_A.weight": (spec.r, in_features), "matrix_B.weight": (out_features, spec.r)}
+        if spec.bias:
+            shapes.update({"matrix_A.bias": (spec.r,), "matrix_B.bias": (out_features,)})
+        return shapes
+
     def _adapter(self, x: torch.Tensor) -> torch.Tensor:
         dtype = _compute_dtype(x)
         hidden = F.linear(self.dropout(x), *_cast(self.matrix_A, dtype))  # (..., r)
@@ -351,6 +368,19 @@ class LoRAConv(LoRABase):
         self.matrix_B = conv_type(r, conv.out_channels, 1, groups=conv.groups, bias=bias, **self._factory)
         self.init_weights()
 
+    @classmethod
+    def param_shapes(cls, original_module: nn.Module, spec: AdapterSpec) -> dict[str, tuple[int, ...]]:
+        weight = base_weight(original_module)  # (out, in / groups, *kernel)
+        groups = int(getattr(original_module, "groups", 1))
+        out_channels, kernel = weight.shape[0], tuple(weight.shape[2:])
+        shapes: dict[str, tuple[int, ...]] = {
+            "matrix_A.weight": (spec.r, weight.shape[1], *kernel),
+            "matrix_B.weight": (out_channels, spec.r // groups, *(1,) * len(kernel)),
+        }
+        if spec.bias:
+            shapes.update({"matrix_A.bias": (spec.r,), "matrix_B.bias": (out_channels,)})
+        return shapes
+
     def _adapter(self, x: torch.Tensor) -> torch.Tensor:
         dtype = _compute_dtype(x)
         a, b = self.matrix_A, self.matrix_B
@@ -420,6 +450,14 @@ class LoRAEmbedding(LoRABase):
         if b_bias is not None:
             nn.init.zeros_(b_bias)
 
+    @classmethod
+    def param_shapes(cls, original_module: nn.Module, spec: AdapterSpec) -> dict[str, tuple[int, ...]]:
+        num_embeddings, embedding_dim = base_weight(original_module).shape
+        shapes: dict[str, tuple[int, ...]] = {"matrix_A.weight": (num_embeddings, spec.r), "matrix_B.weight": (embedding_dim, spec.r)}
+        if spec.bias:
+            shapes["matrix_B.bias"] = (embedding_dim,)
+        return shapes
+
     def _adapter(self, x: torch.Tensor) -> torch.Tensor:
         weight_b, bias_b = _cast(self.matrix_B, base_weight(self.matrix_B).dtype)
         hidden = F.embedding(x, base_weight(self.matrix_A), self.matrix_A.padding_idx)  # (..., r)
@@ -473,6 +511,11 @@ def adapter_kind(module: nn.Module, name: str) -> str:
     )
 
 
+def adapter_class(kind: str) -> type[LoRABase]:
+    """The adapter layer class of ``kind`` (``"linear"``, ``"conv"`` or ``"embedding"``)."""
+    return next(cls for cls in ADAPTER_TYPES.values() if cls.kind == kind)
+
+
 def build_adapter(module: nn.Module, spec: AdapterSpec, name: str) -> LoRABase:
     """A new adapter layer with settings ``spec`` around ``module`` (named ``name`` in errors).
 
@@ -483,7 +526,7 @@ def build_adapter(module: nn.Module, spec: AdapterSpec, name: str) -> LoRABase:
     kind = adapter_kind(module, name)
     if kind != spec.kind:
         raise TypeError(f"cannot put a {spec.kind!r} adapter on module '{name}' of type {type(module).__name__}")
-    cls = next(cls for cls in ADAPTER_TYPES.values() if cls.kind == kind)
+    cls = adapter_class(kind)
     try:
         return cls(
             module,

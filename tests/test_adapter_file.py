@@ -316,3 +316,28 @@ def test_bad_paths_and_lazy_or_oversized_targets(tmp_path, tiny_model):
     with pytest.raises(ValueError, match=r"cannot adapt module 'head': r must be at most 16 .* got r=17"):
         apply_lora(tiny_model, LoRAConfig(targets=["head", "qkv"], r=17))
     assert not lora_modules(tiny_model)
+
+
+def test_claimed_rank_is_checked_against_the_tensors_before_anything_is_built(tmp_path, monkeypatch):
+    import lightning_lora.surgery as surgery_module
+
+    model = torch.nn.Sequential(torch.nn.Linear(512, 512))
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    apply_lora(model, LoRAConfig(r=4))
+    path = tmp_path / "bomb.lora.safetensors"
+    save_adapter(model, path)
+    data = path.read_bytes()
+    meta = _metadata(data)
+    modules = json.loads(meta["modules"])
+    modules["0"]["r"] = 512  # a crafted file: the largest rank the layer allows, over rank-4 tensors
+    from safetensors.torch import load
+
+    save_file(load(data), path, metadata={**meta, "modules": json.dumps(modules)})
+    _fix_checksum(path)
+    built = []
+    monkeypatch.setattr(surgery_module, "build_adapter", lambda *args: built.append(args))
+    fresh = torch.nn.Sequential(torch.nn.Linear(512, 512))
+    fresh.load_state_dict(base)
+    with pytest.raises(ValueError, match=r"tensor '0.matrix_A.weight' has shape \(4, 512\) in the file, but its stored settings \(r=512\)"):
+        load_adapter(fresh, path)
+    assert built == [] and type(fresh[0]) is torch.nn.Linear

@@ -553,3 +553,34 @@ def test_loading_a_lora_checkpoint_without_lora_says_what_it_is_and_the_helper_l
     tokens = next(iter(data()))[0]
     model.eval(), fresh.eval()
     assert torch.equal(fresh(tokens), model(tokens))
+
+
+class _Exploit:
+    """Unpickling this creates a file: what a malicious checkpoint could do instead."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_checkpoints_are_never_unpickled_beyond_weights(tmp_path, monkeypatch):
+    from lightning_models import MixinClassifier
+
+    from lightning_lora import check_companion, load_checkpoint
+
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")  # an environment that turns torch's default off
+    marker = tmp_path / "owned"
+    bad = tmp_path / "bad.ckpt"
+    torch.save({"state_dict": {}, "lora": {"version": 2}, "payload": _Exploit(marker)}, bad)
+    attempts = [
+        lambda: trainer(tmp_path, LoRACallback(targets=["qkv"]), max_epochs=1).fit(Classifier(), data(), ckpt_path=bad),
+        lambda: MixinClassifier.load_from_checkpoint(bad),
+        lambda: check_companion(bad),
+        lambda: load_checkpoint(Classifier(), bad),
+    ]
+    for attempt in attempts:
+        with pytest.raises(Exception, match="Weights only load failed"):
+            attempt()
+        assert not marker.exists()

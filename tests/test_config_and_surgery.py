@@ -293,3 +293,22 @@ def test_explicit_settings_and_reconcile_without_lightning():
     assert reconcile(stored, {"r": 2, "targets": ("qkv",)}, "adapter_path 'a'") is stored
     with pytest.raises(ValueError, match=r"adapter_path 'a' was trained with other settings: alpha=16.0 \(file: 8.0\)"):
         reconcile(stored, {"alpha": 16}, "adapter_path 'a'")
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_param_shapes_are_known_before_allocation(bias):
+    from lightning_lora import AdapterSpec
+    from lightning_lora.layers import adapter_class, build_adapter
+
+    modules = {
+        "linear": nn.Linear(6, 5),
+        "conv": nn.Conv2d(4, 6, (3, 2), groups=2),
+        "conv1d": nn.Conv1d(3, 2, 3),
+        "embedding": nn.Embedding(7, 5, padding_idx=0),
+    }
+    for name, module in modules.items():
+        kind = "conv" if name.startswith("conv") else name
+        spec = AdapterSpec(kind=kind, r=2, alpha=1.0, bias=bias, dropout=0.0, use_rslora=False, adapter_dtype="float32")
+        layer = build_adapter(module, spec, name)
+        actual = {key: tuple(param.shape) for key, param in layer.adapter_params().items()}
+        assert adapter_class(kind).param_shapes(module, spec) == actual, name
