@@ -223,7 +223,7 @@ def check_fits(model: nn.Module, adapter: AdapterFile, source: str, check_base: 
             if tensor is not None and tuple(tensor.shape) != shape:
                 raise ValueError(
                     f"{source} does not fit the model: tensor '{name}.{key}' has shape {tuple(tensor.shape)} in "
-                    f"the file, but its stored settings (r={spec.r}) on this model's layer make it {shape}"
+                    f"the file and {shape} in the model (from the file's settings, r={spec.r}, on this layer)"
                 )
     missing_trainable = [name for name in adapter.trainable if name not in found]
     if missing_trainable:

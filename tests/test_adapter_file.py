@@ -338,6 +338,6 @@ def test_claimed_rank_is_checked_against_the_tensors_before_anything_is_built(tm
     monkeypatch.setattr(surgery_module, "build_adapter", lambda *args: built.append(args))
     fresh = torch.nn.Sequential(torch.nn.Linear(512, 512))
     fresh.load_state_dict(base)
-    with pytest.raises(ValueError, match=r"tensor '0.matrix_A.weight' has shape \(4, 512\) in the file, but its stored settings \(r=512\)"):
+    with pytest.raises(ValueError, match=r"tensor '0.matrix_A.weight' has shape \(4, 512\) in the file and \(512, 512\) in the model \(from the file's settings, r=512"):
         load_adapter(fresh, path)
     assert built == [] and type(fresh[0]) is torch.nn.Linear
