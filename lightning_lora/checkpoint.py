@@ -34,7 +34,7 @@ from torch import nn
 from lightning_lora.adapter_file import SUFFIX, adapter_bytes, read_adapter, tensors_digest
 from lightning_lora.config import LoRAConfig
 from lightning_lora.files import exists, read_bytes, remove_if_exists, write_atomic, write_on_rank_zero
-from lightning_lora.fingerprint import dtype_note, dtypes_of, fingerprint_tensors, legacy_fingerprint
+from lightning_lora.fingerprint import dtype_note, dtypes_of, fingerprint_matches, fingerprint_tensors
 from lightning_lora.plan import AdapterPlan, check_fits
 from lightning_lora.spec import AdapterSpec
 from lightning_lora.surgery import (
@@ -172,8 +172,8 @@ def _fill_base_weights(record: dict[str, Any], state: dict[str, Any], module: nn
         return
     named = [(key, own[key]) for key in base_keys]
     dtypes = record.get("base_dtypes")  # absent in records of version 1
-    found = fingerprint_tensors(named, dtypes) if dtypes is not None else legacy_fingerprint(named)
-    if found != record["base_fingerprint"]:
+    if not fingerprint_matches(named, record["base_fingerprint"], dtypes):
+        found = fingerprint_tensors(named)
         raise ValueError(
             f"checkpoint was trained on different base weights (fingerprint {record['base_fingerprint'][:12]} "
             f"in the checkpoint, {found[:12]} in this model): it holds no base weights, so load the base "

@@ -14,7 +14,7 @@ in a lower precision than recorded cannot, and :func:`dtype_note` says so in the
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 import torch
 from torch import nn
@@ -46,9 +46,17 @@ def base_dtypes(model: nn.Module, trainable: Iterable[str] | None = None) -> dic
 
 
 def matches_base(model: nn.Module, digest: str, dtypes: Mapping[str, str] | None, trainable: Iterable[str] | None = None) -> bool:
-    """Whether ``model``'s base weights match a recorded digest (taken in the recorded ``dtypes``)."""
-    named = _base(model, trainable)
-    return fingerprint_tensors(named, dtypes) == digest if dtypes is not None else legacy_fingerprint(named) == digest
+    """Whether ``model``'s base weights match a recorded digest (see :func:`fingerprint_matches`)."""
+    return fingerprint_matches(_base(model, trainable), digest, dtypes)
+
+
+def fingerprint_matches(named: Iterable[tuple[str, torch.Tensor]], digest: str, dtypes: Mapping[str, str] | None) -> bool:
+    """Whether named tensors match a recorded digest, taken in the recorded ``dtypes``.
+
+    ``dtypes=None`` means a record of format version 1, whose digest is :func:`legacy_fingerprint`.
+    """
+    named = list(named)
+    return (fingerprint_tensors(named, dtypes) if dtypes is not None else legacy_fingerprint(named)) == digest
 
 
 def fingerprint_tensors(named: Iterable[tuple[str, torch.Tensor]], dtypes: Mapping[str, str] | None = None) -> str:
@@ -59,28 +67,35 @@ def fingerprint_tensors(named: Iterable[tuple[str, torch.Tensor]], dtypes: Mappi
         dtypes: cast the sampled values of each tensor to these dtypes first (a map from
             :func:`dtypes_of`); default: each tensor's own dtype.
     """
-    digest = hashlib.sha256()
-    samples = []
-    for name, tensor in sorted(named, key=lambda item: item[0]):
-        digest.update(f"{name}|{tuple(tensor.shape)}\n".encode())
-        sample = _sample(tensor)
-        if sample is not None:
-            dtype = _dtype_for(dtypes, name) if dtypes is not None else tensor.dtype
-            samples.append(sample.to(dtype).to(torch.float64))
-    _update(digest, samples)
-    return digest.hexdigest()
+    return _fingerprint(
+        named,
+        lambda name, tensor: f"{name}|{tuple(tensor.shape)}",
+        lambda name, tensor: _dtype_for(dtypes, name) if dtypes is not None else tensor.dtype,
+    )
 
 
 def legacy_fingerprint(named: Iterable[tuple[str, torch.Tensor]]) -> str:
     """The digest files and checkpoints of format version 1 hold: the dtype was part of the hash."""
+    return _fingerprint(named, lambda name, tensor: f"{name}|{tuple(tensor.shape)}|{tensor.dtype}", lambda _, tensor: tensor.dtype)
+
+
+def _fingerprint(
+    named: Iterable[tuple[str, torch.Tensor]],
+    line: Callable[[str, torch.Tensor], str],
+    dtype: Callable[[str, torch.Tensor], torch.dtype],
+) -> str:
+    """SHA-256 of ``line`` of each tensor (in name order), then of its sampled values cast to ``dtype``."""
     digest = hashlib.sha256()
     samples = []
     for name, tensor in sorted(named, key=lambda item: item[0]):
-        digest.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}\n".encode())
+        digest.update(f"{line(name, tensor)}\n".encode())
         sample = _sample(tensor)
         if sample is not None:
-            samples.append(sample.to(torch.float64))
-    _update(digest, samples)
+            samples.append(sample.to(dtype(name, tensor)).to(torch.float64))
+    if samples:
+        device = samples[0].device
+        values = torch.cat([s.to(device) for s in samples]).cpu()  # one small transfer
+        digest.update(values.numpy().tobytes())
     return digest.hexdigest()
 
 
@@ -134,10 +149,3 @@ def _sample(tensor: torch.Tensor) -> torch.Tensor | None:
     count = min(SAMPLES_PER_TENSOR, flat.numel())
     index = torch.linspace(0, flat.numel() - 1, count, device=flat.device).round().long()
     return flat[index]
-
-
-def _update(digest: "hashlib._Hash", samples: list[torch.Tensor]) -> None:
-    if samples:
-        device = samples[0].device
-        values = torch.cat([s.to(device) for s in samples]).cpu()  # one small transfer
-        digest.update(values.numpy().tobytes())

@@ -341,3 +341,39 @@ def test_claimed_rank_is_checked_against_the_tensors_before_anything_is_built(tm
     with pytest.raises(ValueError, match=r"tensor '0.matrix_A.weight' has shape \(4, 512\) in the file and \(512, 512\) in the model \(from the file's settings, r=512"):
         load_adapter(fresh, path)
     assert built == [] and type(fresh[0]) is torch.nn.Linear
+
+
+def test_files_and_checkpoint_records_of_format_version_1_still_load(trained, tmp_path, tokens):
+    import hashlib
+
+    from safetensors.torch import load
+
+    from lightning_lora.checkpoint import restore_checkpoint, slim_checkpoint
+    from lightning_lora.fingerprint import legacy_fingerprint
+    from lightning_lora.surgery import base_named_parameters
+
+    base_state, model, path = trained
+    data = path.read_bytes()
+    meta = {k: v for k, v in _metadata(data).items() if k not in ("sha256", "base_dtypes")}
+    meta.update(format_version="1", base_fingerprint=legacy_fingerprint(base_named_parameters(model)))
+    old = tmp_path / "v1.lora.safetensors"
+    save_file(load(data), old, metadata={**meta, "tensors_sha256": "0" * 64})
+    written = old.read_bytes()
+    meta["tensors_sha256"] = hashlib.sha256(written[8 + int.from_bytes(written[:8], "little") :]).hexdigest()
+    save_file(load(data), old, metadata=meta)
+    fresh = _fresh(base_state)
+    load_adapter(fresh, old)
+    assert torch.equal(fresh(tokens), model(tokens))
+    with pytest.raises(ValueError, match="was trained on different base weights"):
+        load_adapter(TinyModel(), old)
+
+    checkpoint = {"state_dict": dict(model.state_dict())}
+    slim_checkpoint(checkpoint, model)
+    record = checkpoint["lora"]
+    own = model.state_dict()
+    record.update(version=1, base_fingerprint=legacy_fingerprint((k, own[k]) for k in record["base_keys"]))
+    del record["base_dtypes"]
+    target = _fresh(base_state)
+    restore_checkpoint(checkpoint, target)
+    target.load_state_dict(checkpoint["state_dict"])
+    assert torch.equal(target(tokens), model(tokens))
