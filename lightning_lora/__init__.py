@@ -23,7 +23,7 @@ from lightning_lora.checkpoint import (
 from lightning_lora.config import LoRAConfig
 from lightning_lora.fingerprint import base_fingerprint
 from lightning_lora.hydra_config import LoRACallbackConf  # importing it registers the Hydra "lora" group
-from lightning_lora.layers import LoRA, LoRABase, LoRAConv, LoRAEmbedding, LoRALinear
+from lightning_lora.layers import LoRA, LoRABase, LoRAConv, LoRAConv1D, LoRAEmbedding, LoRALinear
 from lightning_lora.mixin import LoRAMixin
 from lightning_lora.plan import AdapterPlan, plan_adapters
 from lightning_lora.spec import AdapterSpec
@@ -56,6 +56,7 @@ __all__ = [
     "LoRACheckpointIO",
     "LoRAConfig",
     "LoRAConv",
+    "LoRAConv1D",
     "LoRAEmbedding",
     "LoRALinear",
     "LoRAMixin",

@@ -14,6 +14,7 @@ the attribute names. :func:`build_adapter` is the one place the package construc
 from __future__ import annotations
 
 import math
+import sys
 from typing import Any, overload
 
 import torch
@@ -260,14 +261,20 @@ class LoRA(LoRABase):
         adapter_dtype: str | torch.dtype | None = None,
     ) -> None:
         super().__init__(original_module, bias, alpha, r, dropout, use_rslora, adapter_dtype)
-        in_features, out_features = original_module.in_features, original_module.out_features
+        in_features, out_features = self.features(original_module)
         self.matrix_A = nn.Linear(in_features, r, bias=bias, **self._factory)
         self.matrix_B = nn.Linear(r, out_features, bias=bias, **self._factory)
         self.init_weights()
 
+    @staticmethod
+    def features(original_module: nn.Module) -> tuple[int, int]:
+        """``(in_features, out_features)`` of the adapted layer, from its weight ``(out, in)``."""
+        out_features, in_features = base_weight(original_module).shape
+        return in_features, out_features
+
     @classmethod
     def param_shapes(cls, original_module: nn.Module, spec: AdapterSpec) -> dict[str, tuple[int, ...]]:
-        out_features, in_features = base_weight(original_module).shape
+        in_features, out_features = cls.features(original_module)
         shapes: dict[str, tuple[int, ...]] = {"matrix_A.weight": (spec.r, in_features), "matrix_B.weight": (out_features, spec.r)}
         if spec.bias:
             shapes.update({"matrix_A.bias": (spec.r,), "matrix_B.bias": (out_features,)})
@@ -318,6 +325,33 @@ class LoRA(LoRABase):
 
 
 LoRALinear = LoRA
+
+
+class LoRAConv1D(LoRA):
+    """LoRA adapter around transformers' ``Conv1D`` (GPT-2's projections).
+
+    ``Conv1D`` is a linear layer whose weight is stored ``(in_features, out_features)``: the adapter
+    is exactly :class:`LoRA`'s, and only merging transposes the update. transformers is never
+    imported: a ``Conv1D`` can only exist once the user has imported it. Arguments as for :class:`LoRA`.
+    """
+
+    kind = "transformers_conv1d"
+
+    @staticmethod
+    def features(original_module: nn.Module) -> tuple[int, int]:
+        """``(in_features, out_features)``, from the weight ``(in, out)``."""
+        in_features, out_features = base_weight(original_module).shape
+        return in_features, out_features
+
+    def delta_weight(self) -> torch.Tensor:
+        return super().delta_weight().T  # (in, out), the layout of Conv1D.weight
+
+
+def transformers_conv1d() -> type[nn.Module] | None:
+    """transformers' ``Conv1D`` class if transformers' ``pytorch_utils`` is imported, else None."""
+    module = sys.modules.get("transformers.pytorch_utils")
+    conv1d = getattr(module, "Conv1D", None)
+    return conv1d if isinstance(conv1d, type) and issubclass(conv1d, nn.Module) else None
 
 
 class LoRAConv(LoRABase):
@@ -502,10 +536,13 @@ def adapter_kind(module: nn.Module, name: str) -> str:
             f"cannot adapt module '{name}' of type {type(module).__name__}: its parameters are not "
             f"initialised yet; run one forward pass (or adapt in configure_model after the model is built)"
         )
+    conv1d = transformers_conv1d()
+    if conv1d is not None and isinstance(module, conv1d):
+        return LoRAConv1D.kind
     for base, cls in ADAPTER_TYPES.items():
         if isinstance(module, base):
             return cls.kind
-    supported = ", ".join(t.__name__ for t in ADAPTER_TYPES)
+    supported = ", ".join([t.__name__ for t in ADAPTER_TYPES] + ["transformers' Conv1D"])
     raise TypeError(
         f"cannot adapt module '{name}' of type {type(module).__name__}: LoRA supports {supported}"
     )
@@ -513,7 +550,8 @@ def adapter_kind(module: nn.Module, name: str) -> str:
 
 def adapter_class(kind: str) -> type[LoRABase]:
     """The adapter layer class of ``kind`` (``"linear"``, ``"conv"`` or ``"embedding"``)."""
-    return next(cls for cls in ADAPTER_TYPES.values() if cls.kind == kind)
+    classes: tuple[type[LoRABase], ...] = (*ADAPTER_TYPES.values(), LoRAConv1D)
+    return next(cls for cls in classes if cls.kind == kind)
 
 
 def build_adapter(module: nn.Module, spec: AdapterSpec, name: str) -> LoRABase:

@@ -2,7 +2,7 @@
 
 A pattern is one of:
 
-- ``all-linear``: a keyword the planner expands (see :mod:`lightning_lora.plan`);
+- ``all-linear``: every linear layer but the output layer, expanded by :mod:`lightning_lora.plan`;
 - an exact qualified name (``blocks.3.attn.qkv``) or a dotted suffix of one (``attn.qkv``, ``qkv``);
 - a glob over the whole name or a dotted suffix (``blocks.*.attn.qkv``);
 - a regular expression over the whole name, written ``re:...`` (``re:blocks\\.[0-3]\\..*``).

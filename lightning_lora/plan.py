@@ -10,14 +10,15 @@ the closest module names as a hint. :func:`lightning_lora.surgery.install` then 
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 from torch import nn
 
 from lightning_lora.config import LoRAConfig
-from lightning_lora.layers import LoRABase, adapter_kind, base_weight
-from lightning_lora.naming import Site, is_inside, sites
+from lightning_lora.layers import LoRABase, adapter_kind, base_weight, transformers_conv1d
+from lightning_lora.naming import Site, is_inside, sites, walk
 from lightning_lora.patterns import select
 from lightning_lora.spec import AdapterSpec
 
@@ -61,13 +62,12 @@ def plan_adapters(model: nn.Module, config: LoRAConfig) -> AdapterPlan:
     names = list(found)
     trainable = select("trainable", config.trainable, names)
     inside_trainable = {name for name in names if is_inside(name, trainable)}
-    linear = [
-        name
-        for name, site in found.items()
-        if name not in inside_trainable and not _is_attention_out_proj(site) and _is_linear(site.module)
-    ]
+    candidates = [name for name, site in found.items() if not _is_attention_out_proj(site) and _is_linear(site.module)]
+    outputs = output_layers(model, candidates)
+    linear = [name for name in candidates if name not in inside_trainable and name not in outputs]
     targets_used = config.targets_for(getattr(model, "lora_targets", None))
     chosen = select("targets", targets_used, names, linear)
+    _warn_if_only_output_or_tied(model, chosen, outputs)
     excluded = set(select("exclude", config.exclude, names))
     targets = [name for name in chosen if name not in excluded]
     if not targets:
@@ -161,8 +161,59 @@ def _check_untied(found: Mapping[str, Site], targets: list[str]) -> None:
         owners[id(weight)] = name
 
 
+def output_layers(model: nn.Module, linear: list[str]) -> set[str]:
+    """The output layers among the ``linear`` module names, which ``all-linear`` leaves out.
+
+    As PEFT's ``all-linear`` does for transformers models: the output embeddings (``lm_head``) and the
+    classification head (a ``score`` or ``classifier`` attribute) of every module that has
+    ``get_output_embeddings`` (no transformers import: that method marks its models). In any other
+    model: the last linear layer, its output head.
+    """
+    if not linear:
+        return set()
+    names: dict[int, str] = {}
+    for site in walk(model):
+        names.setdefault(id(site.module), site.name)
+        if isinstance(site.module, LoRABase):
+            names.setdefault(id(site.module.original_module), site.name)
+    heads: list[object] = []
+    for site in walk(model):
+        get_output_embeddings = getattr(site.module, "get_output_embeddings", None)
+        if callable(get_output_embeddings) and hasattr(site.module, "config"):
+            heads.append(get_output_embeddings())
+            heads += [getattr(site.module, attribute, None) for attribute in ("score", "classifier")]
+    if not heads:
+        return {linear[-1]} if len(linear) > 1 else set()  # a lone linear layer is the whole model
+    head_names = [names[id(head)] for head in heads if isinstance(head, nn.Module) and id(head) in names]
+    return {name for name in linear if any(name == head or name.startswith(head + ".") for head in head_names)}
+
+
+def _warn_if_only_output_or_tied(model: nn.Module, chosen: list[str], outputs: set[str]) -> None:
+    users: dict[int, int] = {}
+    for _, param in model.named_parameters(remove_duplicate=False):
+        users[id(param)] = users.get(id(param), 0) + 1
+    found = sites(model)
+    tied = set()
+    for name in chosen:
+        module = found[name].module
+        weight = getattr(module.original_module if isinstance(module, LoRABase) else module, "weight", None)
+        if weight is not None and users.get(id(weight), 0) > 1:
+            tied.add(name)
+    if chosen and all(name in outputs or name in tied for name in chosen):
+        warnings.warn(
+            f"targets select only output or tied layers {chosen[:5]!r}: the adapters then change the output "
+            f"head (or a weight shared with the input embeddings) and none of the layers inside the model; "
+            f"if that is not intended, target the inner layers (e.g. 'all-linear')",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
 def _is_linear(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or (isinstance(module, LoRABase) and module.kind == "linear")
+    if isinstance(module, LoRABase):
+        return module.kind in ("linear", "transformers_conv1d")
+    conv1d = transformers_conv1d()
+    return isinstance(module, nn.Linear) or (conv1d is not None and isinstance(module, conv1d))
 
 
 def _is_attention_out_proj(site: Site) -> bool:

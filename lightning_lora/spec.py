@@ -25,7 +25,7 @@ ADAPTER_DTYPES: dict[str, torch.dtype] = {
 }
 
 #: The kinds of adapter layer (see :mod:`lightning_lora.layers`).
-KINDS = ("linear", "conv", "embedding")
+KINDS = ("linear", "transformers_conv1d", "conv", "embedding")
 
 
 def scaling(alpha: float, r: int, use_rslora: bool = False) -> float:
@@ -43,7 +43,7 @@ class AdapterSpec:
     """The settings of one adapter layer.
 
     Attributes:
-        kind: ``"linear"``, ``"conv"`` or ``"embedding"``.
+        kind: ``"linear"``, ``"transformers_conv1d"``, ``"conv"`` or ``"embedding"``.
         r: rank of the update ``B @ A``.
         alpha: the update is scaled by ``alpha / r`` (``alpha / sqrt(r)`` with ``use_rslora``).
         bias: whether ``matrix_A`` and ``matrix_B`` have biases.

@@ -263,7 +263,7 @@ def test_every_adapter_lists_its_own_parameters():
 @pytest.mark.parametrize(
     ("values", "message"),
     [
-        ({"kind": "lstm"}, r"kind must be one of \['linear', 'conv', 'embedding'\], got 'lstm'"),
+        ({"kind": "lstm"}, r"kind must be one of \['linear', 'transformers_conv1d', 'conv', 'embedding'\], got 'lstm'"),
         ({"r": 0}, "r must be a positive integer, got 0"),
         ({"alpha": "8"}, r"alpha must be a positive number, got '8' \(str\)"),
         ({"adapter_dtype": "int8"}, r"adapter_dtype must be one of .*got 'int8'"),
@@ -312,3 +312,15 @@ def test_param_shapes_are_known_before_allocation(bias):
         layer = build_adapter(module, spec, name)
         actual = {key: tuple(param.shape) for key, param in layer.adapter_params().items()}
         assert adapter_class(kind).param_shapes(module, spec) == actual, name
+
+
+def test_all_linear_leaves_out_the_output_layer_and_warns_on_output_only_targets(tiny_model):
+    assert "head" not in apply_lora(tiny_model, LoRAConfig(targets=["all-linear"]))
+    lone = nn.Sequential(nn.Linear(4, 4))
+    assert apply_lora(lone, LoRAConfig(targets=["all-linear"])) == ["0"]  # a lone linear layer is the model
+    with pytest.warns(UserWarning, match=r"targets select only output or tied layers \['head'\]"):
+        apply_lora(TinyModel(), LoRAConfig(targets=["head"]))
+    tied = nn.ModuleDict({"embed": nn.Embedding(10, 4), "mid": nn.Linear(4, 4), "out": nn.Linear(4, 10, bias=False)})
+    tied["out"].weight = tied["embed"].weight
+    with pytest.warns(UserWarning, match=r"only output or tied layers \['out'\]"):
+        apply_lora(tied, LoRAConfig(targets=["out"], bias=False))
