@@ -316,7 +316,8 @@ def _check_tensors(
     source: str, expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor], adapter_keys: set[str]
 ) -> None:
     """Names and shapes must match; adapter tensors (built in the stored dtype) must match in dtype too,
-    while ``trainable`` modules' tensors are cast to the dtype the model holds them in."""
+    while ``trainable`` modules' floating-point tensors are cast to the floating-point dtype the model
+    holds them in (never integers to floats or back)."""
     missing = sorted(set(expected) - set(found))
     unexpected = sorted(set(found) - set(expected))
     if missing or unexpected:
@@ -329,10 +330,11 @@ def _check_tensors(
                 f"{source} does not fit the model: tensor '{key}' has shape {tuple(found[key].shape)} in the "
                 f"file and {tuple(target.shape)} in the model (a different rank or layer size)"
             )
-        if key in adapter_keys and found[key].dtype != target.dtype:
+        kinds_differ = found[key].dtype.is_floating_point != target.dtype.is_floating_point
+        if (key in adapter_keys and found[key].dtype != target.dtype) or kinds_differ:
             raise ValueError(
-                f"{source} is inconsistent: tensor '{key}' is {found[key].dtype} in the file but its adapter "
-                f"is {target.dtype}"
+                f"{source} is inconsistent: tensor '{key}' is {found[key].dtype} in the file but "
+                f"{target.dtype} in the model"
             )
 
 

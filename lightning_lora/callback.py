@@ -85,7 +85,7 @@ class LoRACallback(Callback):
         self,
         r: int = 4,
         alpha: float = 1.0,
-        bias: bool = True,
+        bias: bool | str = "auto",
         targets: Sequence[str] | None = None,
         exclude: Sequence[str] = (),
         dropout: float = 0.0,

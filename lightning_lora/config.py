@@ -46,7 +46,9 @@ class LoRAConfig:
 
     r: int = 4  # rank of the update B @ A
     alpha: float = 1.0  # the update is scaled by alpha / r (alpha / sqrt(r) with use_rslora)
-    bias: bool = True  # give matrix_A and matrix_B a bias (zero-initialised in B)
+    # Give matrix_A and matrix_B biases (B's starts at zero); "auto": where the original layer has one,
+    # so that a bias-free model (Llama, Mistral, Qwen) merges back into its own architecture.
+    bias: bool | str = "auto"
     # Module name patterns; None: the model's ``lora_targets`` attribute if it has one, else all-linear.
     targets: Sequence[str] | None = None
     exclude: Sequence[str] = ()  # patterns removed from the matches
@@ -60,7 +62,7 @@ class LoRAConfig:
     def __post_init__(self) -> None:
         self.r = positive_int("r", self.r)
         self.alpha = positive_number("alpha", self.alpha)
-        self.bias = boolean("bias", self.bias)
+        self.bias = _bias_setting(self.bias)
         self.targets = None if self.targets is None else _patterns("targets", self.targets, allow_empty=False)
         self.exclude = _patterns("exclude", self.exclude)
         self.dropout = probability("dropout", self.dropout)
@@ -92,13 +94,14 @@ class LoRAConfig:
         """``alpha / r`` (or ``alpha / sqrt(r)`` with ``use_rslora``) for module ``name``."""
         return scaling(self.alpha_for(name), self.rank_for(name), self.use_rslora)
 
-    def spec_for(self, name: str, kind: str, weight_dtype: torch.dtype) -> AdapterSpec:
-        """The :class:`AdapterSpec` of module ``name`` (of adapter ``kind``, base weight in ``weight_dtype``)."""
+    def spec_for(self, name: str, kind: str, weight_dtype: torch.dtype, has_bias: bool) -> AdapterSpec:
+        """The :class:`AdapterSpec` of module ``name``: adapter ``kind``, around a layer whose weight is in
+        ``weight_dtype`` and which has a bias or not (``bias="auto"`` follows it)."""
         return AdapterSpec(
             kind=kind,
             r=self.rank_for(name),
             alpha=self.alpha_for(name),
-            bias=self.bias,
+            bias=has_bias if self.bias == "auto" else bool(self.bias),
             dropout=self.dropout,
             use_rslora=self.use_rslora,
             adapter_dtype=self.adapter_dtype or dtype_name(weight_dtype),
@@ -191,6 +194,12 @@ def _same(a: Any, b: Any) -> bool:
 
 def _empty(value: Any) -> bool:
     return value is None or (isinstance(value, (list, dict)) and not value)
+
+
+def _bias_setting(value: Any) -> bool | str:
+    if isinstance(value, bool) or value == "auto":
+        return value
+    raise TypeError(f"bias must be True, False or 'auto', got {value!r} ({type(value).__name__})")
 
 
 def _patterns(name: str, value: Any, allow_empty: bool = True) -> list[str]:

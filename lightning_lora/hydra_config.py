@@ -20,7 +20,7 @@ files (``LoRACallback``'s defaults, overridable as usual: ``python your_app.py l
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
@@ -35,7 +35,7 @@ class LoRACallbackConf:
     _target_: str = "lightning_lora.LoRACallback"
     r: int = 4
     alpha: float = 1.0
-    bias: bool = True
+    bias: Any = "auto"  # true, false or auto (a union OmegaConf cannot type; checked on instantiation)
     targets: Optional[List[str]] = None
     exclude: Tuple[str, ...] = ()
     dropout: float = 0.0

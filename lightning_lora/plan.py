@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from lightning_lora.config import LoRAConfig
-from lightning_lora.layers import LoRABase, adapter_kind, base_weight, transformers_conv1d
+from lightning_lora.layers import LoRABase, adapter_kind, base_bias, base_weight, transformers_conv1d
 from lightning_lora.naming import Site, is_inside, sites, walk
 from lightning_lora.patterns import select
 from lightning_lora.spec import AdapterSpec
@@ -137,7 +137,8 @@ def _spec(site: Site, config: LoRAConfig) -> AdapterSpec:
         )
     if isinstance(module, LoRABase):
         existing = module.spec
-        wanted = config.spec_for(name, existing.kind, base_weight(module.original_module).dtype)
+        original = module.original_module
+        wanted = config.spec_for(name, existing.kind, base_weight(original).dtype, base_bias(original) is not None)
         if config.adapter_dtype is None:
             wanted = dataclasses.replace(wanted, adapter_dtype=existing.adapter_dtype)
         differences = existing.differences(wanted)
@@ -145,7 +146,7 @@ def _spec(site: Site, config: LoRAConfig) -> AdapterSpec:
             detail = ", ".join(f"{key}={old!r} (now {new!r})" for key, (old, new) in differences.items())
             raise ValueError(f"module '{name}' is already adapted with other settings: {detail}")
         return existing
-    return config.spec_for(name, adapter_kind(module, name), base_weight(module).dtype)
+    return config.spec_for(name, adapter_kind(module, name), base_weight(module).dtype, base_bias(module) is not None)
 
 
 def _check_untied(found: Mapping[str, Site], targets: list[str]) -> None:

@@ -130,7 +130,7 @@ for _id, _kwargs, _error, _message in [
     ("config-alpha-zero", {"alpha": 0}, ValueError, r"alpha must be a positive finite number, got 0"),
     ("config-alpha-nan", {"alpha": float("nan")}, ValueError, r"alpha must be a positive finite number, got nan"),
     ("config-alpha-inf", {"alpha": float("inf")}, ValueError, r"alpha must be a positive finite number, got inf"),
-    ("config-bias-string", {"bias": "yes"}, TypeError, r"bias must be True or False, got 'yes'"),
+    ("config-bias-string", {"bias": "yes"}, TypeError, r"bias must be True, False or 'auto', got 'yes'"),
     ("config-targets-string", {"targets": "qkv"}, TypeError, r"targets must be a list of module name patterns, got 'qkv'"),
     ("config-targets-empty", {"targets": []}, ValueError, r"targets must name at least one module pattern, got an empty list"),
     ("config-targets-repeated", {"targets": ["qkv", "qkv"]}, ValueError, r"targets must not repeat a pattern"),
@@ -461,7 +461,6 @@ def _compose(ws, overrides):
 
 for _id, _override, _error, _message in [
     ("hydra-r-string", "lora.r=abc", ConfigCompositionException, r"Error merging override lora.r=abc"),
-    ("hydra-bias-word", "lora.bias=maybe", ConfigCompositionException, r"Error merging override lora.bias=maybe"),
     ("hydra-rslora-word", "lora.use_rslora=sometimes", ConfigCompositionException, r"Error merging override lora.use_rslora=sometimes"),
     ("hydra-unknown-key", "lora.rank=8", ConfigCompositionException, r"Could not override 'lora.rank'"),
     ("hydra-rank-pattern-value", "lora.rank_pattern={q_proj:x}", ConfigCompositionException, r"Error merging override lora.rank_pattern=\{q_proj:x\}"),
@@ -472,6 +471,7 @@ for _id, _override, _message in [
     ("hydra-alpha-negative", "lora.alpha=-1", r"alpha must be a positive finite number, got -1.0"),
     ("hydra-targets-empty", "lora.targets=[]", r"targets must name at least one module pattern"),
     ("hydra-dropout-one", "lora.dropout=1.0", r"dropout must be a number in \[0, 1\), got 1.0"),
+    ("hydra-bias-word", "lora.bias=maybe", r"bias must be True, False or 'auto', got 'maybe'"),
 ]:
     case(_id, "hydra", _override, InstantiationException, _message)(lambda ws, override=_override: instantiate(_compose(ws, [override]).lora))
 

@@ -26,7 +26,7 @@ ATTENTION = ["blocks.0.attn.qkv", "blocks.1.attn.qkv"]
         ({"r": "abc"}, TypeError, r"r must be a positive integer, got 'abc' \(str\)"),
         ({"r": True}, TypeError, "r must be a positive integer, got True"),
         ({"alpha": -1}, ValueError, "alpha must be a positive finite number, got -1"),
-        ({"bias": "maybe"}, TypeError, "bias must be True or False, got 'maybe'"),
+        ({"bias": "maybe"}, TypeError, "bias must be True, False or 'auto', got 'maybe'"),
         ({"targets": "qkv"}, TypeError, "targets must be a list of module name patterns, got 'qkv'"),
         ({"targets": []}, ValueError, "targets must name at least one module pattern"),
         ({"targets": ["qkv", "qkv"]}, ValueError, "targets must not repeat a pattern"),
@@ -288,7 +288,8 @@ def test_explicit_settings_and_reconcile_without_lightning():
 
     stored = LoRAConfig(r=2, alpha=8, targets=["qkv"])
     assert explicit_settings({"r": 4, "alpha": 1.0, "exclude": (), "rank_pattern": None, "use_rslora": 1}) == {"use_rslora": 1}
-    assert explicit_settings({"exclude": [], "rank_pattern": {}, "bias": True}) == {}
+    assert explicit_settings({"exclude": [], "rank_pattern": {}, "bias": "auto"}) == {}
+    assert explicit_settings({"bias": True}) == {"bias": True}
     assert reconcile(stored, {}, "adapter_path 'a'") is stored
     assert reconcile(stored, {"r": 2, "targets": ("qkv",)}, "adapter_path 'a'") is stored
     with pytest.raises(ValueError, match=r"adapter_path 'a' was trained with other settings: alpha=16.0 \(file: 8.0\)"):

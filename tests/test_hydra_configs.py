@@ -57,7 +57,7 @@ def test_preset_values(tmp_path):
     ("override", "message"),
     [
         ("lora.r=abc", r"Value 'abc' of type 'str' could not be converted to Integer\n\s+full_key: lora.r"),
-        ("lora.bias=maybe", r"Value 'maybe' is not a valid bool \(type str\)\n\s+full_key: lora.bias"),
+        ("lora.use_rslora=maybe", r"Value 'maybe' is not a valid bool \(type str\)\n\s+full_key: lora.use_rslora"),
         ("lora.rank=8", r"Key 'rank' not in 'LoRACallbackConf'\n\s+full_key: lora.rank"),
     ],
 )
@@ -71,6 +71,10 @@ def test_out_of_range_value_fails_on_instantiation(tmp_path):
     cfg = composed(["lora.alpha=-1"], tmp_path)
     with pytest.raises(InstantiationException, match=r"alpha must be a positive finite number, got -1.0"):
         instantiate(cfg.lora)
+    with pytest.raises(InstantiationException, match=r"bias must be True, False or 'auto', got 'maybe'"):
+        instantiate(composed(["lora.bias=maybe"], tmp_path).lora)
+    for value, expected in (("true", True), ("false", False), ("auto", "auto")):
+        assert instantiate(composed([f"lora.bias={value}"], tmp_path).lora).config.bias == expected
 
 
 def test_users_own_app_gets_the_lora_group_from_the_package(tmp_path):
