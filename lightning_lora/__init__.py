@@ -8,6 +8,7 @@ The package, module by module (each module's docstring says what it owns):
 - ``plan``: model + config -> specs; ``surgery``: install specs, merge, unload, state dicts;
 - ``fingerprint``: base-weight fingerprints; ``files``: atomic rank-zero file IO;
   ``adapter_file``: the adapter file format; ``checkpoint``: slim Lightning checkpoints;
+  ``peft_format``: export to and import from Hugging Face PEFT (and vLLM);
 - ``callback``, ``mixin``: the Lightning integration; ``hydra_config``: the Hydra ``lora`` group.
 """
 
@@ -25,6 +26,7 @@ from lightning_lora.fingerprint import base_fingerprint
 from lightning_lora.hydra_config import LoRACallbackConf  # importing it registers the Hydra "lora" group
 from lightning_lora.layers import LoRA, LoRABase, LoRAConv, LoRAConv1D, LoRAEmbedding, LoRALinear
 from lightning_lora.mixin import LoRAMixin
+from lightning_lora.peft_format import export_peft, import_peft
 from lightning_lora.plan import AdapterPlan, plan_adapters
 from lightning_lora.spec import AdapterSpec
 from lightning_lora.surgery import (
@@ -65,6 +67,8 @@ __all__ = [
     "adapter_path_for",
     "apply_lora",
     "base_fingerprint",
+    "export_peft",
+    "import_peft",
     "check_companion",
     "install",
     "load_adapter",

@@ -26,13 +26,14 @@ writing go through :mod:`lightning_lora.files`; loading installs the stored spec
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Iterable, Mapping
+from typing import Any, TypeVar
 
 import torch
 from safetensors import SafetensorError
@@ -42,9 +43,9 @@ from torch import nn
 
 from lightning_lora.config import LoRAConfig
 from lightning_lora.files import read_bytes, write_on_rank_zero
-from lightning_lora.fingerprint import base_dtypes, base_fingerprint, dtype_note, matches_base
+from lightning_lora.fingerprint import dtype_note, dtypes_of, fingerprint_matches, fingerprint_tensors
 from lightning_lora.layers import LoRABase, adapter_class
-from lightning_lora.naming import sites
+from lightning_lora.naming import absolute, relative, resolve_root, sites
 from lightning_lora.plan import AdapterPlan, check_fits as check_specs_fit
 from lightning_lora.spec import AdapterSpec
 from lightning_lora.surgery import (
@@ -57,6 +58,8 @@ from lightning_lora.surgery import (
     merged_modules,
     trainable_modules,
 )
+
+_V = TypeVar("_V")
 
 FORMAT = "lightning_lora.adapter"
 FORMAT_VERSION = 2
@@ -79,6 +82,7 @@ class AdapterFile:
         library_version: the ``lightning_lora`` version that wrote the file.
         base_dtypes: the dtypes of those weights (None in files of format version 1).
         checkpoint: for a checkpoint's companion file, that checkpoint's ``epoch`` and ``global_step``.
+        root: the submodule of the saved model the names are relative to (``""``: the model itself).
     """
 
     tensors: dict[str, torch.Tensor]
@@ -89,6 +93,16 @@ class AdapterFile:
     library_version: str
     base_dtypes: dict[str, str] | None = None
     checkpoint: dict[str, int] | None = None
+    root: str = ""
+
+    def under(self, prefix: str) -> AdapterFile:
+        """The same file with every module and tensor name placed under module ``prefix``."""
+        return dataclasses.replace(
+            self,
+            tensors={absolute(key, prefix): tensor for key, tensor in self.tensors.items()},
+            modules={absolute(name, prefix): spec for name, spec in self.modules.items()},
+            trainable=[absolute(name, prefix) for name in self.trainable],
+        )
 
 
 def library_version() -> str:
@@ -99,36 +113,69 @@ def library_version() -> str:
         return "unknown"
 
 
-def adapter_bytes(model: nn.Module, checkpoint: Mapping[str, int] | None = None) -> bytes:
+def default_root(model: nn.Module) -> str:
+    """The submodule whose names an adapter file uses by default: the base model inside a wrapper.
+
+    A direct child that is a transformers model (it has ``get_output_embeddings`` and ``config``) and
+    holds every adapter and trainable module, as in a LightningModule with ``self.model =
+    AutoModelForCausalLM...``; else ``model`` itself (``""``). Names relative to it load into the bare
+    transformers model as well as into the wrapper.
+    """
+    if callable(getattr(model, "get_output_embeddings", None)):
+        return ""
+    held = [*lora_modules(model), *trainable_modules(model)]
+    for name, child in model.named_children():
+        if callable(getattr(child, "get_output_embeddings", None)) and hasattr(child, "config"):
+            if held and all(relative(item, name) for item in held):
+                return name
+    return ""
+
+
+def adapter_bytes(
+    model: nn.Module, checkpoint: Mapping[str, int] | None = None, root: str | nn.Module | None = None
+) -> bytes:
     """The bytes of an adapter file for ``model``, as :func:`save_adapter` writes them.
 
     Args:
         model: the adapted model.
         checkpoint: for the companion file of a checkpoint, its ``epoch`` and ``global_step``.
+        root: the submodule that is the base model (a name or the module); module names in the file
+            are relative to it (default: :func:`default_root`), and it is recorded in the file.
 
     Raises:
-        ValueError: if the model has no adapters. RuntimeError: if an adapter is merged.
+        ValueError: if the model has no adapters, or some lie outside ``root``. RuntimeError: if an
+            adapter is merged.
     """
-    adapters = lora_modules(model)
+    merged = merged_modules(model)
+    if merged:  # the weights hold the update too: neither they nor the fingerprint are the base's
+        raise RuntimeError(f"cannot fingerprint base weights while modules {merged[:5]!r} are merged; unmerge first")
+    prefix = resolve_root(model, root) if root is not None else default_root(model)
+    adapters = _inside(lora_modules(model), prefix, "adapted module")
     if not adapters:
         raise ValueError("model has no LoRA adapters to save; call apply_lora(model, config) first")
     modules = {
         name: {**adapter.spec.to_dict(), "shapes": {k: list(p.shape) for k, p in adapter.adapter_params().items()}}
         for name, adapter in adapters.items()
     }
+    trainable = _inside(trainable_modules(model), prefix, "trainable module")
+    base = _base_inside(model, prefix)
     metadata = {
         "format": FORMAT,
         "format_version": str(FORMAT_VERSION),
         "library_version": library_version(),
         "config": json.dumps((lora_config(model) or LoRAConfig()).to_dict()),
         "modules": json.dumps(modules),
-        "trainable": json.dumps(list(trainable_modules(model))),
-        "base_fingerprint": base_fingerprint(model),
-        "base_dtypes": json.dumps(base_dtypes(model)),
+        "trainable": json.dumps(list(trainable)),
+        "base_fingerprint": fingerprint_tensors(base),
+        "base_dtypes": json.dumps(dtypes_of(base)),
+        "root": prefix,
     }
     if checkpoint is not None:
         metadata["checkpoint"] = json.dumps(dict(checkpoint))
-    tensors = {key: t.detach().to("cpu", copy=True).contiguous() for key, t in lora_tensors(model).items()}
+    tensors = {
+        key: t.detach().to("cpu", copy=True).contiguous()
+        for key, t in _inside(lora_tensors(model), prefix, "adapter tensor").items()
+    }
     draft = save_tensors(tensors, metadata={**metadata, _DIGEST_KEY: "0" * 64})
     metadata[_DIGEST_KEY] = _digest(_header(draft, "draft"), draft)
     return save_tensors(tensors, metadata=metadata)
@@ -185,6 +232,7 @@ def parse_adapter(data: bytes, source: str) -> AdapterFile:
             library_version=str(meta.get("library_version", "unknown")),
             base_dtypes=None if dtypes is None else {str(k): v for k, v in dtypes.items()},
             checkpoint=checkpoint,
+            root=str(meta.get("root", "")),
         )
     except (KeyError, TypeError, ValueError, RecursionError) as err:
         raise ValueError(f"{source} has invalid adapter metadata: {err!r}") from err
@@ -200,12 +248,12 @@ def tensors_digest(tensors: Mapping[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
-def check_fits(model: nn.Module, adapter: AdapterFile, source: str, check_base: bool = True) -> None:
-    """Check, without changing ``model``, that ``adapter`` can be loaded into it.
+def check_fits(model: nn.Module, adapter: AdapterFile, source: str, check_base: bool = True, prefix: str = "") -> None:
+    """Check, without changing ``model``, that ``adapter`` (with names placed under ``prefix``) can be loaded.
 
     The model must have the adapted and trainable modules the file names, adapters it already has
-    must have exactly the stored settings, and (with ``check_base``) its base weights must match the
-    stored fingerprint.
+    must have exactly the stored settings, and (with ``check_base``) the base weights under ``prefix``
+    must match the stored fingerprint.
 
     Raises:
         ValueError: saying what does not fit.
@@ -228,9 +276,10 @@ def check_fits(model: nn.Module, adapter: AdapterFile, source: str, check_base: 
     missing_trainable = [name for name in adapter.trainable if name not in found]
     if missing_trainable:
         raise ValueError(f"{source} has trainable modules {missing_trainable!r} that this model does not have")
-    if check_base and not matches_base(model, adapter.base_fingerprint, adapter.base_dtypes, adapter.trainable):
-        fingerprint = base_fingerprint(model, adapter.trainable)
-        note = dtype_note(base_named_parameters(model, adapter.trainable), adapter.base_dtypes)
+    base = _base_inside(model, prefix, adapter.trainable) if check_base else []
+    if check_base and not fingerprint_matches(base, adapter.base_fingerprint, adapter.base_dtypes):
+        fingerprint = fingerprint_tensors(base)
+        note = dtype_note(base, adapter.base_dtypes)
         raise ValueError(
             f"{source} was trained on different base weights: base fingerprint {adapter.base_fingerprint[:12]} "
             f"in the file, {fingerprint[:12]} in this model. Load the base checkpoint it was trained on, "
@@ -238,7 +287,7 @@ def check_fits(model: nn.Module, adapter: AdapterFile, source: str, check_base: 
         )
 
 
-def save_adapter(model: nn.Module, path: str | os.PathLike) -> str:
+def save_adapter(model: nn.Module, path: str | os.PathLike, root: str | nn.Module | None = None) -> str:
     """Write the adapters of ``model`` (and its ``trainable`` modules) to one ``.safetensors`` file.
 
     The file is written atomically: a crash never leaves a partial file under ``path``. In a
@@ -251,7 +300,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> str:
         ValueError: if the model has no adapters. RuntimeError: if an adapter is merged.
     """
     target = _path("path", path)
-    write_on_rank_zero(target, adapter_bytes(model))
+    write_on_rank_zero(target, adapter_bytes(model, root=root))
     return target
 
 
@@ -265,7 +314,9 @@ def read_adapter(path: str | os.PathLike) -> AdapterFile:
     return parse_adapter(read_bytes(_path("path", path)), str(path))
 
 
-def load_adapter(model: nn.Module, path: str | os.PathLike, check_base: bool = True) -> list[str]:
+def load_adapter(
+    model: nn.Module, path: str | os.PathLike, check_base: bool = True, root: str | nn.Module | None = None
+) -> list[str]:
     """Load an adapter file into ``model``, in place.
 
     If the model has no adapters yet, the file's modules are adapted first with the stored
@@ -276,6 +327,10 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, check_base: bool = T
         model: the base model (plain or already adapted with the same modules and settings).
         path: the adapter file (any fsspec URL).
         check_base: compare the model's base weights with the fingerprint stored in the file.
+        root: the submodule the file's names are relative to. By default the file's names are tried
+            as they are and under the root recorded in the file (the base model inside the wrapper it
+            was saved from), and the one that fits the model is used: an adapter saved from a
+            LightningModule's ``self.model`` loads into the bare model and back.
 
     Returns:
         The adapted module names.
@@ -284,14 +339,25 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, check_base: bool = T
         ValueError: on missing or unexpected tensors or modules, other settings, a shape mismatch, a
             different base model, or a truncated, corrupted or foreign file.
     """
-    return install_adapter(model, path, check_base).names
+    return install_adapter(model, path, check_base, root).names
 
 
-def install_adapter(model: nn.Module, path: str | os.PathLike, check_base: bool = True) -> Installation:
+def install_adapter(
+    model: nn.Module, path: str | os.PathLike, check_base: bool = True, root: str | nn.Module | None = None
+) -> Installation:
     """:func:`load_adapter`, returning the :class:`~lightning_lora.surgery.Installation` (to undo it)."""
     source = _path("path", path)
-    adapter = read_adapter(source)
-    check_fits(model, adapter, source, check_base)
+    stored = read_adapter(source)
+    prefix = resolve_root(model, root) if root is not None else _locate(model, stored, source)
+    return install_parsed(model, stored.under(prefix), source, check_base, prefix)
+
+
+def install_parsed(model: nn.Module, adapter: AdapterFile, source: str, check_base: bool, prefix: str) -> Installation:
+    """Check that ``adapter`` (names already under ``prefix``) fits ``model``, install it and load its tensors.
+
+    On any error the model is left as it was.
+    """
+    check_fits(model, adapter, source, check_base, prefix)
     installed = install(model, AdapterPlan(adapter.modules, adapter.config, tuple(adapter.trainable)))
     try:
         expected = lora_tensors(model)
@@ -303,6 +369,36 @@ def install_adapter(model: nn.Module, path: str | os.PathLike, check_base: bool 
         for key, target in expected.items():
             target.copy_(adapter.tensors[key])
     return installed
+
+
+def _locate(model: nn.Module, adapter: AdapterFile, source: str) -> str:
+    """Where in ``model`` the file's names fit: as they are, or under the root the file records."""
+    names = set(sites(model))
+    candidates = dict.fromkeys(["", adapter.root])
+    fits = [prefix for prefix in candidates if all(absolute(name, prefix) in names for name in adapter.modules)]
+    if len(fits) > 1:
+        raise ValueError(
+            f"{source} fits this model both as it is and under {adapter.root!r}; pass root= to say which"
+        )
+    return fits[0] if fits else ""
+
+
+def _inside(items: Mapping[str, _V], prefix: str, what: str) -> dict[str, _V]:
+    """``items`` with names relative to module ``prefix``; any outside it is an error."""
+    outside = [name for name in items if relative(name, prefix) is None]
+    if outside:
+        raise ValueError(f"{what}s {outside[:5]!r} lie outside root {prefix!r}; save with a root that holds them")
+    return {str(relative(name, prefix)): item for name, item in items.items()}
+
+
+def _base_inside(model: nn.Module, prefix: str, trainable: Iterable[str] | None = None) -> list[tuple[str, torch.Tensor]]:
+    """The base weights under module ``prefix``, named relative to it."""
+    named: list[tuple[str, torch.Tensor]] = []
+    for name, param in base_named_parameters(model, trainable):
+        inner = relative(name, prefix)
+        if inner is not None:
+            named.append((inner, param))
+    return named
 
 
 def _path(name: str, value: Any) -> str:

@@ -82,3 +82,36 @@ def sites(model: nn.Module) -> dict[str, Site]:
 def is_inside(name: str, prefixes: Iterable[str]) -> bool:
     """Whether module ``name`` is one of ``prefixes`` or lies inside one of them."""
     return any(name == prefix or name.startswith(prefix + ".") for prefix in prefixes)
+
+
+def resolve_root(model: nn.Module, root: str | nn.Module | None) -> str:
+    """The clean name of submodule ``root`` of ``model`` (``""`` for None or ``model`` itself).
+
+    Raises:
+        TypeError: if ``root`` is neither a name, a module nor None.
+        ValueError: if it is not a module of ``model``.
+    """
+    if root is None:
+        return ""
+    if isinstance(root, nn.Module):
+        for site in walk(model):
+            if site.module is root:
+                return site.name
+        raise ValueError(f"root must be a submodule of the model, got a {type(root).__name__} that is not part of it")
+    if not isinstance(root, str):
+        raise TypeError(f"root must be a module name, a module or None, got {root!r} ({type(root).__name__})")
+    if root and root not in sites(model):
+        raise ValueError(f"root must name a module of the model, got {root!r}")
+    return root
+
+
+def relative(name: str, prefix: str) -> str | None:
+    """``name`` relative to module ``prefix`` (None if it lies outside)."""
+    if not prefix:
+        return name
+    return name[len(prefix) + 1 :] if name.startswith(prefix + ".") else None
+
+
+def absolute(name: str, prefix: str) -> str:
+    """The inverse of :func:`relative`."""
+    return f"{prefix}.{name}" if prefix else name

@@ -1,0 +1,688 @@
+"""The ``lightning-lora`` console script: inspect, merge, convert and check adapter files from a shell.
+
+Commands (``lightning-lora COMMAND --help`` for each):
+
+- ``inspect PATH``: what an adapter file (or a PEFT adapter folder) holds;
+- ``merge --base BASE --adapter FILE --out OUT``: the base model with the adapter merged in, in
+  float32, as safetensors; a base that is not the one the adapter was trained on is refused;
+- ``export-peft`` / ``import-peft``: conversions to and from Hugging Face PEFT's format
+  (:mod:`lightning_lora.peft_format`);
+- ``check CKPT``: whether a Lightning checkpoint and its companion adapter file belong together.
+
+This module owns the command line only: argument parsing, the merge of a plain safetensors state
+dict (through the library's own adapter layers and fingerprint check), and printing. Errors print
+one line, ``lightning-lora: error: <message>``, on stderr and exit with status 1 (argparse's usage
+errors keep status 2). transformers is imported only by the commands that build a model with it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import json
+import os
+import pickle
+import sys
+import warnings
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as load_tensors
+from safetensors.torch import save as save_tensors
+from torch import nn
+
+from lightning_lora.adapter_file import SUFFIX, AdapterFile, library_version, load_adapter, read_adapter, save_adapter
+from lightning_lora.checkpoint import adapter_path_for, check_companion
+from lightning_lora.files import read_bytes, write_atomic
+from lightning_lora.fingerprint import dtype_note, fingerprint_matches, fingerprint_tensors
+from lightning_lora.layers import LoRABase, base_bias, base_weight, build_adapter
+from lightning_lora.naming import is_inside
+from lightning_lora.spec import AdapterSpec
+from lightning_lora.surgery import merge_and_unload
+
+PROG = "lightning-lora"
+#: The files of a PEFT adapter folder.
+PEFT_CONFIG = "adapter_config.json"
+PEFT_WEIGHTS = "adapter_model.safetensors"
+#: The PEFT config fields ``inspect`` prints.
+PEFT_FIELDS = (
+    "r",
+    "lora_alpha",
+    "target_modules",
+    "rank_pattern",
+    "alpha_pattern",
+    "use_rslora",
+    "lora_bias",
+    "modules_to_save",
+)
+#: Errors reported as one line with exit status 1 (anything else is a bug and keeps its traceback).
+ERRORS: tuple[type[BaseException], ...] = (
+    ValueError,
+    TypeError,
+    OSError,  # FileNotFoundError, and what transformers raises for a folder it cannot load
+    RuntimeError,
+    SafetensorError,
+    pickle.UnpicklingError,
+)
+# State-dict entries that are buffers of torch's own modules (BatchNorm's running statistics).
+_KNOWN_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line ``argv`` (default: ``sys.argv[1:]``); returns the exit status.
+
+    Usage errors exit through argparse (status 2, ``--help`` status 0).
+    """
+    args = build_parser().parse_args(argv)
+    command: Callable[[argparse.Namespace], None] = args.run
+    with warnings.catch_warnings(record=True) as caught:  # shown after success; an error prints one line
+        warnings.simplefilter("default")
+        try:
+            command(args)
+        except ERRORS as err:
+            print(f"{PROG}: error: {_one_line(err)}", file=sys.stderr)
+            return 1
+    for warning in caught:
+        print(f"{PROG}: warning: {_one_line(warning.message)}", file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``lightning-lora`` and its commands."""
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Inspect, merge, convert and check lightning_lora adapter files.",
+        epilog=f"Run '{PROG} COMMAND --help' for the options of a command.",
+    )
+    parser.add_argument("--version", action="version", version=f"{PROG} {library_version()}")
+    commands = parser.add_subparsers(title="commands", dest="command", metavar="COMMAND", required=True)
+
+    inspect = commands.add_parser(
+        "inspect",
+        help="show what an adapter file or a PEFT adapter folder holds",
+        description=(
+            "Print an adapter file's settings (the stored LoRAConfig, and each module's kind, r, alpha and "
+            "bias where they differ from the most common ones), its adapted and trainable modules, the "
+            "parameter count, the bytes of its tensors, the base fingerprint and the library version that "
+            f"wrote it. For a PEFT adapter folder ({PEFT_CONFIG} + {PEFT_WEIGHTS}): its LoRA config fields "
+            "and the count and bytes of its tensors."
+        ),
+    )
+    inspect.add_argument("path", metavar="PATH", help=f"an adapter file (*{SUFFIX}) or a PEFT adapter folder")
+    inspect.set_defaults(run=run_inspect)
+
+    merge = commands.add_parser(
+        "merge",
+        help="merge an adapter into its base model and write the result as safetensors",
+        description=(
+            "Merge the adapter into the base weights in float32 and write the merged model in float32. "
+            "A Hugging Face model folder (with config.json) is built with transformers (offline), the "
+            "adapter loaded and merged, and the model saved with save_pretrained into the folder --out. A "
+            "plain .safetensors state dict is merged tensor by tensor and written to the file --out. The "
+            "base is refused unless its weights match the fingerprint stored in the adapter file."
+        ),
+    )
+    merge.add_argument("--base", required=True, metavar="BASE", help="a .safetensors state dict or a Hugging Face model folder")
+    merge.add_argument("--adapter", required=True, metavar="FILE", help=f"the adapter file (*{SUFFIX})")
+    merge.add_argument(
+        "--out", required=True, metavar="OUT", help="where to write: a folder for a Hugging Face base, else a .safetensors file"
+    )
+    merge.add_argument(
+        "--no-check-base",
+        dest="check_base",
+        action="store_false",
+        help="merge without comparing the base weights with the adapter's base fingerprint",
+    )
+    merge.set_defaults(run=run_merge)
+
+    export = commands.add_parser(
+        "export-peft",
+        help="write an adapter file as a PEFT adapter folder",
+        description=(
+            f"Write the adapter file as Hugging Face PEFT writes adapters: OUT_DIR/{PEFT_CONFIG} and "
+            f"OUT_DIR/{PEFT_WEIGHTS}. Settings PEFT cannot hold exactly are refused."
+        ),
+    )
+    export.add_argument("adapter", metavar="ADAPTER", help=f"the adapter file (*{SUFFIX})")
+    export.add_argument("out_dir", metavar="OUT_DIR", help="the folder to write (created if needed)")
+    export.add_argument(
+        "--target",
+        choices=("peft", "vllm"),
+        default="peft",
+        help="'peft' (default), or 'vllm' for what vLLM serves (one global rank, scaling folded into lora_B)",
+    )
+    export.add_argument(
+        "--base-model-name-or-path",
+        metavar="NAME",
+        default=None,
+        help="the base model's name or path, recorded in adapter_config.json as PEFT does",
+    )
+    export.set_defaults(run=run_export_peft)
+
+    imported = commands.add_parser(
+        "import-peft",
+        help="convert a PEFT adapter folder into an adapter file",
+        description=(
+            "Build the Hugging Face model of --base (offline), load the PEFT LoRA adapter into it and save "
+            "it as an adapter file (with the fingerprint of that base, which PEFT adapters do not carry)."
+        ),
+    )
+    imported.add_argument("peft_dir", metavar="PEFT_DIR", help=f"a PEFT adapter folder ({PEFT_CONFIG} + {PEFT_WEIGHTS})")
+    imported.add_argument("out", metavar="OUT", help=f"the adapter file to write (*{SUFFIX})")
+    imported.add_argument("--base", required=True, metavar="HF_DIR", help="the Hugging Face model folder the adapter was trained on")
+    imported.set_defaults(run=run_import_peft)
+
+    check = commands.add_parser(
+        "check",
+        help="check that a Lightning checkpoint and its companion adapter file belong together",
+        description=(
+            f"Check that the companion adapter file of CKPT (x.ckpt -> x{SUFFIX}) exists and holds the "
+            "adapter tensors and the step that the checkpoint records."
+        ),
+    )
+    check.add_argument("ckpt", metavar="CKPT", help="a Lightning checkpoint written with LoRACallback or LoRAMixin")
+    check.set_defaults(run=run_check)
+    return parser
+
+
+# --- inspect --------------------------------------------------------------------------------------
+
+
+def run_inspect(args: argparse.Namespace) -> None:
+    """``lightning-lora inspect PATH``."""
+    path = str(args.path)
+    if os.path.isdir(path):
+        _inspect_peft(path)
+        return
+    _require_file("PATH", path, f"an adapter file (*{SUFFIX}) or a PEFT adapter folder")
+    _inspect_adapter(path, read_adapter(path))
+
+
+def _inspect_adapter(path: str, adapter: AdapterFile) -> None:
+    print(f"adapter file: {path}")
+    print(f"library version: {adapter.library_version}")
+    print(f"base fingerprint: {adapter.base_fingerprint[:12]}")
+    if adapter.base_dtypes:
+        common = adapter.base_dtypes.get("", "float32")
+        others = len(adapter.base_dtypes) - ("" in adapter.base_dtypes)
+        print(f"base dtypes: {common}" + (f" ({others} weights in other dtypes)" if others else ""))
+    root = str(getattr(adapter, "root", "") or "")
+    if root:
+        print(f"root: {root} (module names are relative to it)")
+    if adapter.checkpoint is not None:
+        print("checkpoint: " + " ".join(f"{key}={value}" for key, value in adapter.checkpoint.items()))
+    print("config:")
+    for key, value in adapter.config.to_dict().items():
+        print(f"  {key} = {value!r}")
+    specs = {name: spec.to_dict() for name, spec in adapter.modules.items()}
+    common_spec = {key: _most_common(spec[key] for spec in specs.values()) for key in next(iter(specs.values()), {})}
+    if common_spec:
+        print("adapter settings: " + " ".join(f"{key}={value}" for key, value in common_spec.items()))
+    print(f"adapted modules ({len(specs)}):")
+    width = max((len(name) for name in specs), default=0)
+    for name, spec in specs.items():
+        differing = " ".join(f"{key}={value}" for key, value in spec.items() if value != common_spec[key])
+        print(f"  {name:<{width}}  {differing}".rstrip())
+    print(f"trainable modules ({len(adapter.trainable)}): {', '.join(adapter.trainable) or '-'}")
+    trainable_keys = [key for key in adapter.tensors if is_inside(key, adapter.trainable)]
+    adapter_keys = [key for key in adapter.tensors if key not in set(trainable_keys)]
+    params = {key: tensor.numel() for key, tensor in adapter.tensors.items()}
+    size = sum(tensor.numel() * tensor.element_size() for tensor in adapter.tensors.values())
+    print(
+        f"tensors: {len(adapter.tensors)}, parameters: {sum(params.values()):,} (adapters "
+        f"{sum(params[key] for key in adapter_keys):,}, trainable modules {sum(params[key] for key in trainable_keys):,}), "
+        f"bytes: {size:,}"
+    )
+
+
+def _inspect_peft(folder: str) -> None:
+    config_path = os.path.join(folder, PEFT_CONFIG)
+    weights_path = os.path.join(folder, PEFT_WEIGHTS)
+    expected = f"a PEFT adapter folder with {PEFT_CONFIG} and {PEFT_WEIGHTS}, or an adapter file"
+    if not os.path.isfile(config_path):
+        raise FileNotFoundError(f"PATH {folder!r} is a folder without {PEFT_CONFIG}; expected {expected}")
+    if not os.path.isfile(weights_path):
+        legacy = " (it has adapter_model.bin, a pickle, which is not read)" if os.path.exists(os.path.join(folder, "adapter_model.bin")) else ""
+        raise FileNotFoundError(f"PATH {folder!r} has no {PEFT_WEIGHTS}{legacy}; expected {expected}")
+    config = _json_object(config_path)
+    entries = _safetensors_entries(weights_path)
+    print(f"PEFT adapter: {folder}")
+    for key in ("peft_type", "base_model_name_or_path"):
+        if key in config:
+            print(f"{key}: {config[key]}")
+    print("config:")
+    for key in PEFT_FIELDS:
+        print(f"  {key} = {config[key]!r}" if key in config else f"  {key} = (absent)")
+    count = sum(numel for numel, _ in entries.values())
+    size = sum(nbytes for _, nbytes in entries.values())
+    print(f"tensors: {len(entries)}, parameters: {count:,}, bytes: {size:,}")
+
+
+def _json_object(path: str) -> dict[str, Any]:
+    try:
+        value = json.loads(read_bytes(path))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path} must be a JSON file, but it does not parse: {err}") from err
+    if not isinstance(value, dict):
+        raise ValueError(f"{path} must hold a JSON object, got a {type(value).__name__}")
+    return value
+
+
+def _safetensors_entries(path: str) -> dict[str, tuple[int, int]]:
+    """Tensor name -> (element count, bytes), from a safetensors file's header alone."""
+    with open(path, "rb") as handle:
+        head = handle.read(8)
+        length = int.from_bytes(head, "little") if len(head) == 8 else -1
+        size = os.fstat(handle.fileno()).st_size
+        if length < 0 or 8 + length > size:
+            raise ValueError(f"{path} must be a safetensors file, but it is truncated or of another format ({size} bytes)")
+        try:
+            header = json.loads(handle.read(length))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ValueError(f"{path} must be a safetensors file, but its header is not JSON") from err
+    if not isinstance(header, dict):
+        raise ValueError(f"{path} must be a safetensors file, but its header is not a JSON object")
+    entries: dict[str, tuple[int, int]] = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            shape, (begin, end) = info["shape"], info["data_offsets"]
+            entries[name] = (int(torch.Size(shape).numel()), int(end) - int(begin))
+        except (KeyError, TypeError, ValueError) as err:
+            raise ValueError(f"{path} must be a safetensors file, but its entry {name!r} is malformed: {err!r}") from err
+    return entries
+
+
+# --- merge ----------------------------------------------------------------------------------------
+
+
+def run_merge(args: argparse.Namespace) -> None:
+    """``lightning-lora merge --base BASE --adapter FILE --out OUT [--no-check-base]``."""
+    base, adapter_path, out = str(args.base), str(args.adapter), str(args.out)
+    _require_file("--adapter", adapter_path, f"an adapter file (*{SUFFIX})")
+    if _is_hf_folder(base):
+        if os.path.isfile(out):
+            raise ValueError(f"--out must be a folder for a Hugging Face --base (save_pretrained writes into it), got the file {out!r}")
+        _refuse_same("--out", out, "--base", base)
+        adapter = read_adapter(adapter_path)  # a bad file fails before the model is built
+        with _transformers("--base", base) as transformers:
+            model = _hf_model(transformers, base, "--base")
+            load_adapter(model, adapter_path, check_base=args.check_base)
+            merge_and_unload(model)
+            save_pretrained: Callable[..., Any] = getattr(model, "save_pretrained")
+            save_pretrained(out, safe_serialization=True) if _accepts(save_pretrained, "safe_serialization") else save_pretrained(out)
+        print(f"merged {len(adapter.modules)} adapted modules of {adapter_path} into {base}; wrote {out} (float32)")
+        return
+    if os.path.isdir(base):
+        raise ValueError(
+            f"--base must be a .safetensors file or a Hugging Face model folder (with config.json), "
+            f"got the folder {base!r}, which has no config.json"
+        )
+    _require_file("--base", base, "a .safetensors state dict or a Hugging Face model folder")
+    if os.path.isdir(out):
+        raise ValueError(f"--out must be a file path for a .safetensors --base, got the folder {out!r}")
+    _refuse_same("--out", out, "--base", base)
+    adapter = read_adapter(adapter_path)
+    tensors, metadata = _read_state_dict(base)
+    merged = merge_state_dict(tensors, adapter, base, adapter_path, check_base=args.check_base)
+    write_atomic(out, save_tensors(merged, metadata=metadata))
+    print(f"merged {len(adapter.modules)} adapted modules of {adapter_path} into {base}; wrote {out} (float32)")
+
+
+def merge_state_dict(
+    tensors: Mapping[str, torch.Tensor],
+    adapter: AdapterFile,
+    base: str = "--base",
+    source: str = "--adapter",
+    check_base: bool = True,
+) -> dict[str, torch.Tensor]:
+    """A base model's state dict with ``adapter`` merged in, every floating-point tensor in float32.
+
+    Each adapted layer is rebuilt around its base weight (``nn.Linear``, ``nn.ConvNd``,
+    ``nn.Embedding`` or transformers' ``Conv1D``), given the library's adapter layer with the stored
+    settings and tensors, and merged with :meth:`~lightning_lora.layers.LoRABase.merge`; the
+    tensors of ``trainable`` modules replace the base's. ``base`` and ``source`` name the two in errors.
+
+    Raises:
+        ValueError: if the state dict lacks an adapted layer, a tensor does not fit, or (with
+            ``check_base``) the base weights do not match the adapter's fingerprint or cannot be
+            checked exactly.
+    """
+    prefix = _locate(tensors, adapter, base, source)
+    if check_base:
+        _check_base(tensors, adapter, prefix, base, source)
+    owned: set[str] = set()
+    merged = {key: _float32(tensor) for key, tensor in tensors.items()}
+    for name, spec in adapter.modules.items():
+        full = _join(prefix, name)
+        weight, bias = merged[f"{full}.weight"], merged.get(f"{full}.bias")
+        file_tensors = {key: tensor for key, tensor in adapter.tensors.items() if key.startswith(f"{name}.")}
+        layer = _layer(spec, weight, bias, file_tensors, name, base)
+        lora = build_adapter(layer, spec, name)
+        _fill(lora, file_tensors, name, source)
+        owned.update(f"{name}.{key}" for key in lora.adapter_params())
+        if lora.merge_creates_bias:
+            raise ValueError(
+                f"{source} cannot be merged into {base}: module '{name}' has an adapter bias but no bias in the "
+                f"base, so the merged model would not fit the base's architecture"
+            )
+        lora.merge()
+        merged[f"{full}.weight"] = base_weight(layer).detach()
+        merged_bias = base_bias(layer)
+        if merged_bias is not None:
+            merged[f"{full}.bias"] = merged_bias.detach()
+    for name in adapter.trainable:
+        stored = {key for key in adapter.tensors if is_inside(key, [name])}
+        present = {key[len(prefix) + 1 :] if prefix else key for key in tensors if is_inside(key, [_join(prefix, name)])}
+        if stored != present:
+            raise ValueError(
+                f"{source} does not fit {base}: trainable module '{name}' has tensors {sorted(stored)[:5]!r} in the "
+                f"adapter file but {sorted(present)[:5]!r} in the base"
+            )
+        for key in stored:
+            full_key = _join(prefix, key)
+            if tuple(adapter.tensors[key].shape) != tuple(tensors[full_key].shape):
+                raise ValueError(
+                    f"{source} does not fit {base}: tensor '{key}' has shape {tuple(adapter.tensors[key].shape)} in "
+                    f"the adapter file but {tuple(tensors[full_key].shape)} in the base"
+                )
+            merged[full_key] = _float32(adapter.tensors[key]).clone()
+        owned.update(stored)
+    unexpected = sorted(set(adapter.tensors) - owned)
+    if unexpected:
+        raise ValueError(
+            f"{source} holds tensors that belong to no adapted or trainable module: {unexpected[:5]!r}"
+        )
+    return {key: tensor.contiguous() for key, tensor in merged.items()}
+
+
+def _locate(tensors: Mapping[str, torch.Tensor], adapter: AdapterFile, base: str, source: str) -> str:
+    """The prefix under which the adapter's module names are found in the state dict."""
+    root = str(getattr(adapter, "root", "") or "")
+    candidates = list(dict.fromkeys(["", root]))
+    fits = [prefix for prefix in candidates if all(f"{_join(prefix, name)}.weight" in tensors for name in adapter.modules)]
+    if not fits:
+        missing = [f"{name}.weight" for name in adapter.modules if f"{name}.weight" not in tensors]
+        where = f" (nor under its root {root!r})" if root else ""
+        raise ValueError(
+            f"{base} does not fit {source}: expected the weights of its adapted modules, but the state dict has no "
+            f"{missing[:5]!r}{where}; it has {sorted(tensors)[:5]!r}..."
+        )
+    if len(fits) > 1:
+        raise ValueError(f"{base} fits {source} both as it is and under {root!r}; it cannot say which module is adapted")
+    return fits[0]
+
+
+def _check_base(tensors: Mapping[str, torch.Tensor], adapter: AdapterFile, prefix: str, base: str, source: str) -> None:
+    """The library's fingerprint check, over the state dict's tensors named as the model's parameters.
+
+    A state dict does not say which of its tensors are parameters (the fingerprint's) and which are
+    buffers: the check passes when its tensors, or those without the recognisable buffers
+    (BatchNorm statistics, integer tensors), reproduce the fingerprint exactly.
+    """
+    named = [
+        (inner, tensor)
+        for key, tensor in tensors.items()
+        if (inner := _relative(key, prefix)) is not None and not is_inside(inner, adapter.trainable)
+    ]
+    buffers = [name for name, tensor in named if name.rsplit(".", 1)[-1] in _KNOWN_BUFFERS or not tensor.is_floating_point()]
+    without = [(name, tensor) for name, tensor in named if name not in set(buffers)]
+    digest, dtypes = adapter.base_fingerprint, adapter.base_dtypes
+    if fingerprint_matches(named, digest, dtypes) or (buffers and fingerprint_matches(without, digest, dtypes)):
+        return
+    if buffers:
+        raise ValueError(
+            f"--base {base} cannot be checked exactly against --adapter {source}: it holds tensors that may be "
+            f"buffers rather than parameters ({buffers[:3]!r}), and neither with them ({fingerprint_tensors(named)[:12]}) "
+            f"nor without them ({fingerprint_tensors(without)[:12]}) do its tensors give the adapter's base fingerprint "
+            f"{digest[:12]}; if it is the base the adapter was trained on, pass --no-check-base to merge without the check"
+            f".{dtype_note(without, dtypes)}"
+        )
+    raise ValueError(
+        f"--base {base} is not the base --adapter {source} was trained on: base fingerprint {digest[:12]} in the "
+        f"adapter file, {fingerprint_tensors(named)[:12]} from the {len(named)} tensors of the base file. Pass the base "
+        f"weights it was trained on, or --no-check-base to merge anyway (a state dict holding buffers besides "
+        f"parameters cannot be checked exactly).{dtype_note(named, dtypes)}"
+    )
+
+
+def _layer(
+    spec: AdapterSpec,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    file_tensors: Mapping[str, torch.Tensor],
+    name: str,
+    base: str,
+) -> nn.Module:
+    """A layer of the adapter's kind around ``weight`` and ``bias`` (taken as they are, not copied)."""
+    shape = tuple(weight.shape)
+    dims = {"linear": (2,), "transformers_conv1d": (2,), "embedding": (2,), "conv": (3, 4, 5)}[spec.kind]
+    if len(shape) not in dims:
+        raise ValueError(
+            f"{base} does not fit the adapter: '{name}.weight' must have {' or '.join(map(str, dims))} dimensions "
+            f"for a {spec.kind!r} adapter, got shape {shape}"
+        )
+    has_bias = bias is not None
+    layer: nn.Module
+    with torch.device("meta"):  # no initialisation of weights that are replaced at once
+        if spec.kind == "linear":
+            layer = nn.Linear(shape[1], shape[0], bias=has_bias)
+        elif spec.kind == "embedding":
+            layer = nn.Embedding(shape[0], shape[1])
+        elif spec.kind == "transformers_conv1d":
+            conv1d = importlib.import_module("transformers.pytorch_utils").Conv1D
+            layer = conv1d(shape[1], shape[0])  # Conv1D(nf=out_features, nx=in_features), weight (in, out)
+        else:
+            b = file_tensors.get(f"{name}.matrix_B.weight")
+            per_group = int(b.shape[1]) if b is not None and b.dim() == len(shape) else spec.r
+            if per_group <= 0 or spec.r % per_group:
+                raise ValueError(
+                    f"{name}.matrix_B.weight must have r / groups input channels (r={spec.r}), got shape "
+                    f"{tuple(b.shape) if b is not None else None}"
+                )
+            groups = spec.r // per_group
+            conv_type = {3: nn.Conv1d, 4: nn.Conv2d, 5: nn.Conv3d}[len(shape)]
+            layer = conv_type(shape[1] * groups, shape[0], shape[2:], groups=groups, bias=has_bias)
+    layer.weight = nn.Parameter(weight, requires_grad=False)
+    if bias is not None:
+        layer.bias = nn.Parameter(bias, requires_grad=False)
+    return layer
+
+
+def _fill(lora: LoRABase, file_tensors: Mapping[str, torch.Tensor], name: str, source: str) -> None:
+    """Copy the adapter file's tensors of module ``name`` into the adapter layer's own parameters."""
+    params = lora.adapter_params()
+    missing = [f"{name}.{key}" for key in params if f"{name}.{key}" not in file_tensors]
+    if missing:
+        raise ValueError(f"{source} does not fit its own settings: expected tensors {missing!r}, which it does not hold")
+    with torch.no_grad():
+        for key, param in params.items():
+            tensor = file_tensors[f"{name}.{key}"]
+            if tuple(tensor.shape) != tuple(param.shape) or tensor.dtype != param.dtype:
+                raise ValueError(
+                    f"{source} does not fit the base: tensor '{name}.{key}' is {tuple(tensor.shape)} {tensor.dtype} in "
+                    f"the file, but {tuple(param.shape)} {param.dtype} for this layer of the base"
+                )
+            param.copy_(tensor)
+
+
+def _read_state_dict(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str] | None]:
+    """The tensors and the metadata of a safetensors file."""
+    data = read_bytes(path)
+    try:
+        tensors = load_tensors(data)
+        length = int.from_bytes(data[:8], "little")
+        header = json.loads(data[8 : 8 + length])
+    except (SafetensorError, UnicodeDecodeError, json.JSONDecodeError, RuntimeError, TypeError) as err:
+        raise ValueError(f"--base must be a .safetensors file, but {path} does not parse as one: {_one_line(err)}") from err
+    meta = header.get("__metadata__") if isinstance(header, dict) else None
+    return tensors, ({str(k): str(v) for k, v in meta.items()} if isinstance(meta, dict) else None)
+
+
+# --- PEFT -----------------------------------------------------------------------------------------
+
+
+def run_export_peft(args: argparse.Namespace) -> None:
+    """``lightning-lora export-peft ADAPTER OUT_DIR [--target peft|vllm] [--base-model-name-or-path NAME]``."""
+    adapter, out_dir = str(args.adapter), str(args.out_dir)
+    _require_file("ADAPTER", adapter, f"an adapter file (*{SUFFIX})")
+    if os.path.isfile(out_dir):
+        raise ValueError(f"OUT_DIR must be a folder (created if needed), got the file {out_dir!r}")
+    export_peft = _peft_format().export_peft
+    written = export_peft(adapter, out_dir, base_model_name_or_path=args.base_model_name_or_path, target=args.target)
+    print(f"wrote {args.target} adapter {written} ({PEFT_CONFIG}, {PEFT_WEIGHTS}) from {adapter}")
+
+
+def run_import_peft(args: argparse.Namespace) -> None:
+    """``lightning-lora import-peft PEFT_DIR OUT --base HF_DIR``."""
+    peft_dir, out, base = str(args.peft_dir), str(args.out), str(args.base)
+    if not os.path.isdir(peft_dir):
+        raise FileNotFoundError(
+            f"PEFT_DIR must be a PEFT adapter folder ({PEFT_CONFIG} + {PEFT_WEIGHTS}), got {peft_dir!r}, "
+            f"{'a file' if os.path.exists(peft_dir) else 'which does not exist'}"
+        )
+    if not _is_hf_folder(base):
+        raise ValueError(f"--base must be a Hugging Face model folder (with config.json), got {base!r}{_what(base)}")
+    if os.path.isdir(out):
+        raise ValueError(f"OUT must be the adapter file to write (*{SUFFIX}), got the folder {out!r}")
+    import_peft = _peft_format().import_peft
+    with _transformers("--base", base) as transformers:
+        model = _hf_model(transformers, base, "--base")
+        names = import_peft(model, peft_dir)
+        save_adapter(model, out)
+    print(f"imported {len(names)} adapted modules from {peft_dir} onto {base}; wrote {out}")
+
+
+def _peft_format() -> Any:
+    """:mod:`lightning_lora.peft_format`, imported when a PEFT command runs."""
+    try:
+        from lightning_lora import peft_format
+    except ImportError as err:
+        raise RuntimeError(f"the PEFT commands need lightning_lora.peft_format, which cannot be imported: {err}") from err
+    return peft_format
+
+
+# --- check ----------------------------------------------------------------------------------------
+
+
+def run_check(args: argparse.Namespace) -> None:
+    """``lightning-lora check CKPT``."""
+    ckpt = str(args.ckpt)
+    _require_file("CKPT", ckpt, "a Lightning checkpoint (.ckpt)")
+    try:
+        check_companion(ckpt)
+    except (RuntimeError, pickle.UnpicklingError, EOFError) as err:  # torch.load of something else
+        raise ValueError(f"CKPT must be a Lightning checkpoint, but {ckpt} does not load as one: {_one_line(err)}") from err
+    print(f"ok: {ckpt} and {adapter_path_for(ckpt)} belong together")
+
+
+# --- helpers --------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _transformers(param: str, folder: str) -> Iterator[Any]:
+    """transformers, imported, with its progress bars and info logging off for the duration."""
+    try:
+        transformers = importlib.import_module("transformers")
+    except ImportError as err:
+        raise RuntimeError(
+            f"{param} {folder!r} is a Hugging Face model folder, which needs transformers (pip install "
+            f"'lightning-lora[hf]'); it cannot be imported: {err}"
+        ) from err
+    logging = transformers.utils.logging
+    verbosity, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+    try:
+        yield transformers
+    finally:
+        logging.set_verbosity(verbosity)
+        if bars:
+            logging.enable_progress_bar()
+
+
+def _hf_model(transformers: Any, folder: str, param: str) -> nn.Module:
+    """The model of a Hugging Face folder, in float32, built offline from its config's architecture."""
+    config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
+    architectures = list(getattr(config, "architectures", None) or [])
+    if not architectures:
+        raise ValueError(
+            f"{param} {folder!r}: its config.json must name the model class in \"architectures\" (e.g. "
+            f"[\"LlamaForCausalLM\"]), got {architectures!r}"
+        )
+    cls = getattr(transformers, architectures[0], None)
+    if cls is None or not callable(getattr(cls, "from_pretrained", None)):
+        raise ValueError(
+            f"{param} {folder!r}: its config.json names architecture {architectures[0]!r}, which transformers "
+            f"{transformers.__version__} does not have"
+        )
+    major_minor = tuple(int(part) for part in transformers.__version__.split(".")[:2] if part.isdigit())
+    dtype_arg = "dtype" if major_minor >= (4, 56) else "torch_dtype"  # renamed in transformers 4.56
+    model = cls.from_pretrained(folder, local_files_only=True, **{dtype_arg: torch.float32})
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{param} {folder!r}: {architectures[0]}.from_pretrained must return a torch module, got {type(model).__name__}")
+    return model
+
+
+def _accepts(function: Callable[..., Any], argument: str) -> bool:
+    import inspect
+
+    try:
+        return argument in inspect.signature(function).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _is_hf_folder(path: str) -> bool:
+    return os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json"))
+
+
+def _require_file(param: str, path: str, expected: str) -> None:
+    """A local ``path`` must be an existing file (URLs are left to the reader)."""
+    if "://" in path or os.path.isfile(path):
+        return
+    raise FileNotFoundError(f"{param} must be {expected}, got {path!r}{_what(path)}")
+
+
+def _what(path: str) -> str:
+    if not os.path.exists(path):
+        return ", which does not exist"
+    return ", a folder" if os.path.isdir(path) else ""
+
+
+def _refuse_same(param: str, path: str, other_param: str, other: str) -> None:
+    if "://" not in path and os.path.realpath(path) == os.path.realpath(other):
+        raise ValueError(f"{param} must differ from {other_param} (the base stays as it is), got {path!r} for both")
+
+
+def _float32(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.float() if tensor.is_floating_point() else tensor
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _relative(name: str, prefix: str) -> str | None:
+    if not prefix:
+        return name
+    return name[len(prefix) + 1 :] if name.startswith(prefix + ".") else None
+
+
+def _most_common(values: Iterator[Any]) -> Any:
+    return Counter(values).most_common(1)[0][0]
+
+
+def _one_line(message: object) -> str:
+    """``message`` on one line (tracebacks of wrapped errors and multi-line messages collapse)."""
+    text = " ".join(str(message).split())
+    return text or type(message).__name__
+
+
+if __name__ == "__main__":
+    sys.exit(main())
