@@ -37,6 +37,7 @@ from lightning_lora.adapter_file import install_adapter, read_adapter
 from lightning_lora.checkpoint import LoRACheckpointIO, link_companion
 from lightning_lora.config import LoRAConfig, explicit_settings, reconcile
 from lightning_lora.spec import boolean
+from lightning_lora.peft_format import TARGETS
 from lightning_lora.plan import plan_adapters
 from lightning_lora.surgery import (
     Installation,
@@ -52,17 +53,25 @@ from lightning_lora.surgery import (
 #: Strategies whose sharding the callback does not support yet.
 UNSUPPORTED_STRATEGIES = (DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy)
 #: The arguments that are not ``LoRAConfig`` fields.
-CALLBACK_ARGUMENTS = ("adapter_path", "save_base_weights", "log_grad_norm", "log_per_layer", "merge_on_end")
+CALLBACK_ARGUMENTS = ("adapter_path", "save_base_weights", "log_grad_norm", "log_per_layer", "merge_on_end", "export_peft")
 
 
 class LoRACallback(Callback):
     """Adapt, freeze, log and checkpoint a LightningModule for LoRA fine-tuning.
 
     Args:
-        r, alpha, bias, targets, exclude, dropout, rank_pattern, alpha_pattern, use_rslora,
-            trainable, adapter_dtype: as in :class:`~lightning_lora.LoRAConfig`, with the same
-            defaults. ``targets=None`` takes the LightningModule's ``lora_targets`` if it declares
-            them, else ``["all-linear"]``.
+        r: rank of each update ``B @ A``.
+        alpha: the update is scaled by ``alpha / r`` (``alpha / sqrt(r)`` with ``use_rslora``).
+        bias: adapter biases: True, False, or "auto" (only on layers that have a bias).
+        targets: module name patterns to adapt (exact, dotted suffix, glob, ``re:...`` or
+            ``all-linear``); None takes the LightningModule's ``lora_targets``, else ``all-linear``.
+        exclude: patterns removed from the targets.
+        dropout: dropout probability on the adapter input (0: no dropout work).
+        rank_pattern: module pattern -> rank, for those modules.
+        alpha_pattern: module pattern -> alpha, for those modules.
+        use_rslora: scale by ``alpha / sqrt(r)`` (rank-stabilised LoRA).
+        trainable: patterns of modules trained fully (a new head).
+        adapter_dtype: dtype of the adapter weights ("float32", "bfloat16", ...); None: the base's.
         adapter_path: start from this adapter file: its stored settings are used, and settings
             given explicitly (different from the defaults) that contradict them are an error. The
             file is read in ``setup``.
@@ -71,7 +80,9 @@ class LoRACallback(Callback):
         log_grad_norm: log ``lora/grad_norm``, the 2-norm over all adapter gradients.
         log_per_layer: also log ``lora/grad_norm/<module>`` per adapted module.
         merge_on_end: merge the adapters into the weights when ``fit`` ends (for export).
-        config: a complete :class:`~lightning_lora.LoRAConfig` instead of the separate arguments.
+        export_peft: also write each checkpoint's adapters in Hugging Face PEFT's format to a
+            ``<checkpoint>.peft/`` folder beside it: "peft", or "vllm" for what vLLM serves.
+        config: a complete :class:`~lightning_lora.LoRAConfig` instead of the separate settings.
 
     Raises:
         ValueError, TypeError: for a bad argument (the message names it).
@@ -99,6 +110,7 @@ class LoRACallback(Callback):
         log_grad_norm: bool = True,
         log_per_layer: bool = False,
         merge_on_end: bool = False,
+        export_peft: str | None = None,
         config: LoRAConfig | None = None,
     ) -> None:
         settings: dict[str, Any] = {
@@ -129,6 +141,9 @@ class LoRACallback(Callback):
         self.log_grad_norm = boolean("log_grad_norm", log_grad_norm)
         self.log_per_layer = boolean("log_per_layer", log_per_layer)
         self.merge_on_end = boolean("merge_on_end", merge_on_end)
+        if export_peft not in (None, *TARGETS):
+            raise ValueError(f"export_peft must be None, 'peft' or 'vllm', got {export_peft!r}")
+        self.export_peft = export_peft
         self._explicit = explicit
         self._adapted: set[int] = set()
         self._armed: pl.LightningModule | None = None
@@ -166,6 +181,7 @@ class LoRACallback(Callback):
                 self.save_base_weights,
                 owner=self,
                 linked=lambda: _checkpoint_links(trainer),
+                export=self.export_peft,
             )
         if stage == "fit" and merged_modules(pl_module):
             unmerge_lora(pl_module)

@@ -35,6 +35,7 @@ from lightning_lora.adapter_file import SUFFIX, adapter_bytes, read_adapter, ten
 from lightning_lora.config import LoRAConfig
 from lightning_lora.files import exists, read_bytes, remove_if_exists, write_atomic, write_on_rank_zero
 from lightning_lora.fingerprint import dtype_note, dtypes_of, fingerprint_matches, fingerprint_tensors
+from lightning_lora.peft_format import CONFIG_FILE, WEIGHTS_FILE, export_peft
 from lightning_lora.plan import AdapterPlan, check_fits
 from lightning_lora.spec import AdapterSpec
 from lightning_lora.surgery import (
@@ -63,6 +64,12 @@ def adapter_path_for(checkpoint_path: str) -> str:
     """The companion adapter file of a checkpoint: ``x.ckpt`` -> ``x.lora.safetensors``."""
     path = str(checkpoint_path)
     return (path[: -len(".ckpt")] if path.endswith(".ckpt") else path) + SUFFIX
+
+
+def peft_path_for(checkpoint_path: str) -> str:
+    """The PEFT folder written beside a checkpoint when asked for: ``x.ckpt`` -> ``x.peft/``."""
+    path = str(checkpoint_path)
+    return (path[: -len(".ckpt")] if path.endswith(".ckpt") else path) + ".peft"
 
 
 def frozen_keys(module: nn.Module) -> list[str]:
@@ -240,6 +247,8 @@ class LoRACheckpointIO(CheckpointIO):
         linked: a callable returning the checkpoint paths that are links to other checkpoints
             (``ModelCheckpoint(save_last="link")``): their companions are links too, removed before any
             checkpoint is written and put back by :func:`link_companion` once the checkpoint link is.
+        export: also write each checkpoint's adapters in PEFT's format to ``x.peft/`` beside it:
+            ``"peft"`` or ``"vllm"`` (see :func:`lightning_lora.export_peft`); None writes none.
     """
 
     def __init__(
@@ -249,12 +258,14 @@ class LoRACheckpointIO(CheckpointIO):
         save_base_weights: bool = False,
         owner: object = None,
         linked: Callable[[], list[str]] = list,
+        export: str | None = None,
     ) -> None:
         self.checkpoint_io = checkpoint_io
         self._module = module
         self.save_base_weights = save_base_weights
         self.owner = owner
         self._linked = linked
+        self.export = export
         self._warned_merged = False
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
@@ -277,9 +288,12 @@ class LoRACheckpointIO(CheckpointIO):
         for link in self._linked():  # the link may move to this checkpoint: no companion until it has
             remove_if_exists(adapter_path_for(link))
         remove_if_exists(companion)  # a crash from here on leaves a checkpoint without companion
+        _remove_peft(str(path))
         self._write(checkpoint, path, storage_options)
         if adapter is not None:
             write_atomic(companion, adapter)
+            if self.export is not None:
+                export_peft(module, peft_path_for(str(path)), target=self.export)
 
     def _write(self, checkpoint: dict[str, Any], path: Any, storage_options: Any) -> None:
         """Lightning's default IO writes in place; then write atomically instead, else delegate."""
@@ -306,6 +320,7 @@ class LoRACheckpointIO(CheckpointIO):
 
     def remove_checkpoint(self, path: Any) -> None:
         remove_if_exists(adapter_path_for(str(path)))  # first: a crash leaves a checkpoint without companion
+        _remove_peft(str(path))
         self.checkpoint_io.remove_checkpoint(path)
 
     def teardown(self) -> None:
@@ -326,6 +341,14 @@ def link_companion(link: str) -> None:
         if os.path.lexists(companion):
             os.remove(companion)
         os.symlink(os.path.relpath(target, os.path.dirname(companion)), companion)
+
+
+def _remove_peft(checkpoint_path: str) -> None:
+    folder = peft_path_for(checkpoint_path)
+    for name in (CONFIG_FILE, WEIGHTS_FILE):  # the config first: without it the folder is no adapter
+        remove_if_exists(os.path.join(folder, name))
+    if os.path.isdir(folder) and not os.listdir(folder):
+        os.rmdir(folder)
 
 
 def _load(path: str) -> dict[str, Any]:

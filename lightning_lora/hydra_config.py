@@ -49,6 +49,7 @@ class LoRACallbackConf:
     log_grad_norm: bool = True
     log_per_layer: bool = False
     merge_on_end: bool = False
+    export_peft: Optional[str] = None
 
 
 def register_configs() -> None:

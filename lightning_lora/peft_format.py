@@ -76,7 +76,8 @@ def export_peft(
 
     Args:
         model_or_adapter_file: an adapted model, or the path of an adapter file.
-        out_dir: the folder to write (created if needed; the two files are written atomically).
+        out_dir: the folder to write, local or an fsspec URL (created if needed; each file is written
+            atomically, the weights first).
         root: for a model, the submodule that is the transformers model (default: as
             :func:`~lightning_lora.save_adapter` chooses); names in the output are relative to it.
         base_model_name_or_path: recorded in the config, as PEFT does.
@@ -99,8 +100,7 @@ def export_peft(
     tensors, config = _to_peft(adapter, geometry, base_model_name_or_path)
     if target == "vllm":
         tensors, config = _for_vllm(adapter, tensors, config)
-    folder = str(out_dir)
-    os.makedirs(folder, exist_ok=True)
+    folder = str(out_dir)  # write_atomic creates a local folder; object stores need none
     write_atomic(os.path.join(folder, WEIGHTS_FILE), save_tensors(tensors, metadata={"format": "pt"}))
     write_atomic(os.path.join(folder, CONFIG_FILE), (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
     return folder

@@ -584,3 +584,17 @@ def test_checkpoints_are_never_unpickled_beyond_weights(tmp_path, monkeypatch):
         with pytest.raises(Exception, match="Weights only load failed"):
             attempt()
         assert not marker.exists()
+
+
+def test_export_peft_writes_a_peft_folder_beside_each_checkpoint_and_removes_it_with_it(tmp_path):
+    saver = ModelCheckpoint(dirpath=tmp_path, monitor="val_loss", save_top_k=1)
+    model = Classifier()
+    trainer(tmp_path, LoRACallback(targets=["qkv"], export_peft="peft"), saver, max_epochs=3).fit(model, data(), data(seed=1))
+    names = sorted(os.listdir(tmp_path))
+    checkpoint = [n for n in names if n.endswith(".ckpt")]
+    assert len(checkpoint) == 1
+    stem = checkpoint[0].removesuffix(".ckpt")
+    assert sorted(n for n in names if n.startswith("epoch")) == sorted([f"{stem}.ckpt", f"{stem}.lora.safetensors", f"{stem}.peft"])
+    assert sorted(os.listdir(tmp_path / f"{stem}.peft")) == ["adapter_config.json", "adapter_model.safetensors"]
+    with pytest.raises(ValueError, match=r"export_peft must be None, 'peft' or 'vllm', got 'onnx'"):
+        LoRACallback(export_peft="onnx")
