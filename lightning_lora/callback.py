@@ -20,7 +20,9 @@ What it does, in hook order:
 
 from __future__ import annotations
 
+import functools
 import os
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -239,6 +241,19 @@ class LoRACallback(Callback):
         held = {id(p) for optimizer in trainer.optimizers for group in optimizer.param_groups for p in group["params"]}
         adapters = list(lora_parameters(pl_module))
         missing = [p for p in adapters if id(p) not in held]
+        if missing and _built_by_lightning_cli(pl_module):
+            if trainer.lr_scheduler_configs or len(trainer.optimizers) > 1:
+                raise MisconfigurationException(
+                    "LightningCLI's --optimizer built the optimizer before LoRACallback added the adapters, and "
+                    "with a learning-rate scheduler they cannot be added afterwards; adapt the model in its "
+                    "__init__ (LoRAMixin.apply_lora) or define configure_optimizers over self.lora_parameters()"
+                )
+            trainer.optimizers[0].add_param_group({"params": missing})
+            rank_zero_info(
+                f"LoRA: LightningCLI's --optimizer was built before the adapters existed; added their "
+                f"{len(missing)} parameters to it, with its settings"
+            )
+            missing = []
         if missing:
             raise MisconfigurationException(
                 f"the optimizer does not hold {len(missing)} of the {len(adapters)} LoRA parameters, so they "
@@ -323,6 +338,14 @@ class LoRACallback(Callback):
             for name, value in scalings.items():
                 pl_module.log(f"lora/scaling/{name}", value, on_step=True, on_epoch=False)
 
+
+
+def _built_by_lightning_cli(pl_module: pl.LightningModule) -> bool:
+    """Whether LightningCLI's ``--optimizer`` replaced ``configure_optimizers`` (it builds the optimizer
+    over the model's parameters when the CLI starts, before any adapter exists)."""
+    cli = sys.modules.get("lightning.pytorch.cli")
+    method = getattr(pl_module.configure_optimizers, "__func__", None)
+    return cli is not None and isinstance(method, functools.partial) and method.func is cli.LightningCLI.configure_optimizers
 
 
 def _checkpoint_links(trainer: pl.Trainer) -> list[str]:

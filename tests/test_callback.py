@@ -598,3 +598,51 @@ def test_export_peft_writes_a_peft_folder_beside_each_checkpoint_and_removes_it_
     assert sorted(os.listdir(tmp_path / f"{stem}.peft")) == ["adapter_config.json", "adapter_model.safetensors"]
     with pytest.raises(ValueError, match=r"export_peft must be None, 'peft' or 'vllm', got 'onnx'"):
         LoRACallback(export_peft="onnx")
+
+
+class _NoOptimizer(Classifier):
+    configure_optimizers = L.LightningModule.configure_optimizers  # LightningCLI's --optimizer provides it
+
+
+class _Data(L.LightningDataModule):
+    def train_dataloader(self):
+        return data()
+
+
+def _cli(args):
+    cli_module = pytest.importorskip("lightning.pytorch.cli")
+    pytest.importorskip("jsonargparse")
+    return cli_module.LightningCLI(_NoOptimizer, _Data, args=args, run=False, save_config_callback=None)
+
+
+CLI_ARGS = ["--trainer.max_epochs=1", "--trainer.logger=false", "--trainer.enable_progress_bar=false",
+            "--trainer.callbacks+=lightning_lora.LoRACallback", "--trainer.callbacks.targets=[qkv]",
+            "--optimizer=AdamW", "--optimizer.lr=0.01"]
+
+
+def test_lightning_cli_optimizer_gets_the_adapters(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cli = _cli(CLI_ARGS)
+    cli.trainer.fit(cli.model, cli.datamodule)
+    held = {id(p) for group in cli.trainer.optimizers[0].param_groups for p in group["params"]}
+    assert all(id(p) in held for p in lora_parameters(cli.model))
+    assert cli.model.net.blocks[0].attn["qkv"].matrix_B.weight.abs().sum() > 0  # trained
+    with_scheduler = _cli([*CLI_ARGS, "--lr_scheduler=StepLR", "--lr_scheduler.step_size=1"])
+    with pytest.raises(MisconfigurationException, match="with a learning-rate scheduler they cannot be added afterwards"):
+        with_scheduler.trainer.fit(with_scheduler.model, with_scheduler.datamodule)
+
+
+def test_every_callback_argument_has_help_text(capsys):
+    import inspect
+    import re as regex
+
+    with pytest.raises(SystemExit):
+        _cli(["--trainer.callbacks.help", "lightning_lora.LoRACallback"])
+    text = " ".join(capsys.readouterr().out.split())
+    doc = inspect.getdoc(LoRACallback)
+    for name in inspect.signature(LoRACallback.__init__).parameters:
+        if name == "self":
+            continue
+        described = regex.search(rf"^    {name}: (.+)$", doc, regex.M)
+        assert described, f"{name} has no description in the docstring"
+        assert f"--trainer.callbacks.{name}" in text and " ".join(described.group(1).split()[:3]) in text, name
