@@ -244,3 +244,26 @@ def test_an_adapter_trained_in_a_lightning_module_loads_into_the_bare_model(tmp_
     again.model.load_state_dict(base)
     load_adapter(again, tmp_path / "a.lora.safetensors")  # and back into a wrapper
     assert set(lora_modules(again)) == set(lora_modules(wrapper))
+
+
+def test_gpt2_conv1d_merges_unmerges_exactly_and_unloads_into_gpt2(tmp_path):
+    from lightning_lora import LoRAConv1D, merge_and_unload, merge_lora, unmerge_lora
+
+    torch.manual_seed(0)
+    model = gpt2()
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    assert "lm_head" not in apply_lora(model, LoRAConfig(r=4, alpha=8, targets=["all-linear"]))  # PEFT's meaning
+    assert all(isinstance(a, LoRAConv1D) for a in lora_modules(model).values())
+    with torch.no_grad():
+        for adapter in lora_modules(model).values():
+            adapter.matrix_B.weight.normal_(0, 0.1)
+    expected = logits(model)
+    merge_lora(model)
+    torch.testing.assert_close(logits(model), expected, rtol=TOLERANCE, atol=TOLERANCE)
+    unmerge_lora(model)
+    state = {k.replace(".original_module", ""): v for k, v in model.state_dict().items() if "matrix_" not in k}
+    assert all(torch.equal(state[k], base[k]) for k in base)  # bit for bit
+    merged = merge_and_unload(model)
+    plain = gpt2()
+    plain.load_state_dict(merged.state_dict(), strict=True)
+    torch.testing.assert_close(logits(plain), expected, rtol=TOLERANCE, atol=TOLERANCE)
