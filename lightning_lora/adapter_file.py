@@ -172,13 +172,20 @@ def adapter_bytes(
     }
     if checkpoint is not None:
         metadata["checkpoint"] = json.dumps(dict(checkpoint))
-    tensors = {
-        key: t.detach().to("cpu", copy=True).contiguous()
-        for key, t in _inside(lora_tensors(model), prefix, "adapter tensor").items()
-    }
+    tensors = adapter_tensors(model, prefix)
     draft = save_tensors(tensors, metadata={**metadata, _DIGEST_KEY: "0" * 64})
     metadata[_DIGEST_KEY] = _digest(_header(draft, "draft"), draft)
     return save_tensors(tensors, metadata=metadata)
+
+
+def adapter_tensors(model: nn.Module, root: str | nn.Module | None = None) -> dict[str, torch.Tensor]:
+    """The tensors an adapter file of ``model`` holds: CPU copies, named relative to ``root``
+    (default: :func:`default_root`), as :func:`tensors_digest` of a companion file sees them."""
+    prefix = resolve_root(model, root) if root is not None else default_root(model)
+    return {
+        key: tensor.detach().to("cpu", copy=True).contiguous()
+        for key, tensor in _inside(lora_tensors(model), prefix, "adapter tensor").items()
+    }
 
 
 def parse_adapter(data: bytes, source: str) -> AdapterFile:

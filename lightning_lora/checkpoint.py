@@ -31,7 +31,7 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
-from lightning_lora.adapter_file import SUFFIX, adapter_bytes, read_adapter, tensors_digest
+from lightning_lora.adapter_file import SUFFIX, adapter_bytes, adapter_tensors, read_adapter, tensors_digest
 from lightning_lora.config import LoRAConfig
 from lightning_lora.files import exists, read_bytes, remove_if_exists, write_atomic, write_on_rank_zero
 from lightning_lora.fingerprint import dtype_note, dtypes_of, fingerprint_matches, fingerprint_tensors
@@ -42,7 +42,6 @@ from lightning_lora.surgery import (
     install,
     lora_config,
     lora_modules,
-    lora_state_dict,
     merged_modules,
     trainable_modules,
 )
@@ -101,7 +100,7 @@ def slim_checkpoint(checkpoint: dict[str, Any], module: nn.Module, keep_base_wei
         "config": (lora_config(module) or LoRAConfig()).to_dict(),
         "modules": {name: layer.spec.to_dict() for name, layer in adapters.items()},
         "trainable": list(trainable_modules(module)),
-        "adapter_digest": tensors_digest(lora_state_dict(module)),
+        "adapter_digest": tensors_digest(adapter_tensors(module)),  # as its companion file holds them
     }
     for key in dropped:
         del state[key]

@@ -267,3 +267,38 @@ def test_gpt2_conv1d_merges_unmerges_exactly_and_unloads_into_gpt2(tmp_path):
     plain = gpt2()
     plain.load_state_dict(merged.state_dict(), strict=True)
     torch.testing.assert_close(logits(plain), expected, rtol=TOLERANCE, atol=TOLERANCE)
+
+
+class LitLlama(L.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.model = llama()
+
+    def training_step(self, batch, batch_idx):
+        (tokens,) = batch
+        return self.model(input_ids=tokens, labels=tokens).loss
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=1e-2)
+
+
+def test_callback_companions_of_a_wrapped_transformers_model_check_and_load_into_the_bare_model(tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from lightning_lora import LoRACallback, check_companion
+
+    torch.manual_seed(0)
+    lit = LitLlama()
+    base = {k: v.clone() for k, v in lit.model.state_dict().items()}
+    loader = DataLoader(TensorDataset(torch.randint(0, 64, (8, 7))), batch_size=4)
+    saver = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    L.Trainer(max_epochs=1, logger=False, enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+              callbacks=[LoRACallback(targets=["q_proj", "v_proj"], export_peft="peft"), saver]).fit(lit, loader)
+    check_companion(tmp_path / "last.ckpt")
+    bare = llama()
+    bare.load_state_dict(base)
+    load_adapter(bare.eval(), tmp_path / "last.lora.safetensors")  # names relative to lit.model
+    torch.testing.assert_close(logits(bare), logits(lit.model.eval()), rtol=TOLERANCE, atol=TOLERANCE)
+    served = peft.PeftModel.from_pretrained(fresh(llama, base), tmp_path / "last.peft").eval()
+    torch.testing.assert_close(logits(served), logits(lit.model), rtol=TOLERANCE, atol=TOLERANCE)
