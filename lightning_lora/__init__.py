@@ -33,6 +33,7 @@ from lightning_lora.surgery import (
     Installation,
     LoRASummary,
     apply_lora,
+    disable_adapters,
     install,
     lora_config,
     lora_modules,
@@ -41,6 +42,7 @@ from lightning_lora.surgery import (
     lora_summary,
     merge_and_unload,
     merge_lora,
+    set_adapters_enabled,
     unmerge_lora,
 )
 
@@ -70,6 +72,7 @@ __all__ = [
     "export_peft",
     "import_peft",
     "check_companion",
+    "disable_adapters",
     "install",
     "load_adapter",
     "load_checkpoint",
@@ -83,6 +86,7 @@ __all__ = [
     "plan_adapters",
     "read_adapter",
     "save_adapter",
+    "set_adapters_enabled",
     "unmerge_lora",
     "write_companion",
 ]

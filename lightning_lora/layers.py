@@ -76,6 +76,7 @@ class LoRABase(nn.Module):
         self.scaling = scaling(alpha, r, use_rslora)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
+        self.enabled = True  # False: forward runs the original layer alone (see disable_adapters)
         self._created_bias = False
         self._original_bias: torch.Tensor | None = None
         self._weight_residual: torch.Tensor | None = None
@@ -138,7 +139,7 @@ class LoRABase(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.original_module(x)
-        if self.merged:
+        if self.merged or not self.enabled:
             return result
         return result + self.scaling * self._adapter(x)
 
@@ -294,7 +295,7 @@ class LoRA(LoRABase):
         (subclasses may compute something else, hooks must run) and inputs the fused node does
         not take (mixed dtypes outside autocast, other devices) use the separate layers.
         """
-        if self.merged:
+        if self.merged or not self.enabled:
             return self.original_module(x)
         dtype = _fused_dtype(self.original_module, x)
         if dtype is None:
@@ -499,7 +500,7 @@ class LoRAEmbedding(LoRABase):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.original_module(x)
-        if self.merged:
+        if self.merged or not self.enabled:
             return result
         return result + (self.scaling * self._adapter(x)).to(result.dtype)
 

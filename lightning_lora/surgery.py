@@ -11,6 +11,7 @@ model in place say so, and either succeed or leave the model exactly as it was.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -281,6 +282,47 @@ def _check_not_shared(model: nn.Module, adapters: dict[str, LoRABase]) -> None:
                 f"cannot merge module '{name}': its weight is shared with {holders!r} (tied weights), "
                 f"so merging would change the other module too"
             )
+
+
+def set_adapters_enabled(model: nn.Module, enabled: bool) -> None:
+    """Switch every adapter of ``model`` on or off, in place: off, each layer runs its original module alone.
+
+    Nothing is merged or copied; for code that cannot use :func:`disable_adapters`.
+
+    Raises:
+        TypeError: if ``enabled`` is not a bool. RuntimeError: if adapters are merged (their update is
+            in the weights; nothing is changed then).
+    """
+    if not isinstance(enabled, bool):
+        raise TypeError(f"enabled must be True or False, got {enabled!r} ({type(enabled).__name__})")
+    adapters = lora_modules(model)
+    merged = merged_modules(model)
+    if merged and not enabled:
+        raise RuntimeError(f"cannot disable merged adapters {merged[:5]!r}: their update is in the weights; unmerge_lora() first")
+    for adapter in adapters.values():
+        adapter.enabled = enabled
+
+
+@contextmanager
+def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
+    """Run ``model`` as its base model inside the ``with`` block: the adapters are switched off, not merged.
+
+    Nestable and exception-safe: on leaving, every adapter is as it was on entering. Under
+    ``torch.compile`` the two states compile once each, not at every switch.
+
+    Example::
+
+        with disable_adapters(model):
+            reference = model(batch)  # the base model's outputs, e.g. for DPO's reference policy
+    """
+    adapters = list(lora_modules(model).values())
+    previous = [adapter.enabled for adapter in adapters]
+    set_adapters_enabled(model, False)
+    try:
+        yield model
+    finally:
+        for adapter, enabled in zip(adapters, previous):
+            adapter.enabled = enabled
 
 
 @dataclass(frozen=True)
