@@ -15,6 +15,8 @@ What it does, in hook order:
   optimizers must hold every adapter parameter (a warning if they also hold frozen ones).
 - ``on_before_optimizer_step``: on logging steps only, logs ``lora/grad_norm`` (after AMP
   unscaling, once per accumulation window) and ``lora/scaling``.
+- ``on_train_batch_start`` / ``on_train_epoch_start`` / ``on_fit_end`` / ``teardown``: give the
+  checkpoint links of ``ModelCheckpoint(save_last="link")`` their companion links.
 - ``on_fit_end``: merges the adapters when ``merge_on_end``.
 """
 
@@ -38,9 +40,9 @@ from typing_extensions import override
 from lightning_lora.adapter_file import install_adapter, read_adapter
 from lightning_lora.checkpoint import LoRACheckpointIO, link_companion
 from lightning_lora.config import LoRAConfig, explicit_settings, reconcile
-from lightning_lora.spec import boolean
 from lightning_lora.peft_format import TARGETS
 from lightning_lora.plan import plan_adapters
+from lightning_lora.spec import boolean
 from lightning_lora.surgery import (
     Installation,
     install,
@@ -148,7 +150,7 @@ class LoRACallback(Callback):
         self.export_peft = export_peft
         self._explicit = explicit
         self._adapted: set[int] = set()
-        self._armed: pl.LightningModule | None = None
+        self._armed: tuple[pl.LightningModule, Callable[[], None]] | None = None
         self._checked = False
         self._installation: Installation | None = None  # adapters added by this run, until it starts
 
@@ -202,12 +204,14 @@ class LoRACallback(Callback):
             self._adapt(pl_module)
 
         setattr(pl_module, "configure_model", configure_model_then_adapt)  # noqa: B010  (on the instance)
-        self._armed = pl_module
+        self._armed = (pl_module, configure_model_then_adapt)
 
     def _disarm(self) -> None:
-        """Remove the instance wrapper of :meth:`_arm`, if it is still there."""
+        """Remove the instance wrapper of :meth:`_arm`, if it is still there (and nothing else)."""
         if self._armed is not None:
-            vars(self._armed).pop("configure_model", None)
+            module, wrapper = self._armed
+            if vars(module).get("configure_model") is wrapper:
+                del vars(module)["configure_model"]
             self._armed = None
 
     def _adapt(self, pl_module: pl.LightningModule) -> None:
