@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import io
 import os
+import pickle
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -352,7 +354,11 @@ def _remove_peft(checkpoint_path: str) -> None:
 
 def _load(path: str) -> dict[str, Any]:
     """A checkpoint file, read with ``weights_only=True``."""
-    checkpoint = torch.load(io.BytesIO(read_bytes(path)), map_location="cpu", weights_only=True)
+    try:
+        checkpoint = torch.load(io.BytesIO(read_bytes(path)), map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as err:  # torch's errors for bad files
+        text = re.sub(r"\x1b\[[0-9;]*m", "", str(err)).strip() or type(err).__name__
+        raise ValueError(f"{path} is not a readable checkpoint: {text.split('. ')[0].splitlines()[0]}") from err
     if not isinstance(checkpoint, dict):
         raise ValueError(f"{path} is not a Lightning checkpoint (it holds a {type(checkpoint).__name__})")
     return checkpoint

@@ -26,7 +26,7 @@ import pickle
 import sys
 import warnings
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -80,7 +80,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     command: Callable[[argparse.Namespace], None] = args.run
     with warnings.catch_warnings(record=True) as caught:  # shown after success; an error prints one line
-        warnings.simplefilter("default")
         try:
             command(args)
         except ERRORS as err:
@@ -199,7 +198,7 @@ def run_inspect(args: argparse.Namespace) -> None:
         _inspect_peft(path)
         return
     _require_file("PATH", path, f"an adapter file (*{SUFFIX}) or a PEFT adapter folder")
-    _inspect_adapter(path, read_adapter(path))
+    _inspect_adapter(path, _read_adapter("PATH", path, f"an adapter file (*{SUFFIX}) or a PEFT adapter folder"))
 
 
 def _inspect_adapter(path: str, adapter: AdapterFile) -> None:
@@ -210,9 +209,8 @@ def _inspect_adapter(path: str, adapter: AdapterFile) -> None:
         common = adapter.base_dtypes.get("", "float32")
         others = len(adapter.base_dtypes) - ("" in adapter.base_dtypes)
         print(f"base dtypes: {common}" + (f" ({others} weights in other dtypes)" if others else ""))
-    root = str(getattr(adapter, "root", "") or "")
-    if root:
-        print(f"root: {root} (module names are relative to it)")
+    if adapter.root:
+        print(f"root: {adapter.root} (module names are relative to it)")
     if adapter.checkpoint is not None:
         print("checkpoint: " + " ".join(f"{key}={value}" for key, value in adapter.checkpoint.items()))
     print("config:")
@@ -228,14 +226,12 @@ def _inspect_adapter(path: str, adapter: AdapterFile) -> None:
         differing = " ".join(f"{key}={value}" for key, value in spec.items() if value != common_spec[key])
         print(f"  {name:<{width}}  {differing}".rstrip())
     print(f"trainable modules ({len(adapter.trainable)}): {', '.join(adapter.trainable) or '-'}")
-    trainable_keys = [key for key in adapter.tensors if is_inside(key, adapter.trainable)]
-    adapter_keys = [key for key in adapter.tensors if key not in set(trainable_keys)]
     params = {key: tensor.numel() for key, tensor in adapter.tensors.items()}
+    in_trainable = sum(count for key, count in params.items() if is_inside(key, adapter.trainable))
     size = sum(tensor.numel() * tensor.element_size() for tensor in adapter.tensors.values())
     print(
         f"tensors: {len(adapter.tensors)}, parameters: {sum(params.values()):,} (adapters "
-        f"{sum(params[key] for key in adapter_keys):,}, trainable modules {sum(params[key] for key in trainable_keys):,}), "
-        f"bytes: {size:,}"
+        f"{sum(params.values()) - in_trainable:,}, trainable modules {in_trainable:,}), bytes: {size:,}"
     )
 
 
@@ -309,13 +305,17 @@ def run_merge(args: argparse.Namespace) -> None:
         if os.path.isfile(out):
             raise ValueError(f"--out must be a folder for a Hugging Face --base (save_pretrained writes into it), got the file {out!r}")
         _refuse_same("--out", out, "--base", base)
-        adapter = read_adapter(adapter_path)  # a bad file fails before the model is built
+        adapter = _read_adapter("--adapter", adapter_path)  # a bad file fails before the model is built
         with _transformers("--base", base) as transformers:
             model = _hf_model(transformers, base, "--base")
-            load_adapter(model, adapter_path, check_base=args.check_base)
+            try:
+                load_adapter(model, adapter_path, check_base=args.check_base)
+            except ValueError as err:  # the library's advice, in the command line's terms
+                message = str(err).replace("pass check_base=False to load anyway", "pass --no-check-base to merge anyway")
+                raise ValueError(f"--adapter does not fit --base {base}: {message}") from err
             merge_and_unload(model)
-            save_pretrained: Callable[..., Any] = getattr(model, "save_pretrained")
-            save_pretrained(out, safe_serialization=True) if _accepts(save_pretrained, "safe_serialization") else save_pretrained(out)
+            save_pretrained: Callable[[str], Any] = getattr(model, "save_pretrained")
+            save_pretrained(out)  # safetensors: the default since transformers 4.35, the only format in 5
         print(f"merged {len(adapter.modules)} adapted modules of {adapter_path} into {base}; wrote {out} (float32)")
         return
     if os.path.isdir(base):
@@ -327,9 +327,9 @@ def run_merge(args: argparse.Namespace) -> None:
     if os.path.isdir(out):
         raise ValueError(f"--out must be a file path for a .safetensors --base, got the folder {out!r}")
     _refuse_same("--out", out, "--base", base)
-    adapter = read_adapter(adapter_path)
+    adapter = _read_adapter("--adapter", adapter_path)
     tensors, metadata = _read_state_dict(base)
-    merged = merge_state_dict(tensors, adapter, base, adapter_path, check_base=args.check_base)
+    merged = merge_state_dict(tensors, adapter, f"--base {base}", f"--adapter {adapter_path}", check_base=args.check_base)
     write_atomic(out, save_tensors(merged, metadata=metadata))
     print(f"merged {len(adapter.modules)} adapted modules of {adapter_path} into {base}; wrote {out} (float32)")
 
@@ -337,8 +337,8 @@ def run_merge(args: argparse.Namespace) -> None:
 def merge_state_dict(
     tensors: Mapping[str, torch.Tensor],
     adapter: AdapterFile,
-    base: str = "--base",
-    source: str = "--adapter",
+    base: str = "the base state dict",
+    source: str = "the adapter file",
     check_base: bool = True,
 ) -> dict[str, torch.Tensor]:
     """A base model's state dict with ``adapter`` merged in, every floating-point tensor in float32.
@@ -360,7 +360,9 @@ def merge_state_dict(
     merged = {key: _float32(tensor) for key, tensor in tensors.items()}
     for name, spec in adapter.modules.items():
         full = _join(prefix, name)
-        weight, bias = merged[f"{full}.weight"], merged.get(f"{full}.bias")
+        weight = merged[f"{full}.weight"].clone()  # merged in place: the caller's tensors stay as they are
+        bias = merged.get(f"{full}.bias") if spec.kind != "embedding" else None
+        bias = None if bias is None else bias.clone()
         file_tensors = {key: tensor for key, tensor in adapter.tensors.items() if key.startswith(f"{name}.")}
         layer = _layer(spec, weight, bias, file_tensors, name, base)
         lora = build_adapter(layer, spec, name)
@@ -369,7 +371,7 @@ def merge_state_dict(
         if lora.merge_creates_bias:
             raise ValueError(
                 f"{source} cannot be merged into {base}: module '{name}' has an adapter bias but no bias in the "
-                f"base, so the merged model would not fit the base's architecture"
+                f"base, so the merged model would not fit the base's architecture; adapt it with bias=False (or bias='auto')"
             )
         lora.merge()
         merged[f"{full}.weight"] = base_weight(layer).detach()
@@ -403,7 +405,7 @@ def merge_state_dict(
 
 def _locate(tensors: Mapping[str, torch.Tensor], adapter: AdapterFile, base: str, source: str) -> str:
     """The prefix under which the adapter's module names are found in the state dict."""
-    root = str(getattr(adapter, "root", "") or "")
+    root = adapter.root  # the module the names are relative to in the model the file was saved from
     candidates = list(dict.fromkeys(["", root]))
     fits = [prefix for prefix in candidates if all(f"{_join(prefix, name)}.weight" in tensors for name in adapter.modules)]
     if not fits:
@@ -437,14 +439,14 @@ def _check_base(tensors: Mapping[str, torch.Tensor], adapter: AdapterFile, prefi
         return
     if buffers:
         raise ValueError(
-            f"--base {base} cannot be checked exactly against --adapter {source}: it holds tensors that may be "
+            f"{base} cannot be checked exactly against {source}: it holds tensors that may be "
             f"buffers rather than parameters ({buffers[:3]!r}), and neither with them ({fingerprint_tensors(named)[:12]}) "
             f"nor without them ({fingerprint_tensors(without)[:12]}) do its tensors give the adapter's base fingerprint "
             f"{digest[:12]}; if it is the base the adapter was trained on, pass --no-check-base to merge without the check"
             f".{dtype_note(without, dtypes)}"
         )
     raise ValueError(
-        f"--base {base} is not the base --adapter {source} was trained on: base fingerprint {digest[:12]} in the "
+        f"{base} is not the base {source} was trained on: base fingerprint {digest[:12]} in the "
         f"adapter file, {fingerprint_tensors(named)[:12]} from the {len(named)} tensors of the base file. Pass the base "
         f"weights it was trained on, or --no-check-base to merge anyway (a state dict holding buffers besides "
         f"parameters cannot be checked exactly).{dtype_note(named, dtypes)}"
@@ -486,7 +488,8 @@ def _layer(
                     f"{tuple(b.shape) if b is not None else None}"
                 )
             groups = spec.r // per_group
-            conv_type = {3: nn.Conv1d, 4: nn.Conv2d, 5: nn.Conv3d}[len(shape)]
+            conv_types: dict[int, Callable[..., nn.Module]] = {3: nn.Conv1d, 4: nn.Conv2d, 5: nn.Conv3d}
+            conv_type = conv_types[len(shape)]
             layer = conv_type(shape[1] * groups, shape[0], shape[2:], groups=groups, bias=has_bias)
     layer.weight = nn.Parameter(weight, requires_grad=False)
     if bias is not None:
@@ -533,7 +536,10 @@ def run_export_peft(args: argparse.Namespace) -> None:
     _require_file("ADAPTER", adapter, f"an adapter file (*{SUFFIX})")
     if os.path.isfile(out_dir):
         raise ValueError(f"OUT_DIR must be a folder (created if needed), got the file {out_dir!r}")
-    export_peft = _peft_format().export_peft
+    try:
+        from lightning_lora.peft_format import export_peft
+    except ImportError as err:
+        raise RuntimeError(f"export-peft needs lightning_lora.peft_format, which cannot be imported: {err}") from err
     written = export_peft(adapter, out_dir, base_model_name_or_path=args.base_model_name_or_path, target=args.target)
     print(f"wrote {args.target} adapter {written} ({PEFT_CONFIG}, {PEFT_WEIGHTS}) from {adapter}")
 
@@ -541,30 +547,23 @@ def run_export_peft(args: argparse.Namespace) -> None:
 def run_import_peft(args: argparse.Namespace) -> None:
     """``lightning-lora import-peft PEFT_DIR OUT --base HF_DIR``."""
     peft_dir, out, base = str(args.peft_dir), str(args.out), str(args.base)
-    if not os.path.isdir(peft_dir):
-        raise FileNotFoundError(
-            f"PEFT_DIR must be a PEFT adapter folder ({PEFT_CONFIG} + {PEFT_WEIGHTS}), got {peft_dir!r}, "
-            f"{'a file' if os.path.exists(peft_dir) else 'which does not exist'}"
-        )
+    for required in (PEFT_CONFIG, PEFT_WEIGHTS):
+        if not os.path.isfile(os.path.join(peft_dir, required)):
+            found = f"a folder without {required}" if os.path.isdir(peft_dir) else ("a file" if os.path.exists(peft_dir) else "which does not exist")
+            raise FileNotFoundError(f"PEFT_DIR must be a PEFT adapter folder ({PEFT_CONFIG} + {PEFT_WEIGHTS}), got {peft_dir!r}, {found}")
     if not _is_hf_folder(base):
         raise ValueError(f"--base must be a Hugging Face model folder (with config.json), got {base!r}{_what(base)}")
     if os.path.isdir(out):
         raise ValueError(f"OUT must be the adapter file to write (*{SUFFIX}), got the folder {out!r}")
-    import_peft = _peft_format().import_peft
+    try:
+        from lightning_lora.peft_format import import_peft
+    except ImportError as err:
+        raise RuntimeError(f"import-peft needs lightning_lora.peft_format, which cannot be imported: {err}") from err
     with _transformers("--base", base) as transformers:
         model = _hf_model(transformers, base, "--base")
         names = import_peft(model, peft_dir)
         save_adapter(model, out)
     print(f"imported {len(names)} adapted modules from {peft_dir} onto {base}; wrote {out}")
-
-
-def _peft_format() -> Any:
-    """:mod:`lightning_lora.peft_format`, imported when a PEFT command runs."""
-    try:
-        from lightning_lora import peft_format
-    except ImportError as err:
-        raise RuntimeError(f"the PEFT commands need lightning_lora.peft_format, which cannot be imported: {err}") from err
-    return peft_format
 
 
 # --- check ----------------------------------------------------------------------------------------
@@ -576,8 +575,8 @@ def run_check(args: argparse.Namespace) -> None:
     _require_file("CKPT", ckpt, "a Lightning checkpoint (.ckpt)")
     try:
         check_companion(ckpt)
-    except (RuntimeError, pickle.UnpicklingError, EOFError) as err:  # torch.load of something else
-        raise ValueError(f"CKPT must be a Lightning checkpoint, but {ckpt} does not load as one: {_one_line(err)}") from err
+    except ValueError as err:  # a stale pair, a missing companion, a file that is no checkpoint
+        raise ValueError(f"CKPT: {err}") from err
     print(f"ok: {ckpt} and {adapter_path_for(ckpt)} belong together")
 
 
@@ -629,13 +628,12 @@ def _hf_model(transformers: Any, folder: str, param: str) -> nn.Module:
     return model
 
 
-def _accepts(function: Callable[..., Any], argument: str) -> bool:
-    import inspect
-
+def _read_adapter(param: str, path: str, expected: str = f"an adapter file (*{SUFFIX})") -> AdapterFile:
+    """:func:`~lightning_lora.adapter_file.read_adapter`, its errors naming the parameter."""
     try:
-        return argument in inspect.signature(function).parameters
-    except (TypeError, ValueError):
-        return False
+        return read_adapter(path)
+    except ValueError as err:
+        raise ValueError(f"{param} must be {expected}: {err}") from err
 
 
 def _is_hf_folder(path: str) -> bool:
@@ -674,7 +672,7 @@ def _relative(name: str, prefix: str) -> str | None:
     return name[len(prefix) + 1 :] if name.startswith(prefix + ".") else None
 
 
-def _most_common(values: Iterator[Any]) -> Any:
+def _most_common(values: Iterable[Any]) -> Any:
     return Counter(values).most_common(1)[0][0]
 
 

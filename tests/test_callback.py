@@ -646,3 +646,12 @@ def test_every_callback_argument_has_help_text(capsys):
         described = regex.search(rf"^    {name}: (.+)$", doc, regex.M)
         assert described, f"{name} has no description in the docstring"
         assert f"--trainer.callbacks.{name}" in text and " ".join(described.group(1).split()[:3]) in text, name
+
+
+def test_a_file_that_is_no_checkpoint_is_a_value_error(tmp_path):
+    from lightning_lora import check_companion, load_checkpoint
+
+    (tmp_path / "g.ckpt").write_bytes(b"garbage\n")
+    for attempt in (lambda: check_companion(tmp_path / "g.ckpt"), lambda: load_checkpoint(Classifier(), tmp_path / "g.ckpt")):
+        with pytest.raises(ValueError, match=r"g.ckpt is not a readable checkpoint: "):
+            attempt()
