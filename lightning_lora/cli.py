@@ -41,13 +41,13 @@ from lightning_lora.files import read_bytes, write_atomic
 from lightning_lora.fingerprint import dtype_note, fingerprint_matches, fingerprint_tensors
 from lightning_lora.layers import LoRABase, base_bias, base_weight, build_adapter
 from lightning_lora.naming import is_inside
+from lightning_lora.peft_format import CONFIG_FILE as PEFT_CONFIG
+from lightning_lora.peft_format import WEIGHTS_FILE as PEFT_WEIGHTS
+from lightning_lora.peft_format import export_peft, import_peft
 from lightning_lora.spec import AdapterSpec
 from lightning_lora.surgery import merge_and_unload
 
 PROG = "lightning-lora"
-#: The files of a PEFT adapter folder.
-PEFT_CONFIG = "adapter_config.json"
-PEFT_WEIGHTS = "adapter_model.safetensors"
 #: The PEFT config fields ``inspect`` prints.
 PEFT_FIELDS = (
     "r",
@@ -536,10 +536,6 @@ def run_export_peft(args: argparse.Namespace) -> None:
     _require_file("ADAPTER", adapter, f"an adapter file (*{SUFFIX})")
     if os.path.isfile(out_dir):
         raise ValueError(f"OUT_DIR must be a folder (created if needed), got the file {out_dir!r}")
-    try:
-        from lightning_lora.peft_format import export_peft
-    except ImportError as err:
-        raise RuntimeError(f"export-peft needs lightning_lora.peft_format, which cannot be imported: {err}") from err
     written = export_peft(adapter, out_dir, base_model_name_or_path=args.base_model_name_or_path, target=args.target)
     print(f"wrote {args.target} adapter {written} ({PEFT_CONFIG}, {PEFT_WEIGHTS}) from {adapter}")
 
@@ -555,10 +551,6 @@ def run_import_peft(args: argparse.Namespace) -> None:
         raise ValueError(f"--base must be a Hugging Face model folder (with config.json), got {base!r}{_what(base)}")
     if os.path.isdir(out):
         raise ValueError(f"OUT must be the adapter file to write (*{SUFFIX}), got the folder {out!r}")
-    try:
-        from lightning_lora.peft_format import import_peft
-    except ImportError as err:
-        raise RuntimeError(f"import-peft needs lightning_lora.peft_format, which cannot be imported: {err}") from err
     with _transformers("--base", base) as transformers:
         model = _hf_model(transformers, base, "--base")
         names = import_peft(model, peft_dir)
