@@ -145,6 +145,9 @@ def _to_peft(
     rslora = {spec.use_rslora for spec in specs.values()}
     if len(rslora) > 1:
         raise ValueError("PEFT has one use_rslora for all modules, but the adapter mixes rsLoRA and plain scaling")
+    dropouts = sorted({spec.dropout for spec in specs.values()})
+    if len(dropouts) > 1:
+        raise ValueError(f"PEFT has one lora_dropout for all modules, but the adapter's modules use {dropouts}")
     with_bias = any(spec.bias for spec in specs.values())
     embeddings = [name for name, spec in specs.items() if spec.kind == "embedding"]
     if with_bias and embeddings:
@@ -183,7 +186,7 @@ def _to_peft(
         "rank_pattern": {_anchored(name): spec.r for name, spec in specs.items() if spec.r != r},
         "alpha_pattern": {_anchored(name): spec.alpha for name, spec in specs.items() if spec.alpha != alpha},
         "use_rslora": rslora.pop(),
-        "lora_dropout": _most_common(spec.dropout for spec in specs.values()),
+        "lora_dropout": dropouts[0],
         "lora_bias": with_bias,
         "bias": "none",
         "fan_in_fan_out": any(spec.kind == "transformers_conv1d" for spec in specs.values()),
