@@ -38,3 +38,77 @@ def test_ddp_spawn_trains_and_returns_the_adapters(tmp_path):
     for key, tensor in stored.items():  # the launching process got the trained adapters back
         assert torch.equal(state[key], tensor), key
     assert all(not torch.equal(state[key], before[key]) for key in stored if "matrix_B.weight" in key)
+
+
+DDP_SCRIPT = """
+import sys, torch
+sys.path.insert(0, {tests!r})
+import lightning as L
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+from lightning_models import SGDClassifier
+from lightning_lora import LoRACallback, lora_state_dict
+
+torch.manual_seed(0)
+tokens = torch.randint(0, 32, (64, 6), generator=torch.Generator().manual_seed(0))
+dataset = TensorDataset(tokens, tokens[:, 0] % 3)
+model = SGDClassifier()
+model.load_state_dict(torch.load({base!r}, weights_only=True))
+trainer = L.Trainer(strategy="ddp", accelerator="cpu", devices=2, max_epochs=2, enable_progress_bar=False,
+                    enable_model_summary=False, use_distributed_sampler=False, log_every_n_steps=1, deterministic=True,
+                    logger=CSVLogger({folder!r}, name="logs", version=0),
+                    callbacks=[LoRACallback(targets=["qkv", "fc1"]), ModelCheckpoint(dirpath={folder!r} + "/ckpt", save_last=True)])
+sampler = DistributedSampler(dataset, num_replicas=2, rank=trainer.global_rank, shuffle=False)
+trainer.fit(model, DataLoader(dataset, batch_size=4, sampler=sampler))
+torch.save(lora_state_dict(model), {folder!r} + f"/rank{{trainer.global_rank}}.pt")
+"""
+
+
+def test_ddp_two_processes_match_one_process(tmp_path):
+    import csv
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from lightning_models import SGDClassifier
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from lightning_lora import lora_state_dict
+
+    torch.manual_seed(0)
+    base = SGDClassifier().state_dict()
+    torch.save(base, tmp_path / "base.pt")
+    script = tmp_path / "ddp_run.py"
+    script.write_text(DDP_SCRIPT.format(tests=str(Path(__file__).parent), base=str(tmp_path / "base.pt"), folder=str(tmp_path)))
+    done = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert rank0.keys() == rank1.keys() and all(torch.equal(rank0[k], rank1[k]) for k in rank0)  # identical on every rank
+
+    # the same training in one process: each step's batch is the two ranks' batches together
+    tokens = torch.randint(0, 32, (64, 6), generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)  # as the script: the adapters are initialised from the same random state
+    reference = SGDClassifier()
+    reference.load_state_dict(base)
+    norms = []
+
+    class NormRecorder(L.Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            grads = [p.grad.double().reshape(-1) for p in pl_module.parameters() if p.grad is not None]
+            norms.append(torch.cat(grads).norm().item())
+
+    L.Trainer(max_epochs=2, logger=False, enable_progress_bar=False, enable_model_summary=False, deterministic=True,
+              callbacks=[LoRACallback(targets=["qkv", "fc1"]), NormRecorder()]).fit(
+        reference, DataLoader(TensorDataset(tokens, tokens[:, 0] % 3), batch_size=8)
+    )
+    expected = lora_state_dict(reference)
+    for key, tensor in expected.items():
+        torch.testing.assert_close(rank0[key], tensor, rtol=1e-6, atol=1e-6)
+    with open(tmp_path / "logs" / "version_0" / "metrics.csv") as file:
+        logged = [float(row["lora/grad_norm"]) for row in csv.DictReader(file) if row.get("lora/grad_norm")]
+    assert len(logged) == len(norms) == 16
+    assert logged == pytest.approx(norms, rel=1e-5)  # the global norm, not one rank's
+    written = sorted(os.listdir(tmp_path / "ckpt"))  # one writer: one file of each, complete
+    assert written == ["epoch=1-step=16.ckpt", "epoch=1-step=16.lora.safetensors", "last.ckpt", "last.lora.safetensors"]
