@@ -81,8 +81,10 @@ def test_ddp_two_processes_match_one_process(tmp_path):
     torch.save(base, tmp_path / "base.pt")
     script = tmp_path / "ddp_run.py"
     script.write_text(DDP_SCRIPT.format(tests=str(Path(__file__).parent), base=str(tmp_path / "base.pt"), folder=str(tmp_path)))
+    # Lightning reseeds launched processes from PL_GLOBAL_SEED, which an earlier seed_everything may have set
+    env = {key: value for key, value in os.environ.items() if not key.startswith("PL_")}
     done = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+                          env={**env, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert rank0.keys() == rank1.keys() and all(torch.equal(rank0[k], rank1[k]) for k in rank0)  # identical on every rank
