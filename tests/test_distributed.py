@@ -102,7 +102,7 @@ def test_ddp_two_processes_match_one_process(tmp_path):
             norms.append(torch.cat(grads).norm().item())
 
     L.Trainer(max_epochs=2, logger=False, enable_progress_bar=False, enable_model_summary=False, deterministic=True,
-              callbacks=[LoRACallback(targets=["qkv", "fc1"]), NormRecorder()]).fit(
+              default_root_dir=tmp_path / "reference", callbacks=[LoRACallback(targets=["qkv", "fc1"]), NormRecorder()]).fit(
         reference, DataLoader(TensorDataset(tokens, tokens[:, 0] % 3), batch_size=8)
     )
     expected = lora_state_dict(reference)
