@@ -40,16 +40,6 @@ def base_fingerprint(model: nn.Module, trainable: Iterable[str] | None = None) -
     return fingerprint_tensors(_base(model, trainable))
 
 
-def base_dtypes(model: nn.Module, trainable: Iterable[str] | None = None) -> dict[str, str]:
-    """The dtypes of the base weights of ``model``, in the compact form of :func:`dtypes_of`."""
-    return dtypes_of(_base(model, trainable))
-
-
-def matches_base(model: nn.Module, digest: str, dtypes: Mapping[str, str] | None, trainable: Iterable[str] | None = None) -> bool:
-    """Whether ``model``'s base weights match a recorded digest (see :func:`fingerprint_matches`)."""
-    return fingerprint_matches(_base(model, trainable), digest, dtypes)
-
-
 def fingerprint_matches(named: Iterable[tuple[str, torch.Tensor]], digest: str, dtypes: Mapping[str, str] | None) -> bool:
     """Whether named tensors match a recorded digest, taken in the recorded ``dtypes``.
 
