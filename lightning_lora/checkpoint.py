@@ -158,12 +158,15 @@ def load_checkpoint(module: nn.Module, path: str | os.PathLike, strict: bool = T
     Raises:
         ValueError: if the checkpoint is not a LoRA checkpoint or does not fit ``module``.
     """
-    checkpoint = _load(str(path))
+    _load_into(module, _load(str(path)), str(path), strict)
+    return module
+
+
+def _load_into(module: nn.Module, checkpoint: dict[str, Any], path: str, strict: bool) -> None:
     if not isinstance(checkpoint.get(CHECKPOINT_KEY), dict) or not isinstance(checkpoint.get("state_dict"), dict):
         raise ValueError(f"{path} is not a LoRA checkpoint (it has no {CHECKPOINT_KEY!r} record)")
     restore_checkpoint(checkpoint, module)
     module.load_state_dict(checkpoint["state_dict"], strict=strict)
-    return module
 
 
 def _fill_base_weights(record: dict[str, Any], state: dict[str, Any], module: nn.Module) -> None:
@@ -199,7 +202,11 @@ def check_companion(checkpoint_path: str | os.PathLike) -> None:
             adapter tensors or another step than the checkpoint records (a stale pair).
     """
     path = str(checkpoint_path)
-    checkpoint = _load(path)
+    _check_pair(_load(path), path)
+
+
+def _check_pair(checkpoint: dict[str, Any], path: str) -> None:
+    """:func:`check_companion` of the checkpoint ``path``, already loaded as ``checkpoint``."""
     record = checkpoint.get(CHECKPOINT_KEY)
     if not isinstance(record, dict) or "adapter_digest" not in record:
         raise ValueError(f"{path} has no LoRA record of its adapter (not written by this lightning_lora version)")
@@ -229,8 +236,8 @@ def write_companion(checkpoint_path: str | os.PathLike, module: nn.Module) -> st
         ValueError: if the checkpoint has no LoRA record or does not fit ``module``.
     """
     path = str(checkpoint_path)
-    load_checkpoint(module, path)
     checkpoint = _load(path)
+    _load_into(module, checkpoint, path, strict=True)
     step = {"epoch": checkpoint.get("epoch", 0), "global_step": checkpoint.get("global_step", 0)}
     companion = adapter_path_for(path)
     write_on_rank_zero(companion, adapter_bytes(module, checkpoint=step))
@@ -314,7 +321,7 @@ class LoRACheckpointIO(CheckpointIO):
             restore_checkpoint(checkpoint, self._module())
             if exists(adapter_path_for(str(path))):
                 try:
-                    check_companion(path)
+                    _check_pair(checkpoint, str(path))  # the checkpoint just read, not read again
                 except ValueError as err:
                     rank_zero_warn(f"LoRA: resuming from {path}, whose companion adapter file is stale: {err}")
         return checkpoint
