@@ -40,7 +40,7 @@ from lightning_lora.checkpoint import adapter_path_for, check_companion
 from lightning_lora.files import read_bytes, write_atomic
 from lightning_lora.fingerprint import dtype_note, fingerprint_matches, fingerprint_tensors
 from lightning_lora.layers import LoRABase, base_bias, base_weight, build_adapter
-from lightning_lora.naming import is_inside
+from lightning_lora.naming import absolute, is_inside, relative
 from lightning_lora.peft_format import CONFIG_FILE as PEFT_CONFIG
 from lightning_lora.peft_format import WEIGHTS_FILE as PEFT_WEIGHTS
 from lightning_lora.peft_format import export_peft, import_peft
@@ -359,7 +359,7 @@ def merge_state_dict(
     owned: set[str] = set()
     merged = {key: _float32(tensor) for key, tensor in tensors.items()}
     for name, spec in adapter.modules.items():
-        full = _join(prefix, name)
+        full = absolute(name, prefix)
         weight = merged[f"{full}.weight"].clone()  # merged in place: the caller's tensors stay as they are
         bias = merged.get(f"{full}.bias") if spec.kind != "embedding" else None
         bias = None if bias is None else bias.clone()
@@ -380,14 +380,14 @@ def merge_state_dict(
             merged[f"{full}.bias"] = merged_bias.detach()
     for name in adapter.trainable:
         stored = {key for key in adapter.tensors if is_inside(key, [name])}
-        present = {key[len(prefix) + 1 :] if prefix else key for key in tensors if is_inside(key, [_join(prefix, name)])}
+        present = {str(relative(key, prefix)) for key in tensors if is_inside(key, [absolute(name, prefix)])}
         if stored != present:
             raise ValueError(
                 f"{source} does not fit {base}: trainable module '{name}' has tensors {sorted(stored)[:5]!r} in the "
                 f"adapter file but {sorted(present)[:5]!r} in the base"
             )
         for key in stored:
-            full_key = _join(prefix, key)
+            full_key = absolute(key, prefix)
             if tuple(adapter.tensors[key].shape) != tuple(tensors[full_key].shape):
                 raise ValueError(
                     f"{source} does not fit {base}: tensor '{key}' has shape {tuple(adapter.tensors[key].shape)} in "
@@ -407,7 +407,7 @@ def _locate(tensors: Mapping[str, torch.Tensor], adapter: AdapterFile, base: str
     """The prefix under which the adapter's module names are found in the state dict."""
     root = adapter.root  # the module the names are relative to in the model the file was saved from
     candidates = list(dict.fromkeys(["", root]))
-    fits = [prefix for prefix in candidates if all(f"{_join(prefix, name)}.weight" in tensors for name in adapter.modules)]
+    fits = [prefix for prefix in candidates if all(f"{absolute(name, prefix)}.weight" in tensors for name in adapter.modules)]
     if not fits:
         missing = [f"{name}.weight" for name in adapter.modules if f"{name}.weight" not in tensors]
         where = f" (nor under its root {root!r})" if root else ""
@@ -430,7 +430,7 @@ def _check_base(tensors: Mapping[str, torch.Tensor], adapter: AdapterFile, prefi
     named = [
         (inner, tensor)
         for key, tensor in tensors.items()
-        if (inner := _relative(key, prefix)) is not None and not is_inside(inner, adapter.trainable)
+        if (inner := relative(key, prefix)) is not None and not is_inside(inner, adapter.trainable)
     ]
     buffers = [name for name, tensor in named if name.rsplit(".", 1)[-1] in _KNOWN_BUFFERS or not tensor.is_floating_point()]
     without = [(name, tensor) for name, tensor in named if name not in set(buffers)]
@@ -652,16 +652,6 @@ def _refuse_same(param: str, path: str, other_param: str, other: str) -> None:
 
 def _float32(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.float() if tensor.is_floating_point() else tensor
-
-
-def _join(prefix: str, name: str) -> str:
-    return f"{prefix}.{name}" if prefix else name
-
-
-def _relative(name: str, prefix: str) -> str | None:
-    if not prefix:
-        return name
-    return name[len(prefix) + 1 :] if name.startswith(prefix + ".") else None
 
 
 def _most_common(values: Iterable[Any]) -> Any:

@@ -67,7 +67,7 @@ def plan_adapters(model: nn.Module, config: LoRAConfig) -> AdapterPlan:
     linear = [name for name in candidates if name not in inside_trainable and name not in outputs]
     targets_used = config.targets_for(getattr(model, "lora_targets", None))
     chosen = select("targets", targets_used, names, linear)
-    _warn_if_only_output_or_tied(model, chosen, outputs)
+    _warn_if_only_output_or_tied(model, found, chosen, outputs)
     excluded = set(select("exclude", config.exclude, names))
     targets = [name for name in chosen if name not in excluded]
     if not targets:
@@ -168,17 +168,16 @@ def output_layers(model: nn.Module, linear: list[str]) -> set[str]:
     As PEFT's ``all-linear`` does for transformers models: the output embeddings (``lm_head``) and the
     classification head (a ``score`` or ``classifier`` attribute) of every module that has
     ``get_output_embeddings`` (no transformers import: that method marks its models). In any other
-    model: the last linear layer, its output head.
+    model with more than one linear layer: the last one, its output head.
     """
     if not linear:
         return set()
     names: dict[int, str] = {}
+    heads: list[object] = []
     for site in walk(model):
         names.setdefault(id(site.module), site.name)
         if isinstance(site.module, LoRABase):
             names.setdefault(id(site.module.original_module), site.name)
-    heads: list[object] = []
-    for site in walk(model):
         get_output_embeddings = getattr(site.module, "get_output_embeddings", None)
         if callable(get_output_embeddings) and hasattr(site.module, "config"):
             heads.append(get_output_embeddings())
@@ -189,11 +188,10 @@ def output_layers(model: nn.Module, linear: list[str]) -> set[str]:
     return {name for name in linear if any(name == head or name.startswith(head + ".") for head in head_names)}
 
 
-def _warn_if_only_output_or_tied(model: nn.Module, chosen: list[str], outputs: set[str]) -> None:
+def _warn_if_only_output_or_tied(model: nn.Module, found: Mapping[str, Site], chosen: list[str], outputs: set[str]) -> None:
     users: dict[int, int] = {}
     for _, param in model.named_parameters(remove_duplicate=False):
         users[id(param)] = users.get(id(param), 0) + 1
-    found = sites(model)
     tied = set()
     for name in chosen:
         module = found[name].module
