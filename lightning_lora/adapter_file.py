@@ -47,6 +47,7 @@ from lightning_lora.fingerprint import dtype_note, dtypes_of, fingerprint_matche
 from lightning_lora.layers import LoRABase, adapter_class
 from lightning_lora.naming import absolute, relative, resolve_root, sites
 from lightning_lora.plan import AdapterPlan, check_fits as check_specs_fit
+from lightning_lora.sharding import copy_into, full_tensor
 from lightning_lora.spec import AdapterSpec
 from lightning_lora.surgery import (
     Installation,
@@ -180,10 +181,11 @@ def adapter_bytes(
 
 def adapter_tensors(model: nn.Module, root: str | nn.Module | None = None) -> dict[str, torch.Tensor]:
     """The tensors an adapter file of ``model`` holds: CPU copies, named relative to ``root``
-    (default: :func:`default_root`), as :func:`tensors_digest` of a companion file sees them."""
+    (default: :func:`default_root`), as :func:`tensors_digest` of a companion file sees them. Sharded
+    tensors are gathered whole (every rank must call this then)."""
     prefix = resolve_root(model, root) if root is not None else default_root(model)
     return {
-        key: tensor.detach().to("cpu", copy=True).contiguous()
+        key: full_tensor(tensor.detach()).to("cpu", copy=True).contiguous()
         for key, tensor in _inside(lora_tensors(model), prefix, "adapter tensor").items()
     }
 
@@ -374,7 +376,7 @@ def install_parsed(model: nn.Module, adapter: AdapterFile, source: str, check_ba
         raise
     with torch.no_grad():
         for key, target in expected.items():
-            target.copy_(adapter.tensors[key])
+            copy_into(target, adapter.tensors[key])
     return installed
 
 

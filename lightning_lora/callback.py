@@ -40,8 +40,10 @@ from typing_extensions import override
 from lightning_lora.adapter_file import install_adapter, read_adapter
 from lightning_lora.checkpoint import LoRACheckpointIO, link_companion
 from lightning_lora.config import LoRAConfig, explicit_settings, reconcile
+from lightning_lora.model_parallel import ShardedCheckpoints
 from lightning_lora.peft_format import TARGETS
 from lightning_lora.plan import plan_adapters
+from lightning_lora.sharding import full_tensor, is_dtensor, is_sharded
 from lightning_lora.spec import boolean
 from lightning_lora.surgery import (
     Installation,
@@ -49,13 +51,14 @@ from lightning_lora.surgery import (
     lora_modules,
     lora_parameters,
     lora_summary,
+    lora_tensors,
     merge_lora,
     merged_modules,
     unmerge_lora,
 )
 
-#: Strategies whose sharding the callback does not support yet.
-UNSUPPORTED_STRATEGIES = (DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy)
+#: Sharded strategies the callback refuses: ``ModelParallelStrategy`` (FSDP2) is the sharded path.
+UNSUPPORTED_STRATEGIES = (DeepSpeedStrategy, FSDPStrategy)
 #: The arguments that are not ``LoRAConfig`` fields.
 CALLBACK_ARGUMENTS = ("adapter_path", "save_base_weights", "log_grad_norm", "log_per_layer", "merge_on_end", "export_peft")
 
@@ -152,7 +155,8 @@ class LoRACallback(Callback):
         self._adapted: set[int] = set()
         self._armed: tuple[pl.LightningModule, Callable[[], None]] | None = None
         self._checked = False
-        self._installation: Installation | None = None  # adapters added by this run, until it starts
+        self._installations: list[Installation] = []  # adapters added by this run, until it starts
+        self._sharded: ShardedCheckpoints | None = None  # checkpointing of a ModelParallelStrategy run
 
     # --- setup ---------------------------------------------------------------------------------
 
@@ -160,8 +164,15 @@ class LoRACallback(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if isinstance(trainer.strategy, UNSUPPORTED_STRATEGIES):
             raise MisconfigurationException(
-                f"LoRACallback supports single-device and DDP strategies, got {type(trainer.strategy).__name__}; "
-                f"use strategy='ddp' (adapters are small, so the model usually fits once per device)"
+                f"LoRACallback supports single-device, DDP and ModelParallelStrategy (FSDP2) strategies, got "
+                f"{type(trainer.strategy).__name__}; to shard the model use "
+                f"ModelParallelStrategy(data_parallel_size=..., tensor_parallel_size=1) and call fully_shard in "
+                f"configure_model, or use strategy='ddp' if the model fits once per device"
+            )
+        if isinstance(trainer.strategy, ModelParallelStrategy) and self.export_peft is not None:
+            raise MisconfigurationException(
+                f"export_peft={self.export_peft!r} is not available with ModelParallelStrategy; convert a "
+                f"checkpoint's companion adapter file afterwards: lightning-lora export-peft ADAPTER OUTPUT"
             )
         checkpoint_io = trainer.strategy.checkpoint_io
         if isinstance(checkpoint_io, LoRACheckpointIO) and checkpoint_io.owner is not self:
@@ -179,7 +190,7 @@ class LoRACallback(Callback):
             stored = read_adapter(self.adapter_path).config
             self.config = reconcile(stored, self._explicit, f"adapter_path {self.adapter_path!r}")
         if not isinstance(checkpoint_io, LoRACheckpointIO):
-            trainer.strategy.checkpoint_io = LoRACheckpointIO(
+            checkpoint_io = trainer.strategy.checkpoint_io = LoRACheckpointIO(
                 checkpoint_io,
                 lambda: trainer.lightning_module,
                 self.save_base_weights,
@@ -187,6 +198,9 @@ class LoRACallback(Callback):
                 linked=lambda: _checkpoint_links(trainer),
                 export=self.export_peft,
             )
+        if isinstance(trainer.strategy, ModelParallelStrategy) and self._sharded is None:
+            self._sharded = ShardedCheckpoints(trainer.strategy, checkpoint_io)
+            self._sharded.attach()
         if stage == "fit" and merged_modules(pl_module):
             unmerge_lora(pl_module)
             rank_zero_info("LoRA: adapters were merged; unmerged them to train")
@@ -199,7 +213,12 @@ class LoRACallback(Callback):
         configure_model: Callable[[], None] = pl_module.configure_model
 
         def configure_model_then_adapt() -> None:
+            # Adapt first where the targets exist already: configure_model may shard the model
+            # (fully_shard), and adapters added after that would never be synchronised. Then once
+            # more, for layers configure_model created (refused if it sharded them).
             self._disarm()
+            if self._plannable(pl_module):
+                self._adapt(pl_module)
             configure_model()
             self._adapt(pl_module)
 
@@ -214,12 +233,20 @@ class LoRACallback(Callback):
                 del vars(module)["configure_model"]
             self._armed = None
 
+    def _plannable(self, pl_module: pl.LightningModule) -> bool:
+        """Whether the targets can be planned on the model as it is (before ``configure_model``)."""
+        try:
+            plan_adapters(pl_module, self.config)
+        except ValueError:  # e.g. its layers are created in configure_model; planned again after it
+            return False
+        return True
+
     def _adapt(self, pl_module: pl.LightningModule) -> None:
         first_time = id(pl_module) not in self._adapted
         if first_time and self.adapter_path is not None and not lora_modules(pl_module):
-            self._installation = install_adapter(pl_module, self.adapter_path)
+            self._installations.append(install_adapter(pl_module, self.adapter_path))
         else:
-            self._installation = install(pl_module, plan_adapters(pl_module, self.config))
+            self._installations.append(install(pl_module, plan_adapters(pl_module, self.config)))
         if first_time:
             self._adapted.add(id(pl_module))
             rank_zero_info(str(lora_summary(pl_module)))
@@ -228,13 +255,22 @@ class LoRACallback(Callback):
         if self._checked:
             return
         self._disarm()
-        self._installation = None  # the run has started: its adapters are kept whatever happens
+        self._installations = []  # the run has started: its adapters are kept whatever happens
         if not lora_modules(pl_module):
             raise MisconfigurationException(
                 f"LoRACallback: the model reached {stage} without LoRA adapters (its configure_model was not "
                 f"called through the Trainer after setup), so it would {'train every weight' if stage == 'fit' else 'run unadapted'}; "
                 f"let the Trainer call configure_model, or adapt the model yourself with lightning_lora.apply_lora"
             )
+        if is_sharded(pl_module):
+            tensors = lora_tensors(pl_module).items()
+            plain = [name for name, p in tensors if isinstance(p, torch.nn.Parameter) and not is_dtensor(p)]
+            if plain:
+                raise MisconfigurationException(
+                    f"LoRA parameters {plain[:5]!r} are plain tensors in a sharded model, so FSDP would not "
+                    f"synchronise them and every rank would train its own; call fully_shard on the root "
+                    f"module too (after the blocks) in configure_model"
+                )
         self._checked = True
 
     @override
@@ -286,16 +322,24 @@ class LoRACallback(Callback):
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._disarm()
-        if self._installation is not None:  # failed before the run started (restore, strategy setup)
-            self._installation.undo()
-            self._installation = None
+        self._detach()
+        if self._installations:  # failed before the run started (restore, strategy setup)
+            for installation in reversed(self._installations):
+                installation.undo()
+            self._installations = []
             self._adapted.discard(id(pl_module))
         _link_companions(trainer)
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._disarm()
+        self._detach()
         _link_companions(trainer)
+
+    def _detach(self) -> None:
+        if self._sharded is not None:
+            self._sharded.detach()
+            self._sharded = None
 
     # ModelCheckpoint runs after every other callback in a hook, so checkpoint links it made are
     # given their companion links in the next hook.
@@ -368,8 +412,9 @@ def _link_companions(trainer: pl.Trainer) -> None:
 
 
 def _grad_norm(params: Any) -> torch.Tensor | None:
-    """The 2-norm over the gradients of ``params``, or None if none has a gradient."""
+    """The 2-norm over the gradients of ``params``, or None if none has a gradient. Sharded gradients
+    give the norm over all shards (every rank takes part)."""
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return None
-    return torch.nn.utils.get_total_norm(grads)
+    return full_tensor(torch.nn.utils.get_total_norm(grads))

@@ -41,6 +41,7 @@ from lightning_lora.peft_format import CONFIG_FILE, WEIGHTS_FILE, export_peft
 from lightning_lora.plan import AdapterPlan, check_fits
 from lightning_lora.spec import AdapterSpec
 from lightning_lora.surgery import (
+    Installation,
     install,
     lora_config,
     lora_modules,
@@ -92,7 +93,8 @@ def slim_checkpoint(checkpoint: dict[str, Any], module: nn.Module, keep_base_wei
     if CHECKPOINT_KEY in checkpoint or not adapters or merged_modules(module):
         return
     state = checkpoint["state_dict"]
-    dropped = [] if keep_base_weights else [key for key in frozen_keys(module) if key in state]
+    # from the module, not the state: under a sharded strategy rank 0 alone may hold a full state
+    dropped = [] if keep_base_weights else frozen_keys(module)
     own = module.state_dict()
     checkpoint[CHECKPOINT_KEY] = {
         "version": CHECKPOINT_VERSION,
@@ -105,7 +107,7 @@ def slim_checkpoint(checkpoint: dict[str, Any], module: nn.Module, keep_base_wei
         "adapter_digest": tensors_digest(adapter_tensors(module)),  # as its companion file holds them
     }
     for key in dropped:
-        del state[key]
+        state.pop(key, None)
     checkpoint["state_dict"] = {MARKER_KEY: torch.zeros(0), **state}
 
 
@@ -124,6 +126,29 @@ def restore_checkpoint(checkpoint: dict[str, Any], module: nn.Module) -> None:
     record = checkpoint.get(CHECKPOINT_KEY)
     if record is None:
         return
+    installed = check_record(record, module)
+    try:
+        _fill_base_weights(record, checkpoint["state_dict"], module)
+    except ValueError:
+        installed.undo()
+        raise
+    checkpoint["state_dict"].pop(MARKER_KEY, None)
+
+
+def check_record(record: dict[str, Any], module: nn.Module) -> Installation:
+    """Check a checkpoint's LoRA record against ``module``, adapting it as recorded if needed.
+
+    Adapters ``module`` already has must have the recorded settings (their dtype aside: Lightning may
+    convert the model after restoring it), and its base weights must match the recorded fingerprint
+    (for a sharded model every rank must call this: the fingerprint is read from the shards).
+
+    Returns:
+        The :class:`~lightning_lora.surgery.Installation` of the adapters it added (to undo them).
+
+    Raises:
+        ValueError: if the record is of a newer format, was saved from a model with other adapters
+            or base weights. ``module`` is unchanged then.
+    """
     if record.get("version", 0) > CHECKPOINT_VERSION:
         raise ValueError(
             f"checkpoint LoRA record has version {record.get('version')}, newer than this lightning_lora "
@@ -137,11 +162,11 @@ def restore_checkpoint(checkpoint: dict[str, Any], module: nn.Module) -> None:
     check_fits(module, specs, "checkpoint")
     installed = install(module, AdapterPlan(specs, LoRAConfig.from_dict(record["config"]), tuple(record["trainable"])))
     try:
-        _fill_base_weights(record, checkpoint["state_dict"], module)
+        _check_base(record, module)
     except ValueError:
         installed.undo()
         raise
-    checkpoint["state_dict"].pop(MARKER_KEY, None)
+    return installed
 
 
 def load_checkpoint(module: nn.Module, path: str | os.PathLike, strict: bool = True) -> nn.Module:
@@ -169,7 +194,7 @@ def _load_into(module: nn.Module, checkpoint: dict[str, Any], path: str, strict:
     module.load_state_dict(checkpoint["state_dict"], strict=strict)
 
 
-def _fill_base_weights(record: dict[str, Any], state: dict[str, Any], module: nn.Module) -> None:
+def _check_base(record: dict[str, Any], module: nn.Module) -> None:
     base_keys = record["base_keys"]
     own = module.state_dict()
     unknown = [key for key in base_keys if key not in own]
@@ -178,9 +203,6 @@ def _fill_base_weights(record: dict[str, Any], state: dict[str, Any], module: nn
             f"checkpoint was saved without base weights {unknown[:5]!r} that this model does not have; "
             f"load it into the model it was trained with"
         )
-    dropped = [key for key in base_keys if key not in state]
-    if not dropped:
-        return
     named = [(key, own[key]) for key in base_keys]
     dtypes = record.get("base_dtypes")  # absent in records of version 1
     if not fingerprint_matches(named, record["base_fingerprint"], dtypes):
@@ -190,8 +212,12 @@ def _fill_base_weights(record: dict[str, Any], state: dict[str, Any], module: nn
             f"in the checkpoint, {found[:12]} in this model): it holds no base weights, so load the base "
             f"model it was trained on before resuming, or save with save_base_weights=True.{dtype_note(named, dtypes)}"
         )
-    for key in dropped:
-        state[key] = own[key]
+
+
+def _fill_base_weights(record: dict[str, Any], state: dict[str, Any], module: nn.Module) -> None:
+    own = module.state_dict()
+    for key in record["base_keys"]:
+        state.setdefault(key, own[key])
 
 
 def check_companion(checkpoint_path: str | os.PathLike) -> None:
@@ -272,8 +298,10 @@ class LoRACheckpointIO(CheckpointIO):
         self._module = module
         self.save_base_weights = save_base_weights
         self.owner = owner
-        self._linked = linked
+        self.linked = linked
         self.export = export
+        #: The companion's bytes, when every rank prepared them (sharded models: rank 0 alone cannot).
+        self.prepared: bytes | None = None
         self._warned_merged = False
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
@@ -289,17 +317,15 @@ class LoRACheckpointIO(CheckpointIO):
                 self._warned_merged = True
             self.checkpoint_io.save_checkpoint(checkpoint, path, storage_options=storage_options)
             return
-        companion = adapter_path_for(str(path))
         step = {"epoch": checkpoint.get("epoch", 0), "global_step": checkpoint.get("global_step", 0)}
-        adapter = adapter_bytes(module, checkpoint=step) if lora_modules(module) else None
+        adapter = self.prepared
+        if adapter is None and lora_modules(module):
+            adapter = adapter_bytes(module, checkpoint=step)
         slim_checkpoint(checkpoint, module, keep_base_weights=self.save_base_weights)
-        for link in self._linked():  # the link may move to this checkpoint: no companion until it has
-            remove_if_exists(adapter_path_for(link))
-        remove_if_exists(companion)  # a crash from here on leaves a checkpoint without companion
-        _remove_peft(str(path))
+        remove_stale_companions(str(path), self.linked())
         self._write(checkpoint, path, storage_options)
         if adapter is not None:
-            write_atomic(companion, adapter)
+            write_atomic(adapter_path_for(str(path)), adapter)
             if self.export is not None:
                 export_peft(module, peft_path_for(str(path)), target=self.export)
 
@@ -349,6 +375,16 @@ def link_companion(link: str) -> None:
         if os.path.lexists(companion):
             os.remove(companion)
         os.symlink(os.path.relpath(target, os.path.dirname(companion)), companion)
+
+
+def remove_stale_companions(checkpoint_path: str, links: list[str]) -> None:
+    """Before ``checkpoint_path`` is written: remove its companion, its PEFT export and the companions of
+    the checkpoint links ``links`` (they may move to it). A crash from then on leaves a checkpoint
+    without companion, never a checkpoint beside another one's companion."""
+    for link in links:
+        remove_if_exists(adapter_path_for(link))
+    remove_if_exists(adapter_path_for(checkpoint_path))
+    _remove_peft(checkpoint_path)
 
 
 def _remove_peft(checkpoint_path: str) -> None:

@@ -3,7 +3,8 @@
 It hashes every base parameter's name and shape and a fixed sample of its values (the same evenly
 spaced positions every time), so its cost does not grow with tensor size beyond the sample. It tells
 apart different checkpoints of one architecture; weights that differ only outside the sampled
-positions are not told apart.
+positions are not told apart. Weights sharded across ranks are sampled where they lie (every rank
+must then take part) and give the digest of the whole tensors, whatever the number of ranks.
 
 The dtypes the weights had are recorded beside the digest (:func:`dtypes_of`). A check casts the
 sampled values to those dtypes first, so weights saved in bfloat16, float16 or float64 after a cast
@@ -19,6 +20,7 @@ from collections.abc import Callable, Iterable, Mapping
 import torch
 from torch import nn
 
+from lightning_lora.sharding import sample_flat
 from lightning_lora.spec import ADAPTER_DTYPES, dtype_name
 from lightning_lora.surgery import base_named_parameters, merged_modules
 
@@ -133,9 +135,10 @@ def _dtype_for(dtypes: Mapping[str, str], name: str) -> torch.dtype:
 
 
 def _sample(tensor: torch.Tensor) -> torch.Tensor | None:
+    """The sampled values in float64 (exact for every dtype a weight has); sharded tensors are sampled
+    on each rank's own shard (see :func:`lightning_lora.sharding.sample_flat`)."""
     if tensor.is_meta or tensor.numel() == 0:
         return None
-    flat = tensor.detach().reshape(-1)
-    count = min(SAMPLES_PER_TENSOR, flat.numel())
-    index = torch.linspace(0, flat.numel() - 1, count, device=flat.device).round().long()
-    return flat[index]
+    count = min(SAMPLES_PER_TENSOR, tensor.numel())
+    index = torch.linspace(0, tensor.numel() - 1, count).round().long()
+    return sample_flat(tensor, index)

@@ -21,6 +21,7 @@ from lightning_lora.config import LoRAConfig
 from lightning_lora.layers import MERGE_TOLERANCE, LoRABase, build_adapter
 from lightning_lora.naming import is_inside, sites, walk
 from lightning_lora.plan import CONFIG_ATTR, TRAINABLE_ATTR, AdapterPlan, plan_adapters
+from lightning_lora.sharding import full_tensor, is_sharded
 
 
 @dataclass
@@ -52,7 +53,8 @@ def install(model: nn.Module, plan: AdapterPlan) -> Installation:
         An :class:`Installation`; its ``undo()`` restores the model exactly.
 
     Raises:
-        ValueError: if a module is adapted with other settings, or a spec does not fit its module.
+        ValueError: if a module is adapted with other settings, a spec does not fit its module, or
+            new adapters would go into a model already sharded (``fully_shard``).
         TypeError: if a module cannot take its adapter. On any error the model is unchanged.
     """
     found = sites(model)
@@ -64,9 +66,14 @@ def install(model: nn.Module, plan: AdapterPlan) -> Installation:
             if differences:
                 raise ValueError(f"module '{name}' is already adapted with other settings: {differences!r}")
             continue
-        adapter = build_adapter(module, spec, name)
-        adapter.train(module.training)
-        created[name] = adapter
+        created[name] = build_adapter(module, spec, name)
+        created[name].train(module.training)
+    if created and is_sharded(model):
+        raise ValueError(
+            f"cannot add adapters to modules {list(created)[:5]!r} of a sharded model: they would be plain "
+            f"parameters that FSDP never synchronises, so every rank would train its own; add the adapters "
+            f"before fully_shard (call apply_lora(model, config) first in configure_model)"
+        )
 
     requires_grad = {id(p): (p, p.requires_grad) for p in model.parameters()}
     previous = {attr: vars(model).get(attr) for attr in (CONFIG_ATTR, TRAINABLE_ATTR)}
@@ -173,8 +180,9 @@ def lora_state_dict(model: nn.Module, include_trainable: bool = True) -> dict[st
 
     Keys are ``<module>.matrix_A.weight`` and so on, free of ``module.``, ``_orig_mod.`` and FSDP
     prefixes; tensors are selected by module type, never by name. Base weights are never included.
+    Tensors of a sharded model are gathered whole (every rank must call this then).
     """
-    return {key: tensor.detach() for key, tensor in lora_tensors(model, include_trainable).items()}
+    return {key: full_tensor(tensor.detach()) for key, tensor in lora_tensors(model, include_trainable).items()}
 
 
 def base_named_parameters(

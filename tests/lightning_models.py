@@ -77,3 +77,29 @@ class SGDClassifier(Classifier):
 
     def configure_optimizers(self):
         return torch.optim.SGD([p for p in self.parameters() if p.requires_grad], lr=0.1)
+
+
+class MomentumClassifier(SGDClassifier):
+    """SGD with momentum: an optimizer state to save and resume (Lightning's full checkpoints of
+    ModelParallelStrategy fail to load an empty one)."""
+
+    def configure_optimizers(self):
+        return torch.optim.SGD([p for p in self.parameters() if p.requires_grad], lr=0.1, momentum=0.9)
+
+
+class ShardedClassifier(MomentumClassifier):
+    """Shards each block, then the whole network, with FSDP2 in ``configure_model``, as
+    ``ModelParallelStrategy`` asks (``shard_root=False`` leaves the network itself unsharded)."""
+
+    shard_root = True
+
+    def configure_model(self):
+        from torch.distributed.fsdp import FSDPModule, fully_shard
+
+        if isinstance(self.net.blocks[0], FSDPModule):  # a second run of the same model
+            return
+        mesh = self.device_mesh["data_parallel"]
+        for block in self.net.blocks:
+            fully_shard(block, mesh=mesh)
+        if self.shard_root:
+            fully_shard(self.net, mesh=mesh)

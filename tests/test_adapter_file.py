@@ -91,7 +91,7 @@ def test_fingerprint_samples_a_fixed_number_of_values(monkeypatch):
 
     monkeypatch.setattr(torch.Tensor, "to", spy)
     base_fingerprint(big)
-    assert seen == [SAMPLES_PER_TENSOR, SAMPLES_PER_TENSOR]
+    assert seen and set(seen) == {SAMPLES_PER_TENSOR}  # never the 4M weights, for both tensors
 
 
 def test_different_base_model_is_refused(trained, tokens):

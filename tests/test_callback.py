@@ -387,9 +387,15 @@ def test_unsupported_strategies_are_recognised_by_type(tmp_path):
     class Renamed(FSDPStrategy):  # a user subclass whose name says nothing
         pass
 
-    fake = SimpleNamespace(strategy=Renamed.__new__(Renamed))
-    with pytest.raises(MisconfigurationException, match="supports single-device and DDP strategies, got Renamed"):
-        LoRACallback().setup(fake, Classifier(), "fit")
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+
+    class Other(DeepSpeedStrategy):
+        pass
+
+    for strategy in (Renamed, Other):
+        fake = SimpleNamespace(strategy=strategy.__new__(strategy))
+        with pytest.raises(MisconfigurationException, match=rf"got {strategy.__name__}; to shard the model use ModelParallelStrategy\(data_parallel_size="):
+            LoRACallback().setup(fake, Classifier(), "fit")
 
 
 def test_two_lora_callbacks_are_refused(tmp_path):

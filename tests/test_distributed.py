@@ -114,3 +114,136 @@ def test_ddp_two_processes_match_one_process(tmp_path):
     assert logged == pytest.approx(norms, rel=1e-5)  # the global norm, not one rank's
     written = sorted(os.listdir(tmp_path / "ckpt"))  # one writer: one file of each, complete
     assert written == ["epoch=1-step=16.ckpt", "epoch=1-step=16.lora.safetensors", "last.ckpt", "last.lora.safetensors"]
+
+
+# --- FSDP2: ModelParallelStrategy(data_parallel_size=2) ------------------------------------------
+
+
+def _run(script: str, *args: str) -> None:
+    import subprocess
+    import sys
+
+    env = {key: value for key, value in os.environ.items() if not key.startswith("PL_")}
+    done = subprocess.run([sys.executable, script, *args], capture_output=True, text=True, timeout=600,
+                          env={**env, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-5000:]
+
+
+@pytest.fixture(scope="module")
+def fsdp2(tmp_path_factory):
+    """Runs tests/fsdp2_run.py on 2 processes, then on one, and the same training in this process."""
+    from pathlib import Path
+
+    from lightning_models import MomentumClassifier, ShardedClassifier
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from lightning_lora import save_adapter
+
+    folder = tmp_path_factory.mktemp("fsdp2")
+    torch.manual_seed(0)
+    base = ShardedClassifier().state_dict()
+    torch.save(base, folder / "base.pt")
+
+    torch.manual_seed(0)  # as the script: the adapters are initialised from the same random state
+    reference = MomentumClassifier()
+    reference.load_state_dict(base)
+    norms = []
+
+    class NormRecorder(L.Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            grads = [p.grad.double().reshape(-1) for p in pl_module.parameters() if p.grad is not None]
+            norms.append(torch.cat(grads).norm().item())
+
+    tokens = torch.randint(0, 32, (64, 6), generator=torch.Generator().manual_seed(0))
+    L.Trainer(max_epochs=2, logger=False, enable_progress_bar=False, enable_model_summary=False, deterministic=True,
+              default_root_dir=folder / "reference", callbacks=[LoRACallback(targets=["qkv", "fc1"]), NormRecorder()]).fit(
+        reference, DataLoader(TensorDataset(tokens, tokens[:, 0] % 3), batch_size=8)
+    )
+    save_adapter(reference, folder / "single.lora.safetensors")  # for the 1 -> 2 load
+    script = str(Path(__file__).parent / "fsdp2_run.py")
+    _run(script, str(folder), "two")
+    _run(script, str(folder), "one")
+    return folder, reference, norms
+
+
+def _assert_equal_to(reference, state, atol=1e-6):
+    from lightning_lora import lora_state_dict
+
+    expected = lora_state_dict(reference)
+    assert state.keys() == expected.keys()
+    for key, tensor in expected.items():
+        assert state[key].shape == tensor.shape, key  # whole tensors, not one rank's shard
+        torch.testing.assert_close(state[key], tensor, rtol=atol, atol=atol)
+
+
+@pytest.mark.parametrize("run", ["sharded", "sharded_resume", "full_resume", "from_file"])
+def test_fsdp2_adapters_are_identical_on_both_ranks_and_equal_one_process(fsdp2, run):
+    folder, reference, _ = fsdp2
+    rank0, rank1 = (torch.load(folder / f"{run}.rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert rank0.keys() == rank1.keys() and all(torch.equal(rank0[k], rank1[k]) for k in rank0)
+    _assert_equal_to(reference, rank0)
+
+
+def test_fsdp2_sharded_checkpoint_resumes_on_one_process(fsdp2):
+    folder, reference, _ = fsdp2
+    _assert_equal_to(reference, torch.load(folder / "other_world.rank0.pt", weights_only=True))
+
+
+@pytest.mark.parametrize("run", ["sharded", "full"])
+def test_fsdp2_checkpoints_are_slim_with_whole_companions(fsdp2, run):
+    from lightning_lora import base_fingerprint, load_adapter, read_adapter
+    from lightning_lora.checkpoint import CHECKPOINT_KEY
+
+    folder, reference, _ = fsdp2
+    names = sorted(os.listdir(folder / run))
+    steps = ["epoch=0-step=8", "epoch=1-step=16"] if run == "sharded" else ["epoch=0-step=8"]
+    assert names == sorted([*(f"{s}{ext}" for s in steps for ext in (".ckpt", ".lora.safetensors")), "last.ckpt", "last.lora.safetensors"])
+    last = folder / run / "last.ckpt"
+    if run == "sharded":  # a folder of shards, without the frozen base
+        assert last.is_dir()
+        record = torch.load(last / "meta.pt", weights_only=True)[CHECKPOINT_KEY]
+        from torch.distributed.checkpoint import FileSystemReader
+
+        stored = FileSystemReader(str(last)).read_metadata().state_dict_metadata
+        assert not any(key.startswith("state_dict.") and key[len("state_dict."):] in record["base_keys"] for key in stored)
+    else:  # one file, written by rank 0, without the frozen base
+        checkpoint = torch.load(last, weights_only=True)
+        record = checkpoint[CHECKPOINT_KEY]
+        assert not set(record["base_keys"]) & set(checkpoint["state_dict"])
+    assert "net.embed.weight" in record["base_keys"]
+    companion = read_adapter(folder / run / "last.lora.safetensors")
+    assert companion.checkpoint == {"epoch": len(steps) - 1, "global_step": 8 * len(steps)}
+    # fingerprints read from 2 processes' shards equal those of the whole tensors in one process
+    fresh = type(reference)()
+    fresh.load_state_dict(torch.load(folder / "base.pt", weights_only=True))
+    assert companion.base_fingerprint == base_fingerprint(fresh, [])
+    load_adapter(fresh, folder / run / "last.lora.safetensors")  # 2 -> 1: checks the base, whole tensors
+    if run == "sharded":
+        _assert_equal_to(reference, companion.tensors)
+
+
+def test_fsdp2_logged_grad_norm_is_the_global_norm(fsdp2):
+    import csv
+
+    folder, _, norms = fsdp2
+    with open(folder / "logs" / "version_0" / "metrics.csv") as file:
+        logged = [float(row["lora/grad_norm"]) for row in csv.DictReader(file) if row.get("lora/grad_norm")]
+    assert len(logged) == len(norms) == 16
+    assert logged == pytest.approx(norms, rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("attempt", "message"),
+    [
+        ("apply_lora_after_fully_shard", r"cannot add adapters to modules \['blocks.0.attn.qkv'.* of a sharded model: .* add the adapters before fully_shard"),
+        ("callback_after_fully_shard", r"cannot add adapters to modules \['net.blocks.0.attn.qkv'\] of a sharded model"),
+        ("adapter_outside_fsdp", r"LoRA parameters \['net.head.matrix_A.weight'.* are plain tensors in a sharded model.*fully_shard on the root"),
+        ("other_base", r"checkpoint was trained on different base weights"),
+    ],
+)
+def test_fsdp2_unsynchronised_adapters_and_wrong_bases_are_refused(fsdp2, attempt, message):
+    import json
+    import re
+
+    errors = json.loads((fsdp2[0] / "errors.json").read_text())
+    assert re.search(message, errors[attempt]), errors[attempt]

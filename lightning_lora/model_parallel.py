@@ -1,0 +1,146 @@
+"""LoRA checkpoints under Lightning's ``ModelParallelStrategy`` (FSDP2, ``fully_shard``).
+
+That strategy reads and writes checkpoints without the ``CheckpointIO`` that
+:class:`~lightning_lora.checkpoint.LoRACheckpointIO` wraps: a sharded checkpoint (its default) is a
+folder that every rank writes its shards into, a full one (``save_distributed_checkpoint=False``) a
+file that rank 0 writes after a gather. :class:`ShardedCheckpoints` wraps the strategy's own
+``save_checkpoint`` and ``load_checkpoint`` on the instance, for one run:
+
+- Save (every rank runs it): the adapters are gathered and the checkpoint slimmed (the base
+  fingerprint is read from every rank's shards), rank 0 removes the old companion, the strategy
+  writes the checkpoint, every rank waits for it, then rank 0 writes the companion adapter file with
+  the whole tensors. A crash leaves a checkpoint without companion, never a mismatched pair.
+- Load: the checkpoint's adapters must already be in the model (they cannot be added once it is
+  sharded) and its base weights must match the recorded fingerprint; then only the tensors the
+  checkpoint holds are loaded (a sharded one through ``torch.distributed.checkpoint``, a full one
+  through the strategy), with the optimizer states, and every other key of the model is still required.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed.checkpoint as dcp
+from lightning.pytorch.strategies import ModelParallelStrategy
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
+
+from lightning_lora.adapter_file import adapter_bytes
+from lightning_lora.checkpoint import (
+    CHECKPOINT_KEY,
+    MARKER_KEY,
+    LoRACheckpointIO,
+    adapter_path_for,
+    check_record,
+    remove_stale_companions,
+    slim_checkpoint,
+)
+from lightning_lora.files import write_atomic
+from lightning_lora.surgery import lora_modules, merged_modules
+
+#: The file of a sharded checkpoint folder that holds everything but the tensors (Lightning's name).
+METADATA_FILE = "meta.pt"
+
+
+class ShardedCheckpoints:
+    """Slim, verified checkpoints with companion adapter files for a ``ModelParallelStrategy``.
+
+    Args:
+        strategy: the strategy whose ``save_checkpoint`` and ``load_checkpoint`` are wrapped.
+        checkpoint_io: the :class:`LoRACheckpointIO` of the run (its settings apply; it writes the
+            companions of full checkpoints, which reach it on rank 0 only).
+    """
+
+    def __init__(self, strategy: ModelParallelStrategy, checkpoint_io: LoRACheckpointIO) -> None:
+        self.strategy = strategy
+        self.checkpoint_io = checkpoint_io
+        self._save: Callable[..., None] = strategy.save_checkpoint
+        self._load: Callable[..., dict[str, Any]] = strategy.load_checkpoint
+
+    def attach(self) -> None:
+        """Put the wrappers on the strategy instance."""
+        vars(self.strategy)["save_checkpoint"] = self.save_checkpoint
+        vars(self.strategy)["load_checkpoint"] = self.load_checkpoint
+
+    def detach(self) -> None:
+        """Take the wrappers off again (only these: anything else put there stays)."""
+        for name in ("save_checkpoint", "load_checkpoint"):
+            if vars(self.strategy).get(name) == getattr(self, name):
+                del vars(self.strategy)[name]
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
+        module = self.strategy.lightning_module
+        if module is None or "state_dict" not in checkpoint or not lora_modules(module) or merged_modules(module):
+            self._save(checkpoint, filepath, storage_options)
+            return
+        path = str(self.strategy.broadcast(str(filepath)))
+        step = {"epoch": checkpoint.get("epoch", 0), "global_step": checkpoint.get("global_step", 0)}
+        adapter = adapter_bytes(module, checkpoint=step)  # every rank: the adapters are gathered
+        slim_checkpoint(checkpoint, module, keep_base_weights=self.checkpoint_io.save_base_weights)
+        if self.strategy.is_global_zero:
+            remove_stale_companions(path, self.checkpoint_io.linked())
+        self.checkpoint_io.prepared = adapter  # a full checkpoint reaches the IO on rank 0 only
+        try:
+            self._save(checkpoint, filepath, storage_options)
+        finally:
+            self.checkpoint_io.prepared = None
+        self.strategy.barrier("lightning_lora.save_checkpoint")  # every shard is written
+        if self.strategy.is_global_zero and os.path.isdir(path):  # sharded: no IO wrote the companion
+            write_atomic(adapter_path_for(path), adapter)
+
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        path = Path(self.strategy.broadcast(str(checkpoint_path)))
+        sharded = path.is_dir()
+        weights_only = True if weights_only is None else weights_only
+        head = torch.load(path / METADATA_FILE if sharded else path, map_location="cpu", mmap=True, weights_only=True)
+        record = head.get(CHECKPOINT_KEY)
+        module = self.strategy.lightning_module
+        if record is None or module is None:
+            return self._load(checkpoint_path, weights_only)
+        check_record(record, module)  # every rank: the fingerprint is read from the shards
+        base = set(record["base_keys"])
+        model_keys = set(get_model_state_dict(module))
+        held = _sharded_keys(path) if sharded else set(head["state_dict"]) - {MARKER_KEY}
+        missing = sorted(model_keys - held - base)
+        if missing:
+            raise ValueError(f"checkpoint {path} misses tensors {missing[:5]!r} of this model (not base weights)")
+        if sharded:
+            metadata = self._load_sharded(path, module, base, weights_only)
+        else:
+            strict, module.strict_loading = module.strict_loading, False  # the base keys are left out
+            try:
+                metadata = self._load(checkpoint_path, weights_only)
+            finally:
+                module.strict_loading = strict
+        metadata.pop(CHECKPOINT_KEY, None)
+        return metadata
+
+    def _load_sharded(self, path: Path, module: torch.nn.Module, base: set[str], weights_only: bool) -> dict[str, Any]:
+        """Lightning's sharded load, of the keys the checkpoint holds: the base keys are left out."""
+        state = {key: value for key, value in get_model_state_dict(module).items() if key not in base}
+        dcp.load({"state_dict": state}, checkpoint_id=path)
+        module.load_state_dict(state, strict=False)
+        for index, optimizer in enumerate(self.strategy.optimizers):
+            key = f"optimizer_{index}"
+            optimizer_state = {key: get_optimizer_state_dict(module, optimizer)}
+            dcp.load(optimizer_state, checkpoint_id=path)
+            set_optimizer_state_dict(
+                module, optimizer, optim_state_dict=optimizer_state[key], options=StateDictOptions(cpu_offload=True)
+            )
+        metadata: dict[str, Any] = torch.load(path / METADATA_FILE, map_location="cpu", weights_only=weights_only)
+        return metadata
+
+
+def _sharded_keys(path: Path) -> set[str]:
+    """The model state keys a sharded checkpoint folder holds (from its ``torch.distributed.checkpoint`` index)."""
+    prefix = "state_dict."
+    stored = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    return {key[len(prefix):] for key in stored if key.startswith(prefix)}
