@@ -124,7 +124,7 @@ def restore_checkpoint(checkpoint: dict[str, Any], module: nn.Module) -> None:
             trained on. ``module`` is unchanged then.
     """
     record = checkpoint.get(CHECKPOINT_KEY)
-    if record is None:
+    if record is None or "state_dict" not in checkpoint:  # none, or the strategy loaded it already
         return
     installed = check_record(record, module)
     try:

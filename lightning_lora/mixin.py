@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
+from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 
 from lightning_lora import adapter_file, surgery
@@ -48,6 +49,8 @@ class LoRAMixin(_Module):
     load (``load_from_checkpoint`` or resume) a checkpoint without base weights is filled from the
     model's own weights after they are shown to match the fingerprint of the weights trained on.
     Keys may be missing only for frozen base weights: anything else still fails strict loading.
+    Under ``ModelParallelStrategy`` (FSDP2), which reads checkpoints itself, only ``LoRACallback``
+    slims them; without it checkpoints keep the base weights.
     """
 
     lora_targets: ClassVar[list[str] | None] = None
@@ -107,7 +110,7 @@ class LoRAMixin(_Module):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
-        if not self._checkpoint_io_slims():
+        if not self._checkpoint_io_slims() and not self._strategy_is(ModelParallelStrategy):
             slim_checkpoint(checkpoint, self, keep_base_weights=self.lora_save_base_weights)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -116,9 +119,13 @@ class LoRAMixin(_Module):
 
     def _checkpoint_io_slims(self) -> bool:
         """Whether the attached Trainer writes through a ``LoRACheckpointIO``, which slims instead."""
+        return self._strategy_is(object) and isinstance(self.trainer.strategy.checkpoint_io, LoRACheckpointIO)
+
+    def _strategy_is(self, kind: type) -> bool:
+        """Whether the model is attached to a Trainer whose strategy is a ``kind``. A
+        ``ModelParallelStrategy`` loads checkpoints itself, so only ``LoRACallback`` slims them there."""
         try:
             trainer = self.trainer
         except RuntimeError:  # not attached to a Trainer
             return False
-        strategy = getattr(trainer, "strategy", None)
-        return isinstance(getattr(strategy, "checkpoint_io", None), LoRACheckpointIO)
+        return isinstance(getattr(trainer, "strategy", None), kind)

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 sys.path.insert(0, str(Path(__file__).parent))
 from lightning_models import ShardedClassifier  # noqa: E402
 
-from lightning_lora import LoRACallback, apply_lora, lora_state_dict  # noqa: E402
+from lightning_lora import LoRACallback, LoRAMixin, apply_lora, lora_modules, lora_state_dict  # noqa: E402
 
 TARGETS = ["qkv", "fc1"]
 folder, mode = Path(sys.argv[1]), sys.argv[2]
@@ -124,3 +124,14 @@ else:
     except Exception as err:  # noqa: BLE001
         errors["other_base"] = f"{type(err).__name__}: {err}"
     (folder / "errors.json").write_text(json.dumps(errors, indent=1))
+
+    class MixinSharded(LoRAMixin, ShardedClassifier):  # the mixin alone: adapters in configure_model
+        def configure_model(self):
+            if not lora_modules(self):
+                self.apply_lora(targets=TARGETS)
+            super().configure_model()
+
+    trainer("mixin", 1, callback=False).fit(fresh(MixinSharded), loader(0))
+    resumed = fresh(MixinSharded)
+    trainer("mixin_resume", 2, callback=False).fit(resumed, loader(0), ckpt_path=folder / "mixin" / "last.ckpt")
+    record("mixin_resume", resumed, 0)

@@ -189,6 +189,15 @@ def test_fsdp2_sharded_checkpoint_resumes_on_one_process(fsdp2):
     _assert_equal_to(reference, torch.load(folder / "other_world.rank0.pt", weights_only=True))
 
 
+def test_fsdp2_with_the_mixin_alone_keeps_base_weights_and_resumes(fsdp2):
+    from torch.distributed.checkpoint import FileSystemReader
+
+    folder, reference, _ = fsdp2
+    stored = FileSystemReader(str(folder / "mixin" / "last.ckpt")).read_metadata().state_dict_metadata
+    assert "state_dict.net.embed.weight" in stored  # the strategy loads checkpoints itself: nothing left out
+    _assert_equal_to(reference, torch.load(folder / "mixin_resume.rank0.pt", weights_only=True))
+
+
 @pytest.mark.parametrize("run", ["sharded", "full"])
 def test_fsdp2_checkpoints_are_slim_with_whole_companions(fsdp2, run):
     from lightning_lora import base_fingerprint, load_adapter, read_adapter
