@@ -37,6 +37,36 @@ from lightning_lora.spec import (
 MERGE_TOLERANCE = 0.1
 
 
+class _ZeroInit(nn.Module):
+    """``reset_parameters`` sets weight and bias to zero: a ``matrix_B`` created on the meta device and
+    materialised later (``to_empty``, then ``reset_parameters`` on every module with parameters, as
+    Lightning's ``ModelParallelStrategy`` and torchtitan do) starts at zero, so the adapter is still
+    the identity."""
+
+    def reset_parameters(self) -> None:
+        for param in self.parameters(recurse=False):  # weight and bias
+            nn.init.zeros_(param)
+
+
+class ZeroLinear(_ZeroInit, nn.Linear):
+    """The ``nn.Linear`` of a ``matrix_B``: zero after ``reset_parameters``."""
+
+
+class ZeroConv1d(_ZeroInit, nn.Conv1d):
+    """The ``nn.Conv1d`` of a ``matrix_B``: zero after ``reset_parameters``."""
+
+
+class ZeroConv2d(_ZeroInit, nn.Conv2d):
+    """The ``nn.Conv2d`` of a ``matrix_B``: zero after ``reset_parameters``."""
+
+
+class ZeroConv3d(_ZeroInit, nn.Conv3d):
+    """The ``nn.Conv3d`` of a ``matrix_B``: zero after ``reset_parameters``."""
+
+
+_ZERO_CONV: dict[type[nn.Module], type[nn.Conv1d] | type[nn.Conv2d] | type[nn.Conv3d]] = {nn.Conv1d: ZeroConv1d, nn.Conv2d: ZeroConv2d, nn.Conv3d: ZeroConv3d}
+
+
 class LoRABase(nn.Module):
     """The base of every adapter layer: settings, initialisation, merge and unmerge.
 
@@ -264,7 +294,7 @@ class LoRA(LoRABase):
         super().__init__(original_module, bias, alpha, r, dropout, use_rslora, adapter_dtype)
         in_features, out_features = self.features(original_module)
         self.matrix_A = nn.Linear(in_features, r, bias=bias, **self._factory)
-        self.matrix_B = nn.Linear(r, out_features, bias=bias, **self._factory)
+        self.matrix_B = ZeroLinear(r, out_features, bias=bias, **self._factory)
         self.init_weights()
 
     @staticmethod
@@ -400,7 +430,7 @@ class LoRAConv(LoRABase):
             "padding_mode": conv.padding_mode,
         }
         self.matrix_A = conv_type(conv.in_channels, r, bias=bias, **geometry, **self._factory)
-        self.matrix_B = conv_type(r, conv.out_channels, 1, groups=conv.groups, bias=bias, **self._factory)
+        self.matrix_B = _ZERO_CONV[conv_type](r, conv.out_channels, 1, groups=conv.groups, bias=bias, **self._factory)
         self.init_weights()
 
     @classmethod
@@ -471,7 +501,7 @@ class LoRAEmbedding(LoRABase):
         super().__init__(original_module, bias, alpha, r, dropout, use_rslora, adapter_dtype)
         emb = original_module
         self.matrix_A = nn.Embedding(emb.num_embeddings, r, padding_idx=emb.padding_idx, **self._factory)
-        self.matrix_B = nn.Linear(r, emb.embedding_dim, bias=bias, **self._factory)
+        self.matrix_B = ZeroLinear(r, emb.embedding_dim, bias=bias, **self._factory)
         self.init_weights()
 
     def init_weights(self) -> None:

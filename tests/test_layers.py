@@ -202,3 +202,30 @@ def test_conv_rank_must_divide_groups():
 def test_bad_layer_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
         LoRA(nn.Linear(4, 4), **kwargs)
+
+
+META_CASES = [
+    (lambda: nn.Linear(8, 6), lambda: torch.randn(2, 8)),
+    (lambda: nn.Conv2d(4, 6, 3), lambda: torch.randn(2, 4, 7, 7)),
+    (lambda: nn.Embedding(10, 6), lambda: torch.randint(0, 10, (3, 5))),
+]
+
+
+@pytest.mark.parametrize(("make", "inputs"), META_CASES)
+def test_adapters_created_on_the_meta_device_are_the_identity_once_materialised(make, inputs):
+    """What Lightning's ModelParallelStrategy and torchtitan do with a model built on the meta device:
+    ``to_empty``, then ``reset_parameters`` on every module that has parameters of its own."""
+    from lightning_lora import LoRAConfig, apply_lora
+
+    with torch.device("meta"):
+        model = nn.Sequential(make())
+    apply_lora(model, LoRAConfig(targets=["0"], bias=True))
+    model.to_empty(device="cpu")
+    for module in model.modules():
+        if any(True for _ in module.parameters(recurse=False)):
+            module.reset_parameters()
+    adapter = model[0]
+    assert all(torch.count_nonzero(p) == 0 for p in adapter.matrix_B.parameters())
+    assert torch.count_nonzero(adapter.matrix_A.weight) > 0
+    x = inputs()
+    assert torch.equal(model(x), adapter.original_module(x))
