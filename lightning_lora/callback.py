@@ -4,12 +4,16 @@ What it does, in hook order:
 
 - ``setup`` (every stage): checks the strategy, resolves its settings (those stored with
   ``adapter_path``, checked against the arguments given explicitly), wraps the strategy's
-  ``CheckpointIO`` (see :mod:`lightning_lora.checkpoint`) and arranges for the model to be adapted
-  right after ``configure_model`` (so layers created there are adapted too), which is still before
-  checkpoint restore, strategy wrapping (DDP sees only adapter parameters) and
-  ``configure_optimizers``. Lightning has no hook there, so the model's ``configure_model`` is
-  wrapped on the instance for that one call; the wrapper removes itself when it runs, and
-  ``on_exception`` and ``teardown`` remove it on every other way out of a run.
+  ``CheckpointIO`` (see :mod:`lightning_lora.checkpoint`; under ``ModelParallelStrategy``, which
+  bypasses it, the strategy's own save and load, see :mod:`lightning_lora.model_parallel`) and
+  arranges for the model to be adapted around ``configure_model``: before it where the targets
+  exist already (so adapters are in place before a ``fully_shard`` there), and after it for layers
+  it created. That is still before checkpoint restore, strategy wrapping (DDP sees only adapter
+  parameters) and ``configure_optimizers``. Lightning has no hook there, so the model's
+  ``configure_model`` is wrapped on the instance for that one call (and, for adapters with their
+  own ``adapter_dtype``, the precision plugin's ``convert_module``, so that "*-true" precisions
+  leave them in that dtype); each wrapper removes itself when it runs, and ``on_exception`` and
+  ``teardown`` remove them on every other way out of a run.
 - ``on_fit_start`` / ``on_validation_start`` / ``on_test_start`` / ``on_predict_start``: the
   model must have adapters by now (else an error, never silent full fine-tuning); at fit start the
   optimizers must hold every adapter parameter (a warning if they also hold frozen ones).
@@ -153,7 +157,7 @@ class LoRACallback(Callback):
         self.export_peft = export_peft
         self._explicit = explicit
         self._adapted: set[int] = set()
-        self._armed: tuple[pl.LightningModule, Callable[[], None]] | None = None
+        self._armed: list[tuple[object, str, Callable[..., Any]]] = []  # instance wrappers in place
         self._checked = False
         self._installations: list[Installation] = []  # adapters added by this run, until it starts
         self._sharded: ShardedCheckpoints | None = None  # checkpointing of a ModelParallelStrategy run
@@ -205,10 +209,11 @@ class LoRACallback(Callback):
             unmerge_lora(pl_module)
             rank_zero_info("LoRA: adapters were merged; unmerged them to train")
         self._checked = False
-        self._arm(pl_module)
+        self._arm(trainer, pl_module)
 
-    def _arm(self, pl_module: pl.LightningModule) -> None:
-        """Wrap ``pl_module.configure_model`` on the instance: the original, then :meth:`_adapt`."""
+    def _arm(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Wrap, on the instances, ``pl_module.configure_model`` (the original, then :meth:`_adapt`)
+        and, for adapters with their own dtype, the precision plugin's ``convert_module``."""
         self._disarm()
         configure_model: Callable[[], None] = pl_module.configure_model
 
@@ -216,22 +221,41 @@ class LoRACallback(Callback):
             # Adapt first where the targets exist already: configure_model may shard the model
             # (fully_shard), and adapters added after that would never be synchronised. Then once
             # more, for layers configure_model created (refused if it sharded them).
-            self._disarm()
+            self._disarm(configure_model_then_adapt)
             if self._plannable(pl_module):
                 self._adapt(pl_module)
             configure_model()
             self._adapt(pl_module)
 
-        setattr(pl_module, "configure_model", configure_model_then_adapt)  # noqa: B010  (on the instance)
-        self._armed = (pl_module, configure_model_then_adapt)
+        self._wrap(pl_module, "configure_model", configure_model_then_adapt)
+        if self.config.adapter_dtype is not None:
+            plugin = trainer.strategy.precision_plugin
+            convert: Callable[[torch.nn.Module], torch.nn.Module] = plugin.convert_module
 
-    def _disarm(self) -> None:
-        """Remove the instance wrapper of :meth:`_arm`, if it is still there (and nothing else)."""
-        if self._armed is not None:
-            module, wrapper = self._armed
-            if vars(module).get("configure_model") is wrapper:
-                del vars(module)["configure_model"]
-            self._armed = None
+            def convert_keeping_adapter_dtype(module: torch.nn.Module) -> torch.nn.Module:
+                # "*-true" precisions cast the whole model; adapters asked for in another dtype
+                # (float32 masters of a bfloat16 model) get their own tensors back, untouched
+                self._disarm(convert_keeping_adapter_dtype)
+                kept = [(p, p.data) for layer in lora_modules(module).values() for p in layer.adapter_params().values()]
+                converted = convert(module)
+                for param, data in kept:
+                    if param.dtype != data.dtype:
+                        param.data = data.to(param.device)
+                return converted
+
+            self._wrap(plugin, "convert_module", convert_keeping_adapter_dtype)
+
+    def _wrap(self, owner: object, name: str, wrapper: Callable[..., Any]) -> None:
+        vars(owner)[name] = wrapper
+        self._armed.append((owner, name, wrapper))
+
+    def _disarm(self, only: Callable[..., Any] | None = None) -> None:
+        """Remove the instance wrappers of :meth:`_arm` (or only ``only``) still in place, and nothing else."""
+        for owner, name, wrapper in list(self._armed):
+            if only is None or wrapper is only:
+                if vars(owner).get(name) is wrapper:
+                    del vars(owner)[name]
+                self._armed.remove((owner, name, wrapper))
 
     def _plannable(self, pl_module: pl.LightningModule) -> bool:
         """Whether the targets can be planned on the model as it is (before ``configure_model``)."""

@@ -450,6 +450,33 @@ def test_resume_and_reload_in_every_cpu_precision(tmp_path, precision):
     assert set(lora_modules(plain)) == {"net.blocks.0.attn.qkv", "net.blocks.1.attn.qkv"}
 
 
+@pytest.mark.parametrize("precision", ["bf16-true", "16-true"])
+def test_true_half_precision_keeps_float32_adapters_and_resumes_exactly(tmp_path, precision):
+    """Lightning casts the whole model; adapters asked for in float32 stay float32 (master weights)."""
+    base_state = Classifier().state_dict()
+    seen = []
+
+    class DtypeRecorder(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen.append(({p.dtype for p in lora_parameters(pl_module)}, pl_module.net.head.weight.dtype))
+
+    def fit(folder, max_epochs, *extra, ckpt_path=None):
+        torch.manual_seed(0)
+        model = Classifier()
+        model.load_state_dict(base_state)
+        lora = LoRACallback(targets=["qkv"], adapter_dtype="float32")
+        trainer(folder, lora, *extra, max_epochs=max_epochs, precision=precision).fit(model, data(), ckpt_path=ckpt_path)
+        return lora_state_dict(model)
+
+    straight = fit(tmp_path / "straight", 2, DtypeRecorder())
+    assert seen[0] == ({torch.float32}, torch.bfloat16 if precision == "bf16-true" else torch.float16)
+    fit(tmp_path / "first", 1, ModelCheckpoint(dirpath=tmp_path / "first", save_last=True))
+    resumed = fit(tmp_path / "resumed", 2, ckpt_path=tmp_path / "first" / "last.ckpt")
+    assert all(tensor.dtype == torch.float32 for tensor in resumed.values())
+    assert all(torch.equal(resumed[key], straight[key]) for key in straight)  # no rounding through bfloat16
+    assert any(not torch.equal(tensor, torch.zeros_like(tensor)) for key, tensor in straight.items() if "matrix_B" in key)
+
+
 def test_a_lower_precision_base_is_refused_with_the_dtype_named(tmp_path):
     from lightning_lora import load_adapter
 
