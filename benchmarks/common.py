@@ -196,6 +196,13 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-second, first), dim=-1)
 
 
+def rotary_tables(head_dim: int, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The cosines and sines ``(T, D)`` of rotary position embeddings."""
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, head_dim, 2).float() / head_dim))
+    angles = torch.outer(torch.arange(max_len).float(), inv_freq).repeat(1, 2)  # (T, D)
+    return angles.cos(), angles.sin()
+
+
 class LlamaAttention(nn.Module):
     """Causal multi-head attention with rotary position embeddings and Llama's module names."""
 
@@ -206,11 +213,9 @@ class LlamaAttention(nn.Module):
         self.k_proj = nn.Linear(hidden, hidden, bias=False)
         self.v_proj = nn.Linear(hidden, hidden, bias=False)
         self.o_proj = nn.Linear(hidden, hidden, bias=False)
-        head_dim = hidden // heads
-        inv_freq = 1.0 / (10000 ** (torch.arange(0, head_dim, 2).float() / head_dim))
-        angles = torch.outer(torch.arange(max_len).float(), inv_freq).repeat(1, 2)  # (T, D)
-        self.register_buffer("cos", angles.cos(), persistent=False)
-        self.register_buffer("sin", angles.sin(), persistent=False)
+        cos, sin = rotary_tables(hidden // heads, max_len)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t, c = x.shape

@@ -133,3 +133,32 @@ def test_report_renders_and_rewrites_the_readme_section(tmp_path):
         report.main([str(results), "--readme", str(readme)])
     with pytest.raises(SystemExit, match="does not exist"):
         report.main([str(tmp_path / "missing")])
+
+
+def test_communication_prints_payloads_per_strategy(capsys):
+    communication = _load("communication")
+    communication.main(["--layers", "1", "--hidden", "32", "--ffn", "64", "--heads", "4", "--vocab", "50", "--r", "4",
+                        "--targets", "q_proj,v_proj"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| q_proj")]
+    assert [row.split("|")[3].strip() for row in rows] == ["DDP", "FSDP2"]
+    trainable = 2 * (32 * 4 + 4 * 32)  # A and B of two 32 x 32 projections
+    assert rows[0].split("|")[2].strip() == f"{trainable:,}"
+    ddp_ratio = float(rows[0].split("|")[6])
+    assert 0 < ddp_ratio < 0.2  # adapter gradients only
+    assert float(rows[1].split("|")[6]) > ddp_ratio  # FSDP2 still gathers the frozen base
+
+
+def test_gpu_fsdp2_script_skips_without_cuda_and_its_cpu_dry_run_passes():
+    import os
+    import subprocess
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    script = str(BENCHMARKS / "gpu_fsdp2.py")
+    if not torch.cuda.is_available():
+        done = subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=120, env=env)
+        assert done.returncode == 0 and done.stdout.startswith("skipped: no CUDA device"), done.stderr[-2000:]
+    done = subprocess.run([sys.executable, script, "--device", "cpu", "--steps", "3"], capture_output=True, text=True,
+                          timeout=300, env=env)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    checks = [line for line in done.stdout.splitlines() if line.startswith(("ok", "FAIL"))]
+    assert len(checks) == 8 and all(line.startswith("ok") for line in checks), checks
