@@ -4,6 +4,8 @@ import os
 import re
 from pathlib import Path
 
+import torch
+
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
@@ -18,6 +20,8 @@ def test_readme_snippets_run(tmp_path):
             exec(compile(block, str(README), "exec"), namespace)
     finally:
         os.chdir(cwd)
+        if torch.distributed.is_initialized():  # the FSDP2 snippet's one-process group
+            torch.distributed.destroy_process_group()
     assert (tmp_path / "run.lora.safetensors").exists()
 
 
@@ -43,3 +47,12 @@ def test_reliability_figures_are_the_test_suites():
     assert f"- {MUTATIONS} random and structured mutations" in section
     assert f"- {TRIALS} trials of `kill -9`" in section
     assert f"over {MAX_EXAMPLES} random models each" in section
+
+
+def test_communication_table_is_what_the_command_prints(capsys):
+    from test_benchmarks import _load
+
+    text = README.read_text()
+    block = re.search(r"<!-- communication:start -->\n```text\n(.*?)```\n<!-- communication:end -->", text, re.S).group(1)
+    _load("communication").main([])
+    assert capsys.readouterr().out == block
