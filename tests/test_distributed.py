@@ -40,6 +40,29 @@ def test_ddp_spawn_trains_and_returns_the_adapters(tmp_path):
     assert all(not torch.equal(state[key], before[key]) for key in stored if "matrix_B.weight" in key)
 
 
+def test_ddp_spawn_resumes_exactly(tmp_path):
+    from lightning_models import SGDClassifier, data as batches
+
+    torch.manual_seed(0)
+    base = SGDClassifier().state_dict()
+
+    def fit(folder, max_epochs, ckpt_path=None):
+        torch.manual_seed(1)
+        model = SGDClassifier()
+        model.load_state_dict(base)
+        callback = LoRACallback(targets=["qkv"])
+        apply_lora(model, callback.config)
+        saver = ModelCheckpoint(dirpath=folder, save_top_k=-1)
+        settings = {**SPAWN, "max_epochs": max_epochs, "use_distributed_sampler": False}
+        L.Trainer(default_root_dir=folder, callbacks=[callback, saver], **settings).fit(model, batches(), ckpt_path=ckpt_path)
+        return {key: value for key, value in model.state_dict().items() if "matrix_" in key}
+
+    straight = fit(tmp_path / "straight", 2)
+    resumed = fit(tmp_path / "resumed", 2, ckpt_path=tmp_path / "straight" / "epoch=0-step=8.ckpt")
+    assert resumed.keys() == straight.keys() and all(torch.equal(resumed[k], straight[k]) for k in straight)
+    assert any(not torch.equal(v, torch.zeros_like(v)) for k, v in straight.items() if "matrix_B" in k)
+
+
 DDP_SCRIPT = """
 import sys, torch
 sys.path.insert(0, {tests!r})
@@ -58,10 +81,18 @@ model.load_state_dict(torch.load({base!r}, weights_only=True))
 trainer = L.Trainer(strategy="ddp", accelerator="cpu", devices=2, max_epochs=2, enable_progress_bar=False,
                     enable_model_summary=False, use_distributed_sampler=False, log_every_n_steps=1, deterministic=True,
                     logger=CSVLogger({folder!r}, name="logs", version=0),
-                    callbacks=[LoRACallback(targets=["qkv", "fc1"]), ModelCheckpoint(dirpath={folder!r} + "/ckpt", save_last=True)])
+                    callbacks=[LoRACallback(targets=["qkv", "fc1"]), ModelCheckpoint(dirpath={folder!r} + "/ckpt", save_top_k=-1, save_last=True)])
 sampler = DistributedSampler(dataset, num_replicas=2, rank=trainer.global_rank, shuffle=False)
 trainer.fit(model, DataLoader(dataset, batch_size=4, sampler=sampler))
 torch.save(lora_state_dict(model), {folder!r} + f"/rank{{trainer.global_rank}}.pt")
+
+resumed = SGDClassifier()  # from the end of epoch 0, on the same world size
+resumed.load_state_dict(torch.load({base!r}, weights_only=True))
+trainer = L.Trainer(strategy="ddp", accelerator="cpu", devices=2, max_epochs=2, enable_progress_bar=False, logger=False,
+                    enable_model_summary=False, use_distributed_sampler=False, deterministic=True,
+                    default_root_dir={folder!r} + "/resume", callbacks=[LoRACallback(targets=["qkv", "fc1"])])
+trainer.fit(resumed, DataLoader(dataset, batch_size=4, sampler=sampler), ckpt_path={folder!r} + "/ckpt/epoch=0-step=8.ckpt")
+torch.save(lora_state_dict(resumed), {folder!r} + f"/resumed{{trainer.global_rank}}.pt")
 """
 
 
@@ -113,7 +144,11 @@ def test_ddp_two_processes_match_one_process(tmp_path):
     assert len(logged) == len(norms) == 16
     assert logged == pytest.approx(norms, rel=1e-5)  # the global norm, not one rank's
     written = sorted(os.listdir(tmp_path / "ckpt"))  # one writer: one file of each, complete
-    assert written == ["epoch=1-step=16.ckpt", "epoch=1-step=16.lora.safetensors", "last.ckpt", "last.lora.safetensors"]
+    assert written == ["epoch=0-step=8.ckpt", "epoch=0-step=8.lora.safetensors", "epoch=1-step=16.ckpt",
+                       "epoch=1-step=16.lora.safetensors", "last.ckpt", "last.lora.safetensors"]
+    for rank in (0, 1):  # resumed at the epoch boundary: the same adapters as the run without a break
+        resumed = torch.load(tmp_path / f"resumed{rank}.pt", weights_only=True)
+        assert resumed.keys() == rank0.keys() and all(torch.equal(resumed[k], rank0[k]) for k in rank0)
 
 
 # --- FSDP2: ModelParallelStrategy(data_parallel_size=2) ------------------------------------------
