@@ -176,7 +176,7 @@ class LoRACallback(Callback):
         if isinstance(trainer.strategy, ModelParallelStrategy) and self.export_peft is not None:
             raise MisconfigurationException(
                 f"export_peft={self.export_peft!r} is not available with ModelParallelStrategy; convert a "
-                f"checkpoint's companion adapter file afterwards: lightning-lora export-peft ADAPTER OUTPUT"
+                f"checkpoint's companion adapter file afterwards: lightning-lora export-peft ADAPTER OUT_DIR"
             )
         checkpoint_io = trainer.strategy.checkpoint_io
         if isinstance(checkpoint_io, LoRACheckpointIO) and checkpoint_io.owner is not self:

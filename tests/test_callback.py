@@ -398,6 +398,16 @@ def test_unsupported_strategies_are_recognised_by_type(tmp_path):
             LoRACallback().setup(fake, Classifier(), "fit")
 
 
+def test_export_peft_is_refused_with_model_parallel_strategy():
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    fake = SimpleNamespace(strategy=ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=1))
+    with pytest.raises(MisconfigurationException, match=r"export_peft='peft' is not available with ModelParallelStrategy; .*lightning-lora export-peft ADAPTER OUT_DIR"):
+        LoRACallback(export_peft="peft").setup(fake, Classifier(), "fit")
+
+
 def test_two_lora_callbacks_are_refused(tmp_path):
     model = Classifier()
     with pytest.raises(MisconfigurationException, match="the Trainer has more than one LoRACallback"):
