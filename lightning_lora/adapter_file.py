@@ -300,7 +300,9 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, root: str | nn.Modul
     """Write the adapters of ``model`` (and its ``trainable`` modules) to one ``.safetensors`` file.
 
     The file is written atomically: a crash never leaves a partial file under ``path``. In a
-    distributed run only global rank 0 writes. ``path`` may be any fsspec URL.
+    distributed run only global rank 0 writes. For a sharded model (FSDP2) call it on every rank: the
+    tensors are gathered whole, and the base fingerprint is read from each rank's shards. ``path``
+    may be any fsspec URL.
 
     Returns:
         ``path`` as a string.
