@@ -51,6 +51,7 @@ from lightning_lora.surgery import (
     lora_summary,
     merge_lora,
     merged_modules,
+    quantize_base,
     unmerge_lora,
 )
 
@@ -76,6 +77,8 @@ class LoRACallback(Callback):
         use_rslora: scale by ``alpha / sqrt(r)`` (rank-stabilised LoRA).
         trainable: patterns of modules trained fully (a new head).
         adapter_dtype: dtype of the adapter weights ("float32", "bfloat16", ...); None: the base's.
+        quantize: "nf4" holds the frozen linear base weights in 4-bit NF4 while training (QLoRA;
+            needs torchao: ``pip install "lightning-lora[qlora]"``); None keeps their dtype.
         adapter_path: start from this adapter file: its stored settings are used, and settings
             given explicitly (different from the defaults) that contradict them are an error. The
             file is read in ``setup``.
@@ -109,6 +112,7 @@ class LoRACallback(Callback):
         use_rslora: bool = False,
         trainable: Sequence[str] = (),
         adapter_dtype: str | None = None,
+        quantize: str | None = None,
         adapter_path: str | os.PathLike | None = None,
         save_base_weights: bool = False,
         log_grad_norm: bool = True,
@@ -129,6 +133,7 @@ class LoRACallback(Callback):
             "use_rslora": use_rslora,
             "trainable": trainable,
             "adapter_dtype": adapter_dtype,
+            "quantize": quantize,
         }
         explicit = explicit_settings(settings)
         if config is not None:
@@ -217,6 +222,8 @@ class LoRACallback(Callback):
     def _adapt(self, pl_module: pl.LightningModule) -> None:
         first_time = id(pl_module) not in self._adapted
         if first_time and self.adapter_path is not None and not lora_modules(pl_module):
+            if self.config.quantize is not None:  # the file's base was quantized: so must this one be
+                quantize_base(pl_module, self.config.quantize, plan_adapters(pl_module, self.config).trainable)
             self._installation = install_adapter(pl_module, self.adapter_path)
         else:
             self._installation = install(pl_module, plan_adapters(pl_module, self.config))

@@ -23,6 +23,7 @@ from torch import nn
 from torch.nn.modules.lazy import LazyModuleMixin
 
 from lightning_lora.fused import lora_linear
+from lightning_lora.quantize import quantized_format
 from lightning_lora.spec import (
     ADAPTER_DTYPES,
     AdapterSpec,
@@ -63,7 +64,7 @@ class LoRABase(nn.Module):
         alpha = positive_number("alpha", alpha)
         dropout = probability("dropout", dropout)
         weight = base_weight(original_module)
-        limit = max(weight.shape[0], weight[0].numel())  # the larger of the layer's two sides
+        limit = max(weight.shape[0], math.prod(weight.shape[1:]))  # the larger of the layer's two sides
         if r > limit:
             raise ValueError(
                 f"r must be at most {limit} for a {type(original_module).__name__} of weight shape "
@@ -605,12 +606,15 @@ def _fused_dtype(linear: nn.Module, x: torch.Tensor) -> torch.dtype | None:
     """The dtype :func:`lora_linear` computes ``linear`` in for input ``x``, or None where it must not run.
 
     It runs where it computes exactly what ``F.linear`` would: an ``nn.Linear`` itself (not a
-    subclass), no module hooks to call, input and weight on one device, and either one shared
-    dtype or, under autocast, float32 and the autocast dtype only (the tensors autocast casts).
+    subclass) with a plain weight (not a quantized one, which ``F.linear`` dequantizes), no module
+    hooks to call, input and weight on one device, and either one shared dtype or, under autocast,
+    float32 and the autocast dtype only (the tensors autocast casts).
     """
     if type(linear) is not nn.Linear or _has_hooks(linear):
         return None
     weight = linear.weight
+    if quantized_format(weight) is not None:
+        return None
     if x.dim() == 0 or x.shape[-1] != linear.in_features or x.device != weight.device:
         return None  # the separate layers raise the usual error, if any
     if torch.is_autocast_enabled(x.device.type):

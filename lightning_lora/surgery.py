@@ -18,9 +18,10 @@ import torch
 from torch import nn
 
 from lightning_lora.config import LoRAConfig
-from lightning_lora.layers import MERGE_TOLERANCE, LoRABase, build_adapter
-from lightning_lora.naming import is_inside, sites, walk
-from lightning_lora.plan import CONFIG_ATTR, TRAINABLE_ATTR, AdapterPlan, plan_adapters
+from lightning_lora.layers import MERGE_TOLERANCE, LoRABase, base_weight, build_adapter
+from lightning_lora.naming import Site, is_inside, sites, walk
+from lightning_lora.plan import CONFIG_ATTR, TRAINABLE_ATTR, AdapterPlan, plan_adapters, quantizable
+from lightning_lora.quantize import METHODS, quantize_weight, quantized_format
 
 
 @dataclass
@@ -46,14 +47,17 @@ def install(model: nn.Module, plan: AdapterPlan) -> Installation:
 
     Modules already adapted with the planned spec are left as they are. All parameters are frozen
     except the adapters' and those of the plan's trainable modules. New adapters take the train or
-    eval mode of the module they wrap.
+    eval mode of the module they wrap. The base weights of the plan's ``quantize`` layers are
+    replaced by quantized ones (those already quantized are left as they are).
 
     Returns:
-        An :class:`Installation`; its ``undo()`` restores the model exactly.
+        An :class:`Installation`; its ``undo()`` restores the model exactly (the original weights
+        are kept until the installation is dropped).
 
     Raises:
         ValueError: if a module is adapted with other settings, or a spec does not fit its module.
-        TypeError: if a module cannot take its adapter. On any error the model is unchanged.
+        TypeError: if a module cannot take its adapter. ModuleNotFoundError: if quantizing needs
+            torchao and it is not installed. On any error the model is unchanged.
     """
     found = sites(model)
     created: dict[str, LoRABase] = {}
@@ -67,11 +71,14 @@ def install(model: nn.Module, plan: AdapterPlan) -> Installation:
         adapter = build_adapter(module, spec, name)
         adapter.train(module.training)
         created[name] = adapter
+    quantized = _quantized_weights(found, plan.quantize, plan.config.quantize)
 
     requires_grad = {id(p): (p, p.requires_grad) for p in model.parameters()}
     previous = {attr: vars(model).get(attr) for attr in (CONFIG_ATTR, TRAINABLE_ATTR)}
 
     def undo() -> None:
+        for layer, (original, _) in quantized.items():
+            layer.weight = original
         for name in created:
             found[name].replace(found[name].module)
         for param, flag in requires_grad.values():
@@ -84,6 +91,8 @@ def install(model: nn.Module, plan: AdapterPlan) -> Installation:
 
     for name, adapter in created.items():
         found[name].replace(adapter)
+    for layer, (_, weight) in quantized.items():
+        layer.weight = weight
     object.__setattr__(model, CONFIG_ATTR, plan.config)
     object.__setattr__(model, TRAINABLE_ATTR, list(plan.trainable))
     _freeze(model)
@@ -110,6 +119,50 @@ def apply_lora(model: nn.Module, config: LoRAConfig | None = None) -> list[str]:
     """
     plan = plan_adapters(model, LoRAConfig() if config is None else config)
     return install(model, plan).names
+
+
+def quantize_base(model: nn.Module, method: str = "nf4", trainable: Iterable[str] | None = None) -> list[str]:
+    """Hold the frozen linear base weights of ``model`` in 4-bit ``method``, in place (QLoRA).
+
+    :func:`apply_lora` with ``LoRAConfig(quantize="nf4")`` does this itself; call it on a fresh model
+    before loading an adapter file or checkpoint trained on a quantized base, which is refused by an
+    unquantized one. The layers are those of :func:`lightning_lora.plan.quantizable`; weights already
+    quantized are left as they are, and the new ones do not require grad.
+
+    Args:
+        model: the model, adapted or not (modified in place).
+        method: ``"nf4"``.
+        trainable: modules to leave in their dtype (default: the model's fully trainable modules).
+
+    Returns:
+        The names of the quantized layers, in model order.
+
+    Raises:
+        ValueError: for an unknown ``method``. ModuleNotFoundError: if torchao is not installed.
+            The model is unchanged on error.
+    """
+    if not isinstance(method, str) or method not in METHODS:
+        raise ValueError(f"method must be one of {list(METHODS)}, got {method!r}")
+    left_out = list(trainable_modules(model)) if trainable is None else list(trainable)
+    names = quantizable(model, left_out)
+    for layer, (_, weight) in _quantized_weights(sites(model), names, method).items():
+        layer.weight = weight
+    return names
+
+
+def _quantized_weights(
+    found: dict[str, Site], names: Iterable[str], method: str | None
+) -> dict[nn.Module, tuple[nn.Parameter, nn.Parameter]]:
+    """Layer -> (its weight, a frozen quantized copy), for the layers ``names`` not yet quantized."""
+    weights: dict[nn.Module, tuple[nn.Parameter, nn.Parameter]] = {}
+    for name in names:
+        assert method is not None, "a plan quantizes layers only when its config names a method"
+        module = found[name].module
+        layer = module.original_module if isinstance(module, LoRABase) else module
+        weight = base_weight(layer)
+        if quantized_format(weight) is None and isinstance(weight, nn.Parameter):
+            weights[layer] = (weight, nn.Parameter(quantize_weight(weight, method), requires_grad=False))
+    return weights
 
 
 def _freeze(model: nn.Module) -> None:
