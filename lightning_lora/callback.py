@@ -86,7 +86,8 @@ class LoRACallback(Callback):
             out, so checkpoints hold adapters, optimizer and trainer state only).
         log_grad_norm: log ``lora/grad_norm``, the 2-norm over all adapter gradients.
         log_per_layer: also log ``lora/grad_norm/<module>`` per adapted module.
-        merge_on_end: merge the adapters into the weights when ``fit`` ends (for export).
+        merge_on_end: merge the adapters into the weights when ``fit`` ends (for export); not with
+            ``quantize`` (use ``merge_and_unload`` after fit for a float model).
         export_peft: also write each checkpoint's adapters in Hugging Face PEFT's format to a
             ``<checkpoint>.peft/`` folder beside it: "peft", or "vllm" for what vLLM serves.
         config: a complete :class:`~lightning_lora.LoRAConfig` instead of the separate settings.
@@ -150,6 +151,11 @@ class LoRACallback(Callback):
         self.log_grad_norm = boolean("log_grad_norm", log_grad_norm)
         self.log_per_layer = boolean("log_per_layer", log_per_layer)
         self.merge_on_end = boolean("merge_on_end", merge_on_end)
+        if self.merge_on_end and self.config.quantize is not None:
+            raise ValueError(
+                f"merge_on_end=True cannot merge into a quantized base (quantize={self.config.quantize!r}): "
+                f"merging would requantize it; call lightning_lora.merge_and_unload(model) after fit for a float model"
+            )
         if export_peft not in (None, *TARGETS):
             raise ValueError(f"export_peft must be None, 'peft' or 'vllm', got {export_peft!r}")
         self.export_peft = export_peft

@@ -165,12 +165,20 @@ class LoRABase(nn.Module):
         so that :meth:`unmerge` restores the original weights bit for bit.
 
         Raises:
-            RuntimeError: if the layer is already merged, or the merged update would be off by more
-                than ``tolerance`` (relative, in norm) because of the weight's dtype.
+            RuntimeError: if the layer is already merged, its weight is quantized (merging would
+                requantize it), or the merged update would be off by more than ``tolerance``
+                (relative, in norm) because of the weight's dtype.
         """
         if self.merged:
             raise RuntimeError(f"{type(self).__name__} is already merged; call unmerge() first")
         weight = base_weight(self.original_module)
+        stored = quantized_format(weight)
+        if stored is not None:
+            raise RuntimeError(
+                f"its base weight is quantized ({stored}): merging into it would requantize the weight, "
+                f"losing most of the update and any exact unmerge; merge_and_unload(model) dequantizes "
+                f"the base and merges into float weights"
+            )
         delta = self.delta_weight()
         merged_weight = (weight.float() + delta).to(weight.dtype)
         error = _relative_error(merged_weight.float() - weight.float(), delta)

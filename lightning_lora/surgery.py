@@ -21,7 +21,7 @@ from lightning_lora.config import LoRAConfig
 from lightning_lora.layers import MERGE_TOLERANCE, LoRABase, base_weight, build_adapter
 from lightning_lora.naming import Site, is_inside, sites, walk
 from lightning_lora.plan import CONFIG_ATTR, TRAINABLE_ATTR, AdapterPlan, plan_adapters, quantizable
-from lightning_lora.quantize import METHODS, quantize_weight, quantized_format
+from lightning_lora.quantize import METHODS, dequantize, quantize_weight, quantized_format
 
 
 @dataclass
@@ -292,7 +292,12 @@ def merge_and_unload(model: nn.Module, tolerance: float = MERGE_TOLERANCE) -> nn
     """Merge every adapter and put each original module back in its place, in place.
 
     The result has the module classes and ``state_dict`` keys of the model before
-    :func:`apply_lora` and loads into that architecture with ``strict=True``.
+    :func:`apply_lora` and loads into that architecture with ``strict=True``. A quantized base
+    (``quantize="nf4"``) is dequantized first, every quantized weight to the dtype it was quantized
+    from, and the updates are merged into those weights in float32: the result is a float model that
+    computes what the adapted quantized one did (up to the merge's rounding), not the original
+    full-precision base plus the update. For that, load the adapter file into the full-precision
+    model with ``check_base=False`` and merge there.
 
     Returns:
         ``model`` itself.
@@ -315,12 +320,30 @@ def merge_and_unload(model: nn.Module, tolerance: float = MERGE_TOLERANCE) -> nn
     if len(merged) < len(adapters):
         if merged:
             raise RuntimeError("some adapters are merged and some are not; unmerge_lora() first")
-        merge_lora(model, tolerance)
+        quantized = _quantized_parameters(model)
+        for module, key, param in quantized:
+            setattr(module, key, nn.Parameter(dequantize(param), requires_grad=param.requires_grad))
+        try:
+            merge_lora(model, tolerance)
+        except (RuntimeError, ValueError):
+            for module, key, param in quantized:
+                setattr(module, key, param)
+            raise
     for name, adapter in adapters.items():
         found[name].replace(adapter.original_module)
     for attr in (CONFIG_ATTR, TRAINABLE_ATTR):
         vars(model).pop(attr, None)
     return model
+
+
+def _quantized_parameters(model: nn.Module) -> list[tuple[nn.Module, str, nn.Parameter]]:
+    """(module, attribute, parameter) for every quantized parameter of ``model``."""
+    return [
+        (module, key, param)
+        for module in model.modules()
+        for key, param in module.named_parameters(recurse=False)
+        if quantized_format(param) is not None
+    ]
 
 
 def _check_not_shared(model: nn.Module, adapters: dict[str, LoRABase]) -> None:

@@ -1,5 +1,5 @@
-"""Quantized base (QLoRA): NF4 base weights stay 4-bit while adapters train, and files stay slim and
-refuse the wrong base."""
+"""Quantized base (QLoRA): NF4 base weights stay 4-bit while adapters train, files stay slim and refuse
+the wrong base, and merge_and_unload returns a float model."""
 
 import sys
 
@@ -17,6 +17,8 @@ from lightning_lora import (
     load_adapter,
     load_checkpoint,
     lora_modules,
+    merge_and_unload,
+    merge_lora,
     quantize_base,
     save_adapter,
 )
@@ -44,6 +46,8 @@ def test_quantize_setting_is_validated():
         LoRAConfig(quantize="int4")
     with pytest.raises(ValueError, match=r"method must be one of \['nf4'\], got 'fp4'"):
         quantize_base(TinyModel(), "fp4")
+    with pytest.raises(ValueError, match=r"merge_on_end=True cannot merge into a quantized base \(quantize='nf4'\)"):
+        LoRACallback(quantize="nf4", merge_on_end=True)
 
 
 def test_missing_torchao_names_the_extra_and_leaves_the_model_as_it_was(monkeypatch):
@@ -76,6 +80,32 @@ def test_layers_that_do_not_split_into_blocks_stay_and_are_named():
     with pytest.warns(UserWarning, match=r"quantize leaves 1 linear layers in their dtype, .* blocks of 64 values: \['0'\]"):
         assert quantize_base(model) == ["2"]
     assert isinstance(model[2].weight, NF4Tensor) and not isinstance(model[0].weight, NF4Tensor)
+
+
+def test_merge_into_a_quantized_base_is_refused_and_merge_and_unload_returns_a_float_model(tokens):
+    model = TinyModel()
+    apply_lora(model, LoRAConfig(targets=TARGETS, quantize="nf4", bias=False))
+    randomize_adapters(model)
+    expected = model(tokens)
+    with pytest.raises(RuntimeError, match=r"cannot merge module 'blocks.0.attn.qkv': its base weight is quantized \(nf4\).*merge_and_unload"):
+        merge_lora(model)
+    assert not any(adapter.merged for adapter in lora_modules(model).values())
+    merged = merge_and_unload(model)
+    assert not _nf4_layers(merged) and not lora_modules(merged)
+    plain = TinyModel()
+    plain.load_state_dict(merged.state_dict(), strict=True)
+    torch.testing.assert_close(plain(tokens), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_refused_merge_and_unload_leaves_the_base_quantized(tokens):
+    model = TinyModel().to(torch.bfloat16)
+    apply_lora(model, LoRAConfig(targets=TARGETS, quantize="nf4", bias=False))
+    randomize_adapters(model, scale=1e-6)  # too small an update for bfloat16 weights to hold
+    expected = model(tokens)
+    with pytest.raises(RuntimeError, match=r"cannot merge module 'blocks.0.attn.qkv': merging would change the update"):
+        merge_and_unload(model)
+    assert len(_nf4_layers(model)) == len(QUANTIZED) and len(lora_modules(model)) == 4
+    assert torch.equal(model(tokens), expected)
 
 
 def test_adapter_file_is_slim_and_refuses_an_unquantized_base(tmp_path, tokens):
