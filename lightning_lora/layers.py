@@ -359,9 +359,13 @@ class LoRAConv1D(LoRA):
 
 def transformers_conv1d() -> type[nn.Module] | None:
     """transformers' ``Conv1D`` class if transformers' ``pytorch_utils`` is imported, else None."""
-    module = sys.modules.get("transformers.pytorch_utils")
-    conv1d = getattr(module, "Conv1D", None)
-    return conv1d if isinstance(conv1d, type) and issubclass(conv1d, nn.Module) else None
+    return _imported_module_class("transformers.pytorch_utils", "Conv1D")
+
+
+def _imported_module_class(module_name: str, class_name: str) -> type[nn.Module] | None:
+    """The ``nn.Module`` subclass ``module_name.class_name`` if that module is imported, else None."""
+    found = getattr(sys.modules.get(module_name), class_name, None)
+    return found if isinstance(found, type) and issubclass(found, nn.Module) else None
 
 
 class LoRAConv(LoRABase):
@@ -539,7 +543,7 @@ def adapter_kind(module: nn.Module, name: str) -> str:
     """The adapter kind for ``module`` (named ``name`` in errors).
 
     Raises:
-        TypeError: for a module type that has no adapter.
+        TypeError: for a module type that has no adapter (bitsandbytes' ``Linear4bit`` among them).
     """
     if isinstance(module, LazyModuleMixin) and module.has_uninitialized_params():
         raise TypeError(
@@ -549,6 +553,13 @@ def adapter_kind(module: nn.Module, name: str) -> str:
     conv1d = transformers_conv1d()
     if conv1d is not None and isinstance(module, conv1d):
         return LoRAConv1D.kind
+    linear4bit = _imported_module_class("bitsandbytes.nn", "Linear4bit")
+    if linear4bit is not None and isinstance(module, linear4bit):
+        raise TypeError(
+            f"cannot adapt module '{name}' of type {type(module).__name__}: bitsandbytes' 4-bit layers pack "
+            f"their weight in a layout this package does not read; load the model unquantized and use "
+            f"LoRAConfig(quantize='nf4'), which holds the base in 4-bit NF4 through torchao"
+        )
     for base, cls in ADAPTER_TYPES.items():
         if isinstance(module, base):
             return cls.kind

@@ -197,3 +197,21 @@ def test_training_on_an_nf4_base_keeps_it_nf4_and_the_adapter_file_reproduces_th
     load_checkpoint(unquantized, checkpoints.last_model_path)
     assert torch.equal(unquantized.eval()(tokens), expected)
 
+
+
+class _Linear4bit(nn.Linear):
+    """Stands for bitsandbytes' Linear4bit where bitsandbytes is not installed."""
+
+
+@pytest.mark.parametrize("source", ["stand-in", "bitsandbytes"])
+def test_bitsandbytes_4bit_layers_are_refused_with_the_way_out(source, monkeypatch):
+    if source == "bitsandbytes":
+        linear4bit = pytest.importorskip("bitsandbytes.nn").Linear4bit
+    else:
+        monkeypatch.setitem(sys.modules, "bitsandbytes.nn", type(sys)("bitsandbytes.nn"))
+        monkeypatch.setattr(sys.modules["bitsandbytes.nn"], "Linear4bit", _Linear4bit, raising=False)
+        linear4bit = _Linear4bit
+    model = nn.Sequential(linear4bit(64, 128, bias=False), nn.ReLU(), nn.Linear(128, 2))
+    with pytest.raises(TypeError, match=r"cannot adapt module '0' of type \w+: bitsandbytes' 4-bit layers .*quantize='nf4'"):
+        apply_lora(model, LoRAConfig(targets=["0"]))
+    assert not lora_modules(model)
