@@ -3,11 +3,12 @@
 ``LoRAConfig(quantize="nf4")`` holds the frozen linear base weights in NormalFloat4 with double
 quantization, as QLoRA does, through torchao's ``NF4Tensor`` (the ``qlora`` extra: ``pip install
 "lightning-lora[qlora]"``). An ``nn.Linear`` whose weight is an ``NF4Tensor`` still computes
-``F.linear``: torchao decodes a transient copy of the weight for the product in the forward and again
-in the backward, so the base stays 4-bit for the whole run while the adapters train in their own dtype. Which layers
-are quantized is decided in :mod:`lightning_lora.plan` and carried out in
+``F.linear``: torchao decodes a transient copy of the weight for the product in the forward and
+again in the backward, so the base stays 4-bit for the whole run while the adapters train in their
+own dtype. Which layers are quantized is decided in :mod:`lightning_lora.plan` and carried out in
 :mod:`lightning_lora.surgery`; this module owns the tensors. torchao is imported only to quantize:
-a quantized tensor can only exist once the user has torchao, so recognising one needs no import.
+a quantized tensor can only exist once the user has imported torchao, so recognising one needs no
+import.
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ BLOCK_SIZE = 64
 #: Block scales per second-level block of the double quantization (QLoRA's 256; a weight whose
 #: number of blocks 256 does not divide takes the largest divisor below it).
 SCALER_BLOCK_SIZE = 256
-# Where torchao's NF4Tensor lives (torchao >= 0.18).
-_NF4_MODULE = "torchao.quantization.quantize_.workflows.nf4.nf4_tensor"
+# The public module of torchao's NF4Tensor and to_nf4 (torchao >= 0.18).
+_TORCHAO = "torchao.quantization"
 
 
 def check_method(name: str, value: Any) -> str | None:
@@ -37,8 +38,7 @@ def check_method(name: str, value: Any) -> str | None:
 
 def quantized_format(tensor: torch.Tensor) -> str | None:
     """``"nf4"`` for a tensor held in NF4 (an ``NF4Tensor``, as parameter or not), else None."""
-    module = sys.modules.get(_NF4_MODULE)
-    nf4 = getattr(module, "NF4Tensor", None)
+    nf4 = getattr(sys.modules.get(_TORCHAO), "NF4Tensor", None)
     return "nf4" if isinstance(nf4, type) and isinstance(tensor, nf4) else None
 
 

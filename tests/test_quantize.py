@@ -64,6 +64,7 @@ def test_the_linear_layers_but_the_head_are_quantized_and_compute_with_their_nf4
     model = TinyModel()
     reference = TinyModel()
     reference.load_state_dict(model.state_dict())
+    unquantized = reference(tokens)
     apply_lora(model, LoRAConfig(targets=TARGETS, quantize="nf4"))
     assert sorted(_nf4_layers(model)) == sorted(f"{name}.original_module" if name.endswith(tuple(TARGETS)) else name for name in QUANTIZED)
     assert not isinstance(model.head.weight, NF4Tensor) and not model.embed.weight.requires_grad
@@ -72,7 +73,7 @@ def test_the_linear_layers_but_the_head_are_quantized_and_compute_with_their_nf4
         for name in QUANTIZED:
             _layer(reference, name).weight.copy_(_layer(model, name).weight.to(torch.float32))
     torch.testing.assert_close(model(tokens), reference(tokens), rtol=0, atol=1e-6)
-    assert not torch.equal(_layer(reference, "blocks.0.attn.qkv").weight, TinyModel().blocks[0].attn["qkv"].weight)
+    assert (model(tokens) - unquantized).abs().max() > 1e-3  # 4 bits are not the float weights
 
 
 def test_layers_that_do_not_split_into_blocks_stay_and_are_named():
