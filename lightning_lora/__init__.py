@@ -4,7 +4,8 @@ The package, module by module (each module's docstring says what it owns):
 
 - ``spec``: ``AdapterSpec``, the settings of one adapter; ``config``: ``LoRAConfig``, all settings;
   ``patterns``: module name patterns; ``naming``: clean module names through wrappers;
-- ``layers``: the adapter layers (``fused``: the fused linear autograd node);
+- ``layers``: the adapter layers (``fused``: the fused linear autograd node); ``quantize``: 4-bit
+  NF4 base weights (QLoRA);
 - ``plan``: model + config -> specs; ``surgery``: install specs, merge, unload, state dicts;
 - ``fingerprint``: base-weight fingerprints; ``files``: atomic rank-zero file IO;
   ``adapter_file``: the adapter file format; ``checkpoint``: slim Lightning checkpoints;
@@ -42,6 +43,7 @@ from lightning_lora.surgery import (
     lora_summary,
     merge_and_unload,
     merge_lora,
+    quantize_base,
     set_adapters_enabled,
     unmerge_lora,
 )
@@ -84,6 +86,7 @@ __all__ = [
     "merge_and_unload",
     "merge_lora",
     "plan_adapters",
+    "quantize_base",
     "read_adapter",
     "save_adapter",
     "set_adapters_enabled",

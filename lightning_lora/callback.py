@@ -58,6 +58,7 @@ from lightning_lora.surgery import (
     lora_tensors,
     merge_lora,
     merged_modules,
+    quantize_base,
     unmerge_lora,
 )
 
@@ -83,6 +84,8 @@ class LoRACallback(Callback):
         use_rslora: scale by ``alpha / sqrt(r)`` (rank-stabilised LoRA).
         trainable: patterns of modules trained fully (a new head).
         adapter_dtype: dtype of the adapter weights ("float32", "bfloat16", ...); None: the base's.
+        quantize: "nf4" holds the frozen linear base weights in 4-bit NF4 while training (QLoRA;
+            needs torchao: ``pip install "lightning-lora[qlora]"``); None keeps their dtype.
         adapter_path: start from this adapter file: its stored settings are used, and settings
             given explicitly (different from the defaults) that contradict them are an error. The
             file is read in ``setup``.
@@ -90,7 +93,8 @@ class LoRACallback(Callback):
             out, so checkpoints hold adapters, optimizer and trainer state only).
         log_grad_norm: log ``lora/grad_norm``, the 2-norm over all adapter gradients.
         log_per_layer: also log ``lora/grad_norm/<module>`` per adapted module.
-        merge_on_end: merge the adapters into the weights when ``fit`` ends (for export).
+        merge_on_end: merge the adapters into the weights when ``fit`` ends (for export); not with
+            ``quantize`` (use ``merge_and_unload`` after fit for a float model).
         export_peft: also write each checkpoint's adapters in Hugging Face PEFT's format to a
             ``<checkpoint>.peft/`` folder beside it: "peft", or "vllm" for what vLLM serves.
         config: a complete :class:`~lightning_lora.LoRAConfig` instead of the separate settings.
@@ -116,6 +120,7 @@ class LoRACallback(Callback):
         use_rslora: bool = False,
         trainable: Sequence[str] = (),
         adapter_dtype: str | None = None,
+        quantize: str | None = None,
         adapter_path: str | os.PathLike | None = None,
         save_base_weights: bool = False,
         log_grad_norm: bool = True,
@@ -136,6 +141,7 @@ class LoRACallback(Callback):
             "use_rslora": use_rslora,
             "trainable": trainable,
             "adapter_dtype": adapter_dtype,
+            "quantize": quantize,
         }
         explicit = explicit_settings(settings)
         if config is not None:
@@ -152,6 +158,11 @@ class LoRACallback(Callback):
         self.log_grad_norm = boolean("log_grad_norm", log_grad_norm)
         self.log_per_layer = boolean("log_per_layer", log_per_layer)
         self.merge_on_end = boolean("merge_on_end", merge_on_end)
+        if self.merge_on_end and self.config.quantize is not None:
+            raise ValueError(
+                f"merge_on_end=True cannot merge into a quantized base (quantize={self.config.quantize!r}): "
+                f"merging would requantize it; call lightning_lora.merge_and_unload(model) after fit for a float model"
+            )
         if export_peft not in (None, *TARGETS):
             raise ValueError(f"export_peft must be None, 'peft' or 'vllm', got {export_peft!r}")
         self.export_peft = export_peft
@@ -268,6 +279,8 @@ class LoRACallback(Callback):
     def _adapt(self, pl_module: pl.LightningModule) -> None:
         first_time = id(pl_module) not in self._adapted
         if first_time and self.adapter_path is not None and not lora_modules(pl_module):
+            if self.config.quantize is not None:  # the file's base was quantized: so must this one be
+                quantize_base(pl_module, self.config.quantize, plan_adapters(pl_module, self.config).trainable)
             self._installations.append(install_adapter(pl_module, self.adapter_path))
         else:
             self._installations.append(install(pl_module, plan_adapters(pl_module, self.config)))

@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 import torch
 
 from lightning_lora.patterns import ALL_LINEAR, check_pattern, first_match
+from lightning_lora.quantize import check_method
 from lightning_lora.spec import (
     ADAPTER_DTYPES,
     AdapterSpec,
@@ -58,6 +59,8 @@ class LoRAConfig:
     use_rslora: bool = False  # rank-stabilised scaling alpha / sqrt(r)
     trainable: Sequence[str] = ()  # modules left fully trainable (new heads)
     adapter_dtype: str | None = None  # None: the original weight's dtype; e.g. "float32"
+    # "nf4": hold the frozen linear base weights in 4-bit NF4 while training (QLoRA; needs torchao)
+    quantize: str | None = None
 
     def __post_init__(self) -> None:
         self.r = positive_int("r", self.r)
@@ -71,6 +74,7 @@ class LoRAConfig:
         self.use_rslora = boolean("use_rslora", self.use_rslora)
         self.trainable = _patterns("trainable", self.trainable)
         self.adapter_dtype = _dtype_name("adapter_dtype", self.adapter_dtype)
+        self.quantize = check_method("quantize", self.quantize)
 
     def targets_for(self, declared: Sequence[str] | None) -> list[str]:
         """``targets``, or when it is None the model's declared ``lora_targets``, else ``["all-linear"]``."""

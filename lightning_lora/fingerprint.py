@@ -10,6 +10,10 @@ The dtypes the weights had are recorded beside the digest (:func:`dtypes_of`). A
 sampled values to those dtypes first, so weights saved in bfloat16, float16 or float64 after a cast
 from float32 (Lightning's ``*-true`` precisions) match the float32 base they came from; weights held
 in a lower precision than recorded cannot, and :func:`dtype_note` says so in the error.
+
+A quantized weight (``quantize="nf4"``) is fingerprinted as stored: its 4-bit codes and scales, not
+the values they decode to, and its dtype is recorded as ``nf4``. Adapters trained on a quantized base
+therefore do not match the unquantized one (nor one quantized otherwise), and the note says which.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from collections.abc import Callable, Iterable, Mapping
 import torch
 from torch import nn
 
+from lightning_lora.quantize import METHODS, quantized_format, stored_parts
 from lightning_lora.sharding import sample_flat
 from lightning_lora.spec import ADAPTER_DTYPES, dtype_name
 from lightning_lora.surgery import base_named_parameters, merged_modules
@@ -76,11 +81,17 @@ def _fingerprint(
     line: Callable[[str, torch.Tensor], str],
     dtype: Callable[[str, torch.Tensor], torch.dtype],
 ) -> str:
-    """SHA-256 of ``line`` of each tensor (in name order), then of its sampled values cast to ``dtype``."""
+    """SHA-256 of ``line`` of each tensor (in name order), then of its sampled values cast to ``dtype``
+    (those of a quantized tensor's stored parts as they are)."""
     digest = hashlib.sha256()
     samples = []
     for name, tensor in sorted(named, key=lambda item: item[0]):
-        digest.update(f"{line(name, tensor)}\n".encode())
+        parts = stored_parts(tensor)
+        stored = f"|{quantized_format(tensor)}" if parts else ""
+        digest.update(f"{line(name, tensor)}{stored}\n".encode())
+        if parts:
+            samples += [sample.to(torch.float64) for sample in map(_sample, parts.values()) if sample is not None]
+            continue
         sample = _sample(tensor)
         if sample is not None:
             samples.append(sample.to(dtype(name, tensor)).to(torch.float64))
@@ -92,8 +103,11 @@ def _fingerprint(
 
 
 def dtypes_of(named: Iterable[tuple[str, torch.Tensor]]) -> dict[str, str]:
-    """The dtype of each tensor, compactly: ``{"": the most common dtype, name: dtype of each other one}``."""
-    dtypes = {name: dtype_name(tensor.dtype) for name, tensor in named}
+    """The dtype of each tensor, compactly: ``{"": the most common dtype, name: dtype of each other one}``.
+
+    A quantized tensor's dtype is its format (``"nf4"``).
+    """
+    dtypes = {name: _held(tensor) for name, tensor in named}
     if not dtypes:
         return {}
     counts: dict[str, int] = {}
@@ -104,21 +118,34 @@ def dtypes_of(named: Iterable[tuple[str, torch.Tensor]]) -> dict[str, str]:
 
 
 def dtype_note(named: Iterable[tuple[str, torch.Tensor]], dtypes: Mapping[str, str] | None) -> str:
-    """A sentence for error messages when the weights' dtypes differ from the recorded ones, else ""."""
+    """A sentence for error messages when the weights' dtypes (or quantization) differ from the
+    recorded ones, else ""."""
     if not dtypes:
         return ""
     differing = {
-        name: (_dtype_for(dtypes, name), tensor.dtype)
+        name: (recorded, held)
         for name, tensor in named
-        if _dtype_for(dtypes, name) != tensor.dtype
+        if (recorded := dtypes.get(name, dtypes.get(_DEFAULT, "float32"))) != (held := _held(tensor))
     }
     if not differing:
         return ""
-    name, (recorded, held) = next(iter(differing.items()))
+    quantized = {name: pair for name, pair in differing.items() if any(value in METHODS for value in pair)}
+    name, (recorded, held) = next(iter((quantized or differing).items()))
+    if quantized and recorded in METHODS:
+        return (
+            f" Note: the file's base was quantized and {len(quantized)} of this model's base weights are not "
+            f"(e.g. '{name}': {held} now, {recorded} then); quantize the model first with "
+            f"lightning_lora.quantize_base(model, {recorded!r})."
+        )
+    if quantized:
+        return (
+            f" Note: {len(quantized)} of this model's base weights are quantized and were not when the file was "
+            f"written (e.g. '{name}': {held} now, {recorded} then); load the base weights unquantized."
+        )
     return (
         f" Note: {len(differing)} base weights are held in another dtype than when the file was written "
-        f"(e.g. '{name}': {dtype_name(held)} now, {dtype_name(recorded)} then); a copy in a lower precision "
-        f"cannot match, so load the base weights in {dtype_name(recorded)}."
+        f"(e.g. '{name}': {held} now, {recorded} then); a copy in a lower precision "
+        f"cannot match, so load the base weights in {recorded}."
     )
 
 
@@ -127,6 +154,11 @@ def _base(model: nn.Module, trainable: Iterable[str] | None) -> list[tuple[str, 
     if merged:
         raise RuntimeError(f"cannot fingerprint base weights while modules {merged[:5]!r} are merged; unmerge first")
     return list(base_named_parameters(model, trainable))
+
+
+def _held(tensor: torch.Tensor) -> str:
+    """The name of the dtype ``tensor`` is held in: its quantized format, else its dtype."""
+    return quantized_format(tensor) or dtype_name(tensor.dtype)
 
 
 def _dtype_for(dtypes: Mapping[str, str], name: str) -> torch.dtype:

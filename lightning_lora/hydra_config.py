@@ -44,6 +44,7 @@ class LoRACallbackConf:
     use_rslora: bool = False
     trainable: Tuple[str, ...] = ()
     adapter_dtype: Optional[str] = None
+    quantize: Optional[str] = None
     adapter_path: Optional[str] = None
     save_base_weights: bool = False
     log_grad_norm: bool = True

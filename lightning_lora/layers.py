@@ -23,6 +23,7 @@ from torch import nn
 from torch.nn.modules.lazy import LazyModuleMixin
 
 from lightning_lora.fused import lora_linear
+from lightning_lora.quantize import quantized_format
 from lightning_lora.spec import (
     ADAPTER_DTYPES,
     AdapterSpec,
@@ -93,7 +94,7 @@ class LoRABase(nn.Module):
         alpha = positive_number("alpha", alpha)
         dropout = probability("dropout", dropout)
         weight = base_weight(original_module)
-        limit = max(weight.shape[0], weight[0].numel())  # the larger of the layer's two sides
+        limit = max(weight.shape[0], math.prod(weight.shape[1:]))  # the larger of the layer's two sides
         if r > limit:
             raise ValueError(
                 f"r must be at most {limit} for a {type(original_module).__name__} of weight shape "
@@ -194,12 +195,20 @@ class LoRABase(nn.Module):
         so that :meth:`unmerge` restores the original weights bit for bit.
 
         Raises:
-            RuntimeError: if the layer is already merged, or the merged update would be off by more
-                than ``tolerance`` (relative, in norm) because of the weight's dtype.
+            RuntimeError: if the layer is already merged, its weight is quantized (merging would
+                requantize it), or the merged update would be off by more than ``tolerance``
+                (relative, in norm) because of the weight's dtype.
         """
         if self.merged:
             raise RuntimeError(f"{type(self).__name__} is already merged; call unmerge() first")
         weight = base_weight(self.original_module)
+        stored = quantized_format(weight)
+        if stored is not None:
+            raise RuntimeError(
+                f"its base weight is quantized ({stored}): merging into it would requantize the weight, "
+                f"losing most of the update and any exact unmerge; merge_and_unload(model) dequantizes "
+                f"the base and merges into float weights"
+            )
         delta = self.delta_weight()
         merged_weight = (weight.float() + delta).to(weight.dtype)
         error = _relative_error(merged_weight.float() - weight.float(), delta)
@@ -380,9 +389,13 @@ class LoRAConv1D(LoRA):
 
 def transformers_conv1d() -> type[nn.Module] | None:
     """transformers' ``Conv1D`` class if transformers' ``pytorch_utils`` is imported, else None."""
-    module = sys.modules.get("transformers.pytorch_utils")
-    conv1d = getattr(module, "Conv1D", None)
-    return conv1d if isinstance(conv1d, type) and issubclass(conv1d, nn.Module) else None
+    return _imported_module_class("transformers.pytorch_utils", "Conv1D")
+
+
+def _imported_module_class(module_name: str, class_name: str) -> type[nn.Module] | None:
+    """The ``nn.Module`` subclass ``module_name.class_name`` if that module is imported, else None."""
+    found = getattr(sys.modules.get(module_name), class_name, None)
+    return found if isinstance(found, type) and issubclass(found, nn.Module) else None
 
 
 class LoRAConv(LoRABase):
@@ -560,7 +573,7 @@ def adapter_kind(module: nn.Module, name: str) -> str:
     """The adapter kind for ``module`` (named ``name`` in errors).
 
     Raises:
-        TypeError: for a module type that has no adapter.
+        TypeError: for a module type that has no adapter (bitsandbytes' ``Linear4bit`` among them).
     """
     if isinstance(module, LazyModuleMixin) and module.has_uninitialized_params():
         raise TypeError(
@@ -570,6 +583,13 @@ def adapter_kind(module: nn.Module, name: str) -> str:
     conv1d = transformers_conv1d()
     if conv1d is not None and isinstance(module, conv1d):
         return LoRAConv1D.kind
+    linear4bit = _imported_module_class("bitsandbytes.nn", "Linear4bit")
+    if linear4bit is not None and isinstance(module, linear4bit):
+        raise TypeError(
+            f"cannot adapt module '{name}' of type {type(module).__name__}: bitsandbytes' 4-bit layers pack "
+            f"their weight in a layout this package does not read; load the model unquantized and use "
+            f"LoRAConfig(quantize='nf4'), which holds the base in 4-bit NF4 through torchao"
+        )
     for base, cls in ADAPTER_TYPES.items():
         if isinstance(module, base):
             return cls.kind
@@ -635,12 +655,15 @@ def _fused_dtype(linear: nn.Module, x: torch.Tensor) -> torch.dtype | None:
     """The dtype :func:`lora_linear` computes ``linear`` in for input ``x``, or None where it must not run.
 
     It runs where it computes exactly what ``F.linear`` would: an ``nn.Linear`` itself (not a
-    subclass), no module hooks to call, input and weight on one device, and either one shared
-    dtype or, under autocast, float32 and the autocast dtype only (the tensors autocast casts).
+    subclass) with a plain weight (not a quantized one, which ``F.linear`` dequantizes), no module
+    hooks to call, input and weight on one device, and either one shared dtype or, under autocast,
+    float32 and the autocast dtype only (the tensors autocast casts).
     """
     if type(linear) is not nn.Linear or _has_hooks(linear):
         return None
     weight = linear.weight
+    if quantized_format(weight) is not None:
+        return None
     if x.dim() == 0 or x.shape[-1] != linear.in_features or x.device != weight.device:
         return None  # the separate layers raise the usual error, if any
     if torch.is_autocast_enabled(x.device.type):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from torch import nn
@@ -20,6 +20,7 @@ from lightning_lora.config import LoRAConfig
 from lightning_lora.layers import LoRABase, adapter_kind, base_bias, base_weight, transformers_conv1d
 from lightning_lora.naming import Site, is_inside, sites, walk
 from lightning_lora.patterns import select
+from lightning_lora.quantize import BLOCK_SIZE, fits
 from lightning_lora.spec import AdapterSpec
 
 
@@ -37,11 +38,14 @@ class AdapterPlan:
         specs: clean module name -> the adapter settings for it, in model order.
         config: the config, with ``targets`` resolved to the patterns actually used.
         trainable: names of modules left fully trainable.
+        quantize: names of the linear layers whose base weight to hold in ``config.quantize``
+            (see :func:`quantizable`); empty unless the config asks for a quantized base.
     """
 
     specs: Mapping[str, AdapterSpec]
     config: LoRAConfig
     trainable: tuple[str, ...]
+    quantize: tuple[str, ...] = ()
 
 
 def plan_adapters(model: nn.Module, config: LoRAConfig) -> AdapterPlan:
@@ -62,7 +66,7 @@ def plan_adapters(model: nn.Module, config: LoRAConfig) -> AdapterPlan:
     names = list(found)
     trainable = select("trainable", config.trainable, names)
     inside_trainable = {name for name in names if is_inside(name, trainable)}
-    candidates = [name for name, site in found.items() if not _is_attention_out_proj(site) and _is_linear(site.module)]
+    candidates = _linear_layers(found)
     outputs = output_layers(model, candidates)
     linear = [name for name in candidates if name not in inside_trainable and name not in outputs]
     targets_used = config.targets_for(getattr(model, "lora_targets", None))
@@ -81,11 +85,48 @@ def plan_adapters(model: nn.Module, config: LoRAConfig) -> AdapterPlan:
     specs = {name: _spec(found[name], config) for name in targets}
     _check_untied(found, targets)
     known = list(getattr(model, TRAINABLE_ATTR, []))
+    kept_trainable = tuple(known + [name for name in trainable if name not in known])
     return AdapterPlan(
         specs=specs,
         config=dataclasses.replace(config, targets=targets_used),
-        trainable=tuple(known + [name for name in trainable if name not in known]),
+        trainable=kept_trainable,
+        quantize=tuple(quantizable(model, kept_trainable)) if config.quantize else (),
     )
+
+
+def quantizable(model: nn.Module, trainable: Iterable[str] = ()) -> list[str]:
+    """The linear layers of a quantized base: those whose frozen weight is held in 4 bits.
+
+    As transformers' 4-bit loading with bitsandbytes: every ``nn.Linear`` (adapted or not) except the
+    output layers (:func:`output_layers`: ``lm_head``, a classifier, else the last linear layer),
+    the fully ``trainable`` modules and layers whose weight is tied to another module. Subclasses of
+    ``nn.Linear`` are left out (they may read their weight other than through ``F.linear``), and
+    so are layers whose weight does not split into whole NF4 blocks, with a warning naming them.
+    """
+    found = sites(model)
+    linear = _linear_layers(found)
+    left_out = output_layers(model, linear)
+    users: dict[int, int] = {}
+    for _, param in model.named_parameters(remove_duplicate=False):
+        users[id(param)] = users.get(id(param), 0) + 1
+    chosen: list[str] = []
+    unfit: list[str] = []
+    for name in linear:
+        module = found[name].module
+        layer = module.original_module if isinstance(module, LoRABase) else module
+        if type(layer) is not nn.Linear or name in left_out or is_inside(name, tuple(trainable)):
+            continue
+        if users.get(id(layer.weight), 0) > 1:
+            continue
+        (chosen if fits(layer.weight) else unfit).append(name)
+    if unfit:
+        warnings.warn(
+            f"quantize leaves {len(unfit)} linear layers in their dtype, whose weights do not split into "
+            f"blocks of {BLOCK_SIZE} values: {unfit[:5]!r}",
+            UserWarning,
+            stacklevel=2,
+        )
+    return chosen
 
 
 def check_fits(model: nn.Module, specs: Mapping[str, AdapterSpec], source: str) -> None:
@@ -206,6 +247,11 @@ def _warn_if_only_output_or_tied(model: nn.Module, found: Mapping[str, Site], ch
             UserWarning,
             stacklevel=3,
         )
+
+
+def _linear_layers(found: Mapping[str, Site]) -> list[str]:
+    """The names of the linear layers (adapted or not) an adapter can be put on, in model order."""
+    return [name for name, site in found.items() if not _is_attention_out_proj(site) and _is_linear(site.module)]
 
 
 def _is_linear(module: nn.Module) -> bool:

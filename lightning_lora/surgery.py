@@ -18,9 +18,10 @@ import torch
 from torch import nn
 
 from lightning_lora.config import LoRAConfig
-from lightning_lora.layers import MERGE_TOLERANCE, LoRABase, build_adapter
-from lightning_lora.naming import is_inside, sites, walk
-from lightning_lora.plan import CONFIG_ATTR, TRAINABLE_ATTR, AdapterPlan, plan_adapters
+from lightning_lora.layers import MERGE_TOLERANCE, LoRABase, base_weight, build_adapter
+from lightning_lora.naming import Site, is_inside, sites, walk
+from lightning_lora.plan import CONFIG_ATTR, TRAINABLE_ATTR, AdapterPlan, plan_adapters, quantizable
+from lightning_lora.quantize import METHODS, dequantize, quantize_weight, quantized_format
 from lightning_lora.sharding import full_tensor, is_sharded
 
 
@@ -47,15 +48,18 @@ def install(model: nn.Module, plan: AdapterPlan) -> Installation:
 
     Modules already adapted with the planned spec are left as they are. All parameters are frozen
     except the adapters' and those of the plan's trainable modules. New adapters take the train or
-    eval mode of the module they wrap.
+    eval mode of the module they wrap. The base weights of the plan's ``quantize`` layers are
+    replaced by quantized ones (those already quantized are left as they are).
 
     Returns:
-        An :class:`Installation`; its ``undo()`` restores the model exactly.
+        An :class:`Installation`; its ``undo()`` restores the model exactly (the original weights
+        are kept until the installation is dropped).
 
     Raises:
         ValueError: if a module is adapted with other settings, a spec does not fit its module, or
             new adapters would go into a model already sharded (``fully_shard``).
-        TypeError: if a module cannot take its adapter. On any error the model is unchanged.
+        TypeError: if a module cannot take its adapter. ModuleNotFoundError: if quantizing needs
+            torchao and it is not installed. On any error the model is unchanged.
     """
     found = sites(model)
     created: dict[str, LoRABase] = {}
@@ -74,11 +78,14 @@ def install(model: nn.Module, plan: AdapterPlan) -> Installation:
             f"parameters that FSDP never synchronises, so every rank would train its own; add the adapters "
             f"before fully_shard (call apply_lora(model, config) first in configure_model)"
         )
+    quantized = _quantized_weights(found, plan.quantize, plan.config.quantize)
 
     requires_grad = {id(p): (p, p.requires_grad) for p in model.parameters()}
     previous = {attr: vars(model).get(attr) for attr in (CONFIG_ATTR, TRAINABLE_ATTR)}
 
     def undo() -> None:
+        for layer, (original, _) in quantized.items():
+            layer.weight = original
         for name in created:
             found[name].replace(found[name].module)
         for param, flag in requires_grad.values():
@@ -91,6 +98,8 @@ def install(model: nn.Module, plan: AdapterPlan) -> Installation:
 
     for name, adapter in created.items():
         found[name].replace(adapter)
+    for layer, (_, weight) in quantized.items():
+        layer.weight = weight
     object.__setattr__(model, CONFIG_ATTR, plan.config)
     object.__setattr__(model, TRAINABLE_ATTR, list(plan.trainable))
     _freeze(model)
@@ -117,6 +126,50 @@ def apply_lora(model: nn.Module, config: LoRAConfig | None = None) -> list[str]:
     """
     plan = plan_adapters(model, LoRAConfig() if config is None else config)
     return install(model, plan).names
+
+
+def quantize_base(model: nn.Module, method: str = "nf4", trainable: Iterable[str] | None = None) -> list[str]:
+    """Hold the frozen linear base weights of ``model`` in 4-bit ``method``, in place (QLoRA).
+
+    :func:`apply_lora` with ``LoRAConfig(quantize="nf4")`` does this itself; call it on a fresh model
+    before loading an adapter file or checkpoint trained on a quantized base, which is refused by an
+    unquantized one. The layers are those of :func:`lightning_lora.plan.quantizable`; weights already
+    quantized are left as they are, and the new ones do not require grad.
+
+    Args:
+        model: the model, adapted or not (modified in place).
+        method: ``"nf4"``.
+        trainable: modules to leave in their dtype (default: the model's fully trainable modules).
+
+    Returns:
+        The names of the quantized layers, in model order.
+
+    Raises:
+        ValueError: for an unknown ``method``. ModuleNotFoundError: if torchao is not installed.
+            The model is unchanged on error.
+    """
+    if not isinstance(method, str) or method not in METHODS:
+        raise ValueError(f"method must be one of {list(METHODS)}, got {method!r}")
+    left_out = list(trainable_modules(model)) if trainable is None else list(trainable)
+    names = quantizable(model, left_out)
+    for layer, (_, weight) in _quantized_weights(sites(model), names, method).items():
+        layer.weight = weight
+    return names
+
+
+def _quantized_weights(
+    found: dict[str, Site], names: Iterable[str], method: str | None
+) -> dict[nn.Module, tuple[nn.Parameter, nn.Parameter]]:
+    """Layer -> (its weight, a frozen quantized copy), for the layers ``names`` not yet quantized."""
+    weights: dict[nn.Module, tuple[nn.Parameter, nn.Parameter]] = {}
+    for name in names:
+        assert method is not None, "a plan quantizes layers only when its config names a method"
+        module = found[name].module
+        layer = module.original_module if isinstance(module, LoRABase) else module
+        weight = base_weight(layer)
+        if quantized_format(weight) is None and isinstance(weight, nn.Parameter):
+            weights[layer] = (weight, nn.Parameter(quantize_weight(weight, method), requires_grad=False))
+    return weights
 
 
 def _freeze(model: nn.Module) -> None:
@@ -247,7 +300,12 @@ def merge_and_unload(model: nn.Module, tolerance: float = MERGE_TOLERANCE) -> nn
     """Merge every adapter and put each original module back in its place, in place.
 
     The result has the module classes and ``state_dict`` keys of the model before
-    :func:`apply_lora` and loads into that architecture with ``strict=True``.
+    :func:`apply_lora` and loads into that architecture with ``strict=True``. A quantized base
+    (``quantize="nf4"``) is dequantized first, every quantized weight to the dtype it was quantized
+    from, and the updates are merged into those weights in float32: the result is a float model that
+    computes what the adapted quantized one did (up to the merge's rounding), not the original
+    full-precision base plus the update. For that, load the adapter file into the full-precision
+    model with ``check_base=False`` and merge there.
 
     Returns:
         ``model`` itself.
@@ -270,12 +328,30 @@ def merge_and_unload(model: nn.Module, tolerance: float = MERGE_TOLERANCE) -> nn
     if len(merged) < len(adapters):
         if merged:
             raise RuntimeError("some adapters are merged and some are not; unmerge_lora() first")
-        merge_lora(model, tolerance)
+        quantized = _quantized_parameters(model)
+        for module, key, param in quantized:
+            setattr(module, key, nn.Parameter(dequantize(param), requires_grad=param.requires_grad))
+        try:
+            merge_lora(model, tolerance)
+        except (RuntimeError, ValueError):
+            for module, key, param in quantized:
+                setattr(module, key, param)
+            raise
     for name, adapter in adapters.items():
         found[name].replace(adapter.original_module)
     for attr in (CONFIG_ATTR, TRAINABLE_ATTR):
         vars(model).pop(attr, None)
     return model
+
+
+def _quantized_parameters(model: nn.Module) -> list[tuple[nn.Module, str, nn.Parameter]]:
+    """(module, attribute, parameter) for every quantized parameter of ``model``."""
+    return [
+        (module, key, param)
+        for module in model.modules()
+        for key, param in module.named_parameters(recurse=False)
+        if quantized_format(param) is not None
+    ]
 
 
 def _check_not_shared(model: nn.Module, adapters: dict[str, LoRABase]) -> None:

@@ -99,6 +99,20 @@ def test_callback_overhead_times_steps_and_hooks(tmp_path, capsys):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown without a GPU")
+@pytest.mark.skipif(importlib.util.find_spec("torchao") is None, reason="needs the qlora extra (torchao)")
+def test_qlora_prints_memory_and_step_time_side_by_side(tmp_path, capsys):
+    qlora = _load("qlora")
+    path = tmp_path / "qlora.json"
+    qlora.main([*TINY, "--json", str(path)])
+    printed = capsys.readouterr().out
+    payload = json.loads(path.read_text())
+    sizes = payload["bytes"]
+    assert sizes["quantized_layers"] == 5  # 6 linear layers, the last one left out as the output layer
+    assert sizes["float16"] / sizes["nf4"] > 3 and sizes["all_base_nf4"] < sizes["all_base_unquantized"]
+    assert all(payload["peak_mib"][v] > 0 and payload["ms"][v] > 0 for v in ("unquantized", "nf4"))
+    assert payload["error"] < 1e-4 and "| quantized weights vs float16 |" in printed and ": ok" in printed
+
+
 def test_gpu_preset_without_cuda_exits_with_a_clear_message():
     step = _load("step")
     with pytest.raises(SystemExit, match=r"torch.cuda.is_available\(\) is False.*use --preset cpu"):
