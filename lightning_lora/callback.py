@@ -48,7 +48,7 @@ from lightning_lora.model_parallel import ShardedCheckpoints
 from lightning_lora.peft_format import TARGETS
 from lightning_lora.plan import plan_adapters
 from lightning_lora.sharding import full_tensor, is_dtensor, is_sharded
-from lightning_lora.spec import boolean
+from lightning_lora.spec import boolean, dtype_name
 from lightning_lora.surgery import (
     Installation,
     install,
@@ -171,7 +171,7 @@ class LoRACallback(Callback):
         self._armed: list[tuple[object, str, Callable[..., Any]]] = []  # instance wrappers in place
         self._checked = False
         self._installations: list[Installation] = []  # adapters added by this run, until it starts
-        self._sharded: ShardedCheckpoints | None = None  # checkpointing of a ModelParallelStrategy run
+        self._sharded: ShardedCheckpoints | None = None  # checkpointing of the last ModelParallelStrategy
 
     # --- setup ---------------------------------------------------------------------------------
 
@@ -213,8 +213,9 @@ class LoRACallback(Callback):
                 linked=lambda: _checkpoint_links(trainer),
                 export=self.export_peft,
             )
-        if isinstance(trainer.strategy, ModelParallelStrategy) and self._sharded is None:
-            self._sharded = ShardedCheckpoints(trainer.strategy, checkpoint_io)
+        strategy = trainer.strategy
+        if isinstance(strategy, ModelParallelStrategy) and (self._sharded is None or self._sharded.strategy is not strategy):
+            self._sharded = ShardedCheckpoints(strategy, checkpoint_io)  # for the Trainer's lifetime
             self._sharded.attach()
         if stage == "fit" and merged_modules(pl_module):
             unmerge_lora(pl_module)
@@ -229,11 +230,12 @@ class LoRACallback(Callback):
         configure_model: Callable[[], None] = pl_module.configure_model
 
         def configure_model_then_adapt() -> None:
-            # Adapt first where the targets exist already: configure_model may shard the model
-            # (fully_shard), and adapters added after that would never be synchronised. Then once
-            # more, for layers configure_model created (refused if it sharded them).
+            # Under ModelParallelStrategy, adapt first where the targets exist already: configure_model
+            # shards the model (fully_shard), and adapters added after that would never be
+            # synchronised. Then (or only) after it, for layers configure_model created (refused if
+            # it sharded them).
             self._disarm(configure_model_then_adapt)
-            if self._plannable(pl_module):
+            if isinstance(trainer.strategy, ModelParallelStrategy) and self._plannable(pl_module):
                 self._adapt(pl_module)
             configure_model()
             self._adapt(pl_module)
@@ -299,6 +301,15 @@ class LoRACallback(Callback):
                 f"called through the Trainer after setup), so it would {'train every weight' if stage == 'fit' else 'run unadapted'}; "
                 f"let the Trainer call configure_model, or adapt the model yourself with lightning_lora.apply_lora"
             )
+        wanted = self.config.adapter_dtype
+        adapters = [p for layer in lora_modules(pl_module).values() for p in layer.adapter_params().values()]
+        cast = {dtype_name(p.dtype) for p in adapters} - {wanted}
+        if wanted is not None and cast:
+            raise MisconfigurationException(
+                f"the adapters were asked for in adapter_dtype={wanted!r} but are {sorted(cast)} now: the "
+                f"strategy cast them with the whole model (a '*-true' precision under ModelParallelStrategy); "
+                f"keep precision='32-true' and give fully_shard a MixedPrecisionPolicy(param_dtype=torch.bfloat16)"
+            )
         if is_sharded(pl_module):
             tensors = lora_tensors(pl_module).items()
             plain = [name for name, p in tensors if isinstance(p, torch.nn.Parameter) and not is_dtensor(p)]
@@ -359,7 +370,6 @@ class LoRACallback(Callback):
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._disarm()
-        self._detach()
         if self._installations:  # failed before the run started (restore, strategy setup)
             for installation in reversed(self._installations):
                 installation.undo()
@@ -370,13 +380,7 @@ class LoRACallback(Callback):
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._disarm()
-        self._detach()
         _link_companions(trainer)
-
-    def _detach(self) -> None:
-        if self._sharded is not None:
-            self._sharded.detach()
-            self._sharded = None
 
     # ModelCheckpoint runs after every other callback in a hook, so checkpoint links it made are
     # given their companion links in the next hook.

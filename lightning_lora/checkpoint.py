@@ -39,6 +39,7 @@ from lightning_lora.files import exists, read_bytes, remove_if_exists, write_ato
 from lightning_lora.fingerprint import dtype_note, dtypes_of, fingerprint_matches, fingerprint_tensors
 from lightning_lora.peft_format import CONFIG_FILE, WEIGHTS_FILE, export_peft
 from lightning_lora.plan import AdapterPlan, check_fits
+from lightning_lora.sharding import is_sharded
 from lightning_lora.spec import AdapterSpec
 from lightning_lora.surgery import (
     Installation,
@@ -228,10 +229,10 @@ def check_companion(checkpoint_path: str | os.PathLike) -> None:
             adapter tensors or another step than the checkpoint records (a stale pair).
     """
     path = str(checkpoint_path)
-    _check_pair(_load(path), path)
+    check_loaded_pair(_load(path), path)
 
 
-def _check_pair(checkpoint: dict[str, Any], path: str) -> None:
+def check_loaded_pair(checkpoint: dict[str, Any], path: str) -> None:
     """:func:`check_companion` of the checkpoint ``path``, already loaded as ``checkpoint``."""
     record = checkpoint.get(CHECKPOINT_KEY)
     if not isinstance(record, dict) or "adapter_digest" not in record:
@@ -320,6 +321,11 @@ class LoRACheckpointIO(CheckpointIO):
         step = {"epoch": checkpoint.get("epoch", 0), "global_step": checkpoint.get("global_step", 0)}
         adapter = self.prepared
         if adapter is None and lora_modules(module):
+            if is_sharded(module):  # gathering it here, where rank 0 alone runs, would wait forever
+                raise RuntimeError(
+                    f"cannot write {path}: the model is sharded, and its checkpoints are saved through the "
+                    f"strategy with LoRACallback attached (trainer.save_checkpoint on every rank)"
+                )
             adapter = adapter_bytes(module, checkpoint=step)
         slim_checkpoint(checkpoint, module, keep_base_weights=self.save_base_weights)
         remove_stale_companions(str(path), self.linked())
@@ -347,7 +353,7 @@ class LoRACheckpointIO(CheckpointIO):
             restore_checkpoint(checkpoint, self._module())
             if exists(adapter_path_for(str(path))):
                 try:
-                    _check_pair(checkpoint, str(path))  # the checkpoint just read, not read again
+                    check_loaded_pair(checkpoint, str(path))  # the checkpoint just read, not read again
                 except ValueError as err:
                     rank_zero_warn(f"LoRA: resuming from {path}, whose companion adapter file is stale: {err}")
         return checkpoint

@@ -13,7 +13,12 @@ file that rank 0 writes after a gather. :class:`ShardedCheckpoints` wraps the st
 - Load: the checkpoint's adapters must already be in the model (they cannot be added once it is
   sharded) and its base weights must match the recorded fingerprint; then only the tensors the
   checkpoint holds are loaded (a sharded one through ``torch.distributed.checkpoint``, a full one
-  through the strategy), with the optimizer states, and every other key of the model is still required.
+  through the strategy), with the optimizer states, and every other key of the model is still
+  required. The adapters loaded must be those the record describes, and a stale companion is
+  reported.
+
+The wrappers stay on the strategy after the run, so that ``trainer.save_checkpoint`` after ``fit``
+writes the same slim checkpoints (every rank calls it, as Lightning asks).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from typing import Any
 import torch
 import torch.distributed.checkpoint as dcp
 from lightning.pytorch.strategies import ModelParallelStrategy
+from lightning.pytorch.utilities import rank_zero_warn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -33,17 +39,18 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from lightning_lora.adapter_file import adapter_bytes
+from lightning_lora.adapter_file import adapter_bytes, adapter_tensors, tensors_digest
 from lightning_lora.checkpoint import (
     CHECKPOINT_KEY,
     MARKER_KEY,
     LoRACheckpointIO,
     adapter_path_for,
+    check_loaded_pair,
     check_record,
     remove_stale_companions,
     slim_checkpoint,
 )
-from lightning_lora.files import write_atomic
+from lightning_lora.files import exists, write_atomic
 from lightning_lora.surgery import lora_modules, merged_modules
 
 #: The file of a sharded checkpoint folder that holds everything but the tensors (Lightning's name).
@@ -70,12 +77,6 @@ class ShardedCheckpoints:
         vars(self.strategy)["save_checkpoint"] = self.save_checkpoint
         vars(self.strategy)["load_checkpoint"] = self.load_checkpoint
 
-    def detach(self) -> None:
-        """Take the wrappers off again (only these: anything else put there stays)."""
-        for name in ("save_checkpoint", "load_checkpoint"):
-            if vars(self.strategy).get(name) == getattr(self, name):
-                del vars(self.strategy)[name]
-
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
         module = self.strategy.lightning_module
         if module is None or "state_dict" not in checkpoint or not lora_modules(module) or merged_modules(module):
@@ -100,11 +101,17 @@ class ShardedCheckpoints:
         path = Path(self.strategy.broadcast(str(checkpoint_path)))
         sharded = path.is_dir()
         weights_only = True if weights_only is None else weights_only
-        head = torch.load(path / METADATA_FILE if sharded else path, map_location="cpu", mmap=True, weights_only=True)
+        head = torch.load(path / METADATA_FILE if sharded else path, map_location="cpu", mmap=True, weights_only=weights_only)
         record = head.get(CHECKPOINT_KEY)
         module = self.strategy.lightning_module
         if record is None or module is None:
             return self._load(checkpoint_path, weights_only)
+        missing_adapters = sorted(set(record["modules"]) - set(lora_modules(module)))
+        if missing_adapters:  # they cannot be added to a sharded model
+            raise ValueError(
+                f"checkpoint {path} was trained with adapters on modules {missing_adapters[:5]!r} that this model "
+                f"does not have; resume with the targets it was trained with"
+            )
         check_record(record, module)  # every rank: the fingerprint is read from the shards
         base = set(record["base_keys"])
         model_keys = set(get_model_state_dict(module))
@@ -113,18 +120,36 @@ class ShardedCheckpoints:
         if missing:
             raise ValueError(f"checkpoint {path} misses tensors {missing[:5]!r} of this model (not base weights)")
         if sharded:
-            metadata = self._load_sharded(path, module, base, weights_only)
+            self._load_sharded(path, module, base)
+            metadata = head
         else:
             strict, module.strict_loading = module.strict_loading, False  # the base keys are left out
             try:
                 metadata = self._load(checkpoint_path, weights_only)
             finally:
                 module.strict_loading = strict
+        self._check_loaded(record, module, path, {**head, **metadata})
         metadata.pop(CHECKPOINT_KEY, None)
         return metadata
 
-    def _load_sharded(self, path: Path, module: torch.nn.Module, base: set[str], weights_only: bool) -> dict[str, Any]:
-        """Lightning's sharded load, of the keys the checkpoint holds: the base keys are left out."""
+    def _check_loaded(self, record: dict[str, Any], module: torch.nn.Module, path: Path, checkpoint: dict[str, Any]) -> None:
+        """The adapters loaded are those the record describes (a folder overwritten in part is not),
+        where their dtype is the recorded one; a stale companion is worth a warning."""
+        current = {name: layer.spec.adapter_dtype for name, layer in lora_modules(module).items()}
+        if all(current.get(name) == spec["adapter_dtype"] for name, spec in record["modules"].items()):
+            if tensors_digest(adapter_tensors(module)) != record["adapter_digest"]:  # every rank: a gather
+                raise ValueError(
+                    f"the adapters loaded from {path} are not those its LoRA record describes (a checkpoint "
+                    f"folder overwritten in part?); resume from another checkpoint"
+                )
+        if self.strategy.is_global_zero and exists(adapter_path_for(str(path))):
+            try:
+                check_loaded_pair(checkpoint, str(path))
+            except ValueError as err:
+                rank_zero_warn(f"LoRA: resuming from {path}, whose companion adapter file is stale: {err}")
+
+    def _load_sharded(self, path: Path, module: torch.nn.Module, base: set[str]) -> None:
+        """Lightning's sharded load of the model and optimizer states, but the base keys are left out."""
         state = {key: value for key, value in get_model_state_dict(module).items() if key not in base}
         dcp.load({"state_dict": state}, checkpoint_id=path)
         module.load_state_dict(state, strict=False)
@@ -135,8 +160,6 @@ class ShardedCheckpoints:
             set_optimizer_state_dict(
                 module, optimizer, optim_state_dict=optimizer_state[key], options=StateDictOptions(cpu_offload=True)
             )
-        metadata: dict[str, Any] = torch.load(path / METADATA_FILE, map_location="cpu", weights_only=weights_only)
-        return metadata
 
 
 def _sharded_keys(path: Path) -> set[str]:

@@ -63,6 +63,7 @@ if mode == "two":
     model = fresh()
     run.fit(model, loader(run.global_rank))
     record("sharded", model, run.global_rank)
+    run.save_checkpoint(folder / "after_fit" / "sharded.ckpt")  # after fit, on every rank
 
     run = trainer("sharded_resume", 2)  # exact resume at an epoch boundary
     model = fresh()
@@ -72,6 +73,7 @@ if mode == "two":
     run = trainer("full", 1, full=True)  # full (gathered) checkpoints: one file, written by rank 0
     model = fresh()
     run.fit(model, loader(run.global_rank))
+    run.save_checkpoint(folder / "after_fit" / "full.ckpt")
     run = trainer("full_resume", 2, full=True)
     model = fresh()
     run.fit(model, loader(run.global_rank), ckpt_path=folder / "full" / "last.ckpt")
@@ -123,6 +125,19 @@ else:
         trainer("other_base", 2).fit(other, loader(0), ckpt_path=folder / "sharded" / "epoch=0-step=8.ckpt")
     except Exception as err:  # noqa: BLE001
         errors["other_base"] = f"{type(err).__name__}: {err}"
+    try:  # a '*-true' precision casts the sharded adapters with the model
+        strategy = ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=1)
+        L.Trainer(strategy=strategy, accelerator="cpu", devices=1, max_epochs=1, logger=False, precision="bf16-true",
+                  enable_checkpointing=False, enable_progress_bar=False, default_root_dir=folder / "bf16",
+                  callbacks=[LoRACallback(targets=TARGETS, adapter_dtype="float32")]).fit(fresh(), loader(0))
+    except Exception as err:  # noqa: BLE001
+        errors["true_precision"] = f"{type(err).__name__}: {err}"
+    try:  # a checkpoint trained with other targets
+        trainer("other_targets", 2, callback=LoRACallback(targets=["qkv"])).fit(
+            fresh(), loader(0), ckpt_path=folder / "sharded" / "epoch=0-step=8.ckpt"
+        )
+    except Exception as err:  # noqa: BLE001
+        errors["other_targets"] = f"{type(err).__name__}: {err}"
     (folder / "errors.json").write_text(json.dumps(errors, indent=1))
 
     class MixinSharded(LoRAMixin, ShardedClassifier):  # the mixin alone: adapters in configure_model

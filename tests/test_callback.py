@@ -408,6 +408,21 @@ def test_export_peft_is_refused_with_model_parallel_strategy():
         LoRACallback(export_peft="peft").setup(fake, Classifier(), "fit")
 
 
+def test_configure_model_that_loads_pretrained_weights_loads_them_into_the_base(tmp_path):
+    """On one device or DDP the adapters come after configure_model, so weights it loads by their
+    plain names reach the base layers."""
+    pretrained = Classifier().state_dict()
+
+    class Loading(Classifier):
+        def configure_model(self):
+            self.load_state_dict(pretrained)  # strict: every plain name must be there
+
+    model = Loading()
+    trainer(tmp_path, LoRACallback(targets=["qkv"]), max_epochs=1).fit(model, data())
+    qkv = model.net.blocks[0].attn["qkv"]
+    assert torch.equal(qkv.original_module.weight, pretrained["net.blocks.0.attn.qkv.weight"])
+
+
 def test_two_lora_callbacks_are_refused(tmp_path):
     model = Classifier()
     with pytest.raises(MisconfigurationException, match="the Trainer has more than one LoRACallback"):

@@ -266,6 +266,24 @@ def test_fsdp2_checkpoints_are_slim_with_whole_companions(fsdp2, run):
         _assert_equal_to(reference, companion.tensors)
 
 
+@pytest.mark.parametrize("kind", ["sharded", "full"])
+def test_fsdp2_save_checkpoint_after_fit_is_slim_with_a_whole_companion(fsdp2, kind):
+    from lightning_lora import read_adapter
+    from lightning_lora.checkpoint import CHECKPOINT_KEY
+
+    folder, reference, _ = fsdp2
+    path = folder / "after_fit" / f"{kind}.ckpt"
+    head = torch.load(path / "meta.pt" if kind == "sharded" else path, weights_only=True)
+    assert "net.embed.weight" in head[CHECKPOINT_KEY]["base_keys"]
+    companion = read_adapter(folder / "after_fit" / f"{kind}.lora.safetensors")
+    trained = torch.load(folder / f"{'sharded' if kind == 'sharded' else 'full_resume'}.rank0.pt", weights_only=True)
+    if kind == "sharded":  # the run's final adapters, whole
+        assert companion.tensors.keys() == trained.keys()
+        assert all(torch.equal(companion.tensors[k], trained[k]) for k in trained)
+    else:  # the one-epoch run's: whole tensors of the right shapes
+        assert {k: t.shape for k, t in companion.tensors.items()} == {k: t.shape for k, t in trained.items()}
+
+
 def test_fsdp2_logged_grad_norm_is_the_global_norm(fsdp2):
     import csv
 
@@ -283,6 +301,8 @@ def test_fsdp2_logged_grad_norm_is_the_global_norm(fsdp2):
         ("callback_after_fully_shard", r"cannot add adapters to modules \['net.blocks.0.attn.qkv'\] of a sharded model"),
         ("adapter_outside_fsdp", r"LoRA parameters \['net.head.matrix_A.weight'.* are plain tensors in a sharded model.*fully_shard on the root"),
         ("other_base", r"checkpoint was trained on different base weights"),
+        ("true_precision", r"adapters were asked for in adapter_dtype='float32' but are \['bfloat16'\] now: .*MixedPrecisionPolicy"),
+        ("other_targets", r"was trained with adapters on modules \['net.blocks.0.mlp.fc1', .* that this model does not have"),
     ],
 )
 def test_fsdp2_unsynchronised_adapters_and_wrong_bases_are_refused(fsdp2, attempt, message):
