@@ -1,4 +1,4 @@
-"""DoRA: identity at init, PEFT's outputs and gradients on equal weights, exact merge, files."""
+"""DoRA: identity at init, PEFT's outputs and gradients on equal weights, exact merge, files, PEFT format."""
 
 import json
 
@@ -19,6 +19,8 @@ from lightning_lora import (  # noqa: E402
     LoRACallback,
     LoRAConfig,
     apply_lora,
+    export_peft,
+    import_peft,
     load_adapter,
     lora_modules,
     lora_parameters,
@@ -243,6 +245,35 @@ def test_slim_checkpoints_carry_the_magnitude(tmp_path):
     assert not any(key.endswith("original_module.weight") for key in stored)
 
 
+def test_export_to_peft_loads_in_peft_with_its_keys_and_outputs(tmp_path):
+    factory, state, ours, theirs = pair("bert")
+    export_peft(ours, tmp_path / "peft")
+    config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert config["use_dora"] is True and config["lora_bias"] is False
+    base = factory()
+    base.load_state_dict(state)
+    loaded = peft.PeftModel.from_pretrained(base, tmp_path / "peft").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(logits(loaded), logits(ours), rtol=TOLERANCE, atol=TOLERANCE)
+    written = load_file(tmp_path / "peft" / "adapter_model.safetensors")
+    theirs.save_pretrained(tmp_path / "theirs")
+    expected = load_file(tmp_path / "theirs" / "adapter_model.safetensors")
+    assert set(written) == set(expected) and any(key.endswith(".lora_magnitude_vector") for key in written)
+    assert all(written[key].shape == expected[key].shape for key in written)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_peft_save_pretrained_imports_with_peft_outputs(name, tmp_path):
+    factory, state, _, theirs = pair(name)
+    theirs.save_pretrained(tmp_path / "theirs")
+    ours = factory()
+    ours.load_state_dict(state)
+    names = import_peft(ours, tmp_path / "theirs")
+    assert names and all(adapter.use_dora for adapter in lora_modules(ours).values())
+    with torch.no_grad():
+        torch.testing.assert_close(logits(ours), logits(theirs), rtol=TOLERANCE, atol=TOLERANCE)
+
+
 def test_training_with_dora_changes_the_magnitude_and_lowers_the_loss():
     torch.manual_seed(0)
     model = llama().train()
@@ -292,4 +323,35 @@ def test_apply_lora_names_the_module_dora_cannot_adapt_and_leaves_the_model_unch
     before = str(model)
     with pytest.raises(ValueError, match=r"cannot adapt module 'transformer.wte': use_dora=True is supported on nn.Linear"):
         apply_lora(model, LoRAConfig(targets=["c_attn", "wte"], use_dora=True))
+    assert str(model) == before
+
+
+def test_vllm_export_of_dora_is_refused(tmp_path):
+    _, _, ours, _ = pair("llama")
+    with pytest.raises(ValueError, match=r"vLLM serves no DoRA adapters \(use_dora\), but modules \[.*q_proj.*\] use "
+                                         r"DoRA; export with target='peft', or serve the model with its adapters merged"):
+        export_peft(ours, tmp_path / "vllm", target="vllm")
+    assert not (tmp_path / "vllm").exists()
+
+
+def test_export_of_mixed_dora_and_plain_adapters_is_refused(tmp_path):
+    model = llama()
+    apply_lora(model, LoRAConfig(targets=["q_proj"], use_dora=True))
+    apply_lora(model, LoRAConfig(targets=["v_proj"]))
+    with pytest.raises(ValueError, match="PEFT has one use_dora for all modules, but the adapter mixes DoRA and plain LoRA modules"):
+        export_peft(model, tmp_path / "peft")
+
+
+def test_a_peft_dora_adapter_without_magnitudes_is_refused(tmp_path):
+    factory, state, _, theirs = pair("llama")
+    theirs.save_pretrained(tmp_path / "theirs")
+    weights = tmp_path / "theirs" / "adapter_model.safetensors"
+    from safetensors.torch import save_file
+
+    save_file({k: v for k, v in load_file(weights).items() if "magnitude" not in k}, weights)
+    model = factory()
+    model.load_state_dict(state)
+    before = str(model)
+    with pytest.raises(ValueError, match=r"sets use_dora=true but has no lora_magnitude_vector for module 'model.layers.0.mlp.down_proj'"):
+        import_peft(model, tmp_path / "theirs")
     assert str(model) == before
