@@ -367,14 +367,14 @@ def peft_version() -> str | None:
     return peft.__version__
 
 
-def add_peft_lora(model: nn.Module, targets: Sequence[str], r: int, alpha: float) -> nn.Module:
-    """PEFT's LoRA with its defaults (``get_peft_model``) on the same targets, r, alpha, dropout 0.
+def add_peft_lora(model: nn.Module, targets: Sequence[str], r: int, alpha: float, use_dora: bool = False) -> nn.Module:
+    """PEFT's LoRA (or DoRA) with its defaults (``get_peft_model``) on the same targets, r, alpha, dropout 0.
 
     Returns the adapted model itself (PEFT modifies it in place), not the ``PeftModel`` wrapper.
     """
     from peft import LoraConfig, get_peft_model
 
-    config = LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets), lora_dropout=0.0)
+    config = LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets), lora_dropout=0.0, use_dora=use_dora)
     return get_peft_model(model, config).get_base_model()
 
 
@@ -389,10 +389,21 @@ def peft_adapters(model: nn.Module) -> dict[str, tuple[nn.Linear, nn.Linear]]:
     }
 
 
-def our_config(s: Setting, targets: Sequence[str]) -> LoRAConfig:
+def peft_magnitudes(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Module name -> DoRA magnitude of PEFT's default adapter, for every PEFT DoRA layer."""
+    from peft.tuners.lora import LoraLayer
+
+    return {
+        name: module.lora_magnitude_vector["default"].weight
+        for name, module in model.named_modules()
+        if isinstance(module, LoraLayer) and "default" in module.lora_magnitude_vector
+    }
+
+
+def our_config(s: Setting, targets: Sequence[str], use_dora: bool = False) -> LoRAConfig:
     """This project's config matching the reference: no adapter bias, dropout 0."""
     return LoRAConfig(r=s.r, alpha=s.alpha, bias=False, targets=list(targets), dropout=0.0,
-                      adapter_dtype=s.adapter_dtype)
+                      adapter_dtype=s.adapter_dtype, use_dora=use_dora)
 
 
 @dataclass
@@ -410,7 +421,9 @@ class Variant:
 LABELS = {
     "floor": "floor (frozen, input grads only)",
     "lightning_lora": "lightning-lora",
+    "lightning_lora_dora": "lightning-lora DoRA",
     "peft": "PEFT LoRA (defaults)",
+    "peft_dora": "PEFT DoRA (defaults)",
     "reference": "plain reference LoRA",
     "full_ft": "full fine-tune",
 }
@@ -431,11 +444,11 @@ def build_training_variant(kind: str, base: Encoder, s: Setting, target_label: s
     elif kind == "full_ft":
         model.requires_grad_(True)
         params = list(model.parameters())
-    elif kind == "lightning_lora":
-        apply_lora(model, our_config(s, targets))
+    elif kind in ("lightning_lora", "lightning_lora_dora"):
+        apply_lora(model, our_config(s, targets, use_dora=kind == "lightning_lora_dora"))
         params = list(lora_parameters(model))
-    elif kind == "peft":
-        model = add_peft_lora(model, targets, s.r, s.alpha)
+    elif kind in ("peft", "peft_dora"):
+        model = add_peft_lora(model, targets, s.r, s.alpha, use_dora=kind == "peft_dora")
         params = [p for p in model.parameters() if p.requires_grad]
     elif kind == "reference":
         adapters = add_reference_lora(model, targets, s.r, s.alpha)

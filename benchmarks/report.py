@@ -91,6 +91,20 @@ def render_step(payload: dict[str, Any]) -> str:
             f"{ours['input_grad']:.1e}, adapter grads {ours['adapter_grads']:.1e} (relative; tolerance "
             f"{n['tolerance']:.0e}): " + ("ok" if n["ok"] else "MISMATCH")
         )
+    for label, n in payload.get("dora_numerics", {}).items():
+        ours = n["lightning_lora"]
+        lines.append(
+            f"Numerics [{label}], lightning-lora DoRA vs PEFT DoRA: output {ours['output']:.1e}, input grad "
+            f"{ours['input_grad']:.1e}, adapter grads (A, B, magnitude) {ours['adapter_grads']:.1e} (relative; "
+            f"tolerance {n['tolerance']:.0e}): " + ("ok" if n["ok"] else "MISMATCH")
+        )
+    for label, costs in payload.get("dora", {}).items():
+        parts = [
+            f"{name} **{cost['ratio']:.3f}** (per round {_spread(cost['rounds'])})"
+            for name, cost in (("lightning-lora", costs.get("lightning_lora")), ("PEFT", costs.get("peft")))
+            if cost is not None
+        ]
+        lines.append(f"DoRA step / LoRA step [{label}]: " + "; ".join(parts))
     return "\n".join(lines + _disturbed(payload))
 
 

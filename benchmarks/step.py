@@ -5,13 +5,16 @@ Variants (same model, batch, sequence length, dtype and seed):
 - floor: every weight frozen, no adapters; forward and backward through the activations only
   (the embedding output requires grad, as it does in every variant);
 - lightning-lora: this project's ``apply_lora`` (no adapter bias, dropout 0, like the others);
-- PEFT LoRA with its defaults (``get_peft_model``), when ``peft`` is installed;
+- lightning-lora DoRA: the same with ``use_dora=True``;
+- PEFT LoRA and PEFT DoRA with their defaults (``get_peft_model``), when ``peft`` is installed;
 - the plain reference ``original(x) + scaling * B(A(x))``;
 - full fine-tuning.
 
 Each timed step includes the AdamW step of the trainable variants. Before timing, the outputs and
-gradients of lightning-lora are compared with the reference's (same adapter weights, non-zero B);
-a mismatch stops the run with exit status 1. Peak memory is measured in a process of its own per
+gradients of lightning-lora are compared with the reference's (same adapter weights, non-zero B),
+and those of lightning-lora DoRA with PEFT DoRA's (same A, B and magnitudes); a mismatch stops the
+run with exit status 1. DoRA's cost is reported as DoRA step / LoRA step, for this project and
+for PEFT, from the same run. Peak memory is measured in a process of its own per
 variant (CPU: peak RSS, ``VmHWM``; GPU: ``torch.cuda.max_memory_allocated``; see ``MemoryRuns``).
 
 Usage::
@@ -51,6 +54,7 @@ from common import (  # noqa: E402
     median_ms,
     peft_adapters,
     peft_available,
+    peft_magnitudes,
     randomize_pairs,
     relative_error,
     round_ratio_quartiles,
@@ -67,7 +71,7 @@ from lightning_lora import lora_modules  # noqa: E402
 
 def variant_specs(s: Setting, with_peft: bool) -> list[tuple[str, str | None]]:
     """(kind, target set) of every variant: floor and full fine-tuning once, adapters per target set."""
-    kinds = ["lightning_lora", "peft", "reference"] if with_peft else ["lightning_lora", "reference"]
+    kinds = ["lightning_lora", "lightning_lora_dora"] + (["peft", "peft_dora"] if with_peft else []) + ["reference"]
     return [("floor", None), ("full_ft", None)] + [(kind, label) for label in s.target_sets for kind in kinds]
 
 
@@ -122,6 +126,57 @@ def check_numerics(s: Setting, ours: Variant, reference: Variant, batch: tuple[t
         if variant is not None:
             variant.model.zero_grad(set_to_none=True)
     return result
+
+
+def check_dora_numerics(s: Setting, ours: Variant, peft: Variant, batch: tuple[torch.Tensor, torch.Tensor]) -> dict[str, Any]:
+    """Compare lightning-lora DoRA with PEFT DoRA: output, input gradient, A, B and magnitude gradients.
+
+    Both get the same non-zero A and B and the same magnitudes (PEFT's, each scaled by a seeded
+    random factor in [1, 1.2)) first.
+
+    Returns:
+        The largest relative errors, the tolerance, and whether lightning-lora DoRA passed.
+    """
+    our_layers = lora_modules(ours.model)
+    pairs = peft_adapters(peft.model)
+    magnitudes = peft_magnitudes(peft.model)
+    if list(our_layers) != list(pairs):
+        raise SystemExit(f"lightning-lora DoRA adapted {list(our_layers)} but PEFT DoRA adapted {list(pairs)}")
+    randomize_pairs([(m.matrix_A, m.matrix_B) for m in our_layers.values()], s.seed)
+    randomize_pairs(list(pairs.values()), s.seed)
+    generator = torch.Generator().manual_seed(s.seed)
+    with torch.no_grad():
+        for name, layer in our_layers.items():
+            factor = 1 + 0.2 * torch.rand(magnitudes[name].shape, generator=generator)
+            magnitudes[name].mul_(factor.to(magnitudes[name].device, magnitudes[name].dtype))
+            layer.magnitude.copy_(magnitudes[name])
+    expected_out, expected_h = forward_backward(peft.model, batch)
+    expected = [p.grad for name, (a, b) in pairs.items() for p in (a.weight, b.weight, magnitudes[name])]
+    out, h = forward_backward(ours.model, batch)
+    grads = [p.grad for layer in our_layers.values() for p in (layer.matrix_A.weight, layer.matrix_B.weight, layer.magnitude)]
+    errors = {
+        "output": relative_error(out, expected_out),
+        "input_grad": relative_error(h.grad, expected_h.grad),
+        "adapter_grads": max(relative_error(g, e) for g, e in zip(grads, expected)),
+    }
+    for variant in (ours, peft):
+        variant.model.zero_grad(set_to_none=True)
+    return {"tolerance": TOLERANCE[s.dtype], "lightning_lora": errors, "ok": max(errors.values()) <= TOLERANCE[s.dtype]}
+
+
+def dora_costs(times: dict[str, list[float]], labels: list[str]) -> dict[str, dict[str, Any]]:
+    """Per target set: DoRA step / LoRA step (ratio of medians and per-round quartiles), ours and PEFT's."""
+    costs: dict[str, dict[str, Any]] = {}
+    for label in labels:
+        costs[label] = {}
+        for name, lora, dora in (("lightning_lora", "lightning_lora", "lightning_lora_dora"), ("peft", "peft", "peft_dora")):
+            lora_key, dora_key = f"{lora}[{label}]", f"{dora}[{label}]"
+            if lora_key in times and dora_key in times:
+                costs[label][name] = {
+                    "ratio": median_ms(times[dora_key]) / median_ms(times[lora_key]),
+                    "rounds": round_ratio_quartiles(times[dora_key], times[lora_key]),
+                }
+    return costs
 
 
 class MemoryRuns:
@@ -265,6 +320,15 @@ def _run(s: Setting, memory_runs: MemoryRuns | None, with_peft: bool) -> dict[st
     if failed:
         print(json.dumps(failed, indent=2), file=sys.stderr)
         raise SystemExit("lightning-lora's outputs or gradients differ from the reference LoRA beyond tolerance")
+    dora_numerics = {
+        label: check_dora_numerics(s, by_key[f"lightning_lora_dora[{label}]"], by_key[f"peft_dora[{label}]"], batch)
+        for label in s.target_sets
+        if f"peft_dora[{label}]" in by_key
+    }
+    failed = {label: n for label, n in dora_numerics.items() if not n["ok"]}
+    if failed:
+        print(json.dumps(failed, indent=2), file=sys.stderr)
+        raise SystemExit("lightning-lora DoRA's outputs or gradients differ from PEFT DoRA's beyond tolerance")
 
     times, disturbed = time_interleaved(
         {v.key: (lambda v=v: training_step(v, batch)) for v in variants}, s.warmup, s.steps, s.device
@@ -273,7 +337,7 @@ def _run(s: Setting, memory_runs: MemoryRuns | None, with_peft: bool) -> dict[st
     peaks = memory_runs.measure() if memory_runs is not None else {}
     rows = []
     for v in variants:
-        peft_key = f"peft[{v.targets}]"
+        peft_key = f"{'peft_dora' if v.kind.endswith('dora') else 'peft'}[{v.targets}]"
         rows.append({
             "key": v.key,
             "variant": v.kind,
@@ -295,6 +359,8 @@ def _run(s: Setting, memory_runs: MemoryRuns | None, with_peft: bool) -> dict[st
         "memory": "peak RSS of a fresh process per variant" if s.device == "cpu"
         else "torch.cuda.max_memory_allocated in a fresh process per variant",
         "numerics": numerics,
+        "dora_numerics": dora_numerics,
+        "dora": dora_costs(times, list(s.target_sets)),
         "rows": rows,
     }
 

@@ -82,6 +82,8 @@ class LoRACallback(Callback):
         rank_pattern: module pattern -> rank, for those modules.
         alpha_pattern: module pattern -> alpha, for those modules.
         use_rslora: scale by ``alpha / sqrt(r)`` (rank-stabilised LoRA).
+        use_dora: weight-decomposed LoRA (DoRA): each adapted Linear or Conv1D layer also trains a
+            magnitude per output row; its update has no bias (``bias`` False or "auto").
         trainable: patterns of modules trained fully (a new head).
         adapter_dtype: dtype of the adapter weights ("float32", "bfloat16", ...); None: the base's.
         quantize: "nf4" holds the frozen linear base weights in 4-bit NF4 while training (QLoRA;
@@ -118,6 +120,7 @@ class LoRACallback(Callback):
         rank_pattern: Mapping[str, int] = {},  # noqa: B006  (read, never changed: LoRAConfig copies it)
         alpha_pattern: Mapping[str, float] = {},  # noqa: B006
         use_rslora: bool = False,
+        use_dora: bool = False,
         trainable: Sequence[str] = (),
         adapter_dtype: str | None = None,
         quantize: str | None = None,
@@ -139,6 +142,7 @@ class LoRACallback(Callback):
             "rank_pattern": rank_pattern,
             "alpha_pattern": alpha_pattern,
             "use_rslora": use_rslora,
+            "use_dora": use_dora,
             "trainable": trainable,
             "adapter_dtype": adapter_dtype,
             "quantize": quantize,

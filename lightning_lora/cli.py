@@ -56,6 +56,7 @@ PEFT_FIELDS = (
     "rank_pattern",
     "alpha_pattern",
     "use_rslora",
+    "use_dora",
     "lora_bias",
     "modules_to_save",
 )

@@ -57,6 +57,9 @@ class LoRAConfig:
     rank_pattern: Mapping[str, int] = dataclasses.field(default_factory=dict)  # pattern -> r for those modules
     alpha_pattern: Mapping[str, float] = dataclasses.field(default_factory=dict)  # pattern -> alpha
     use_rslora: bool = False  # rank-stabilised scaling alpha / sqrt(r)
+    # DoRA: W' = m * (W + s B A) / ||W + s B A|| with a trained magnitude m per output row (Linear and
+    # transformers' Conv1D). Its update has no bias: bias must be False or "auto" (which then gives none).
+    use_dora: bool = False
     trainable: Sequence[str] = ()  # modules left fully trainable (new heads)
     adapter_dtype: str | None = None  # None: the original weight's dtype; e.g. "float32"
     # "nf4": hold the frozen linear base weights in 4-bit NF4 while training (QLoRA; needs torchao)
@@ -72,6 +75,11 @@ class LoRAConfig:
         self.rank_pattern = _pattern_map("rank_pattern", self.rank_pattern, positive_int)
         self.alpha_pattern = _pattern_map("alpha_pattern", self.alpha_pattern, positive_number)
         self.use_rslora = boolean("use_rslora", self.use_rslora)
+        self.use_dora = boolean("use_dora", self.use_dora)
+        if self.use_dora and self.bias is True:
+            raise ValueError(
+                "use_dora=True needs bias=False or 'auto': DoRA's update has no bias (as in PEFT), got bias=True"
+            )
         self.trainable = _patterns("trainable", self.trainable)
         self.adapter_dtype = _dtype_name("adapter_dtype", self.adapter_dtype)
         self.quantize = check_method("quantize", self.quantize)
@@ -100,15 +108,16 @@ class LoRAConfig:
 
     def spec_for(self, name: str, kind: str, weight_dtype: torch.dtype, has_bias: bool) -> AdapterSpec:
         """The :class:`AdapterSpec` of module ``name``: adapter ``kind``, around a layer whose weight is in
-        ``weight_dtype`` and which has a bias or not (``bias="auto"`` follows it)."""
+        ``weight_dtype`` and which has a bias or not (``bias="auto"`` follows it, except with DoRA)."""
         return AdapterSpec(
             kind=kind,
             r=self.rank_for(name),
             alpha=self.alpha_for(name),
-            bias=has_bias if self.bias == "auto" else bool(self.bias),
+            bias=has_bias and not self.use_dora if self.bias == "auto" else bool(self.bias),
             dropout=self.dropout,
             use_rslora=self.use_rslora,
             adapter_dtype=self.adapter_dtype or dtype_name(weight_dtype),
+            use_dora=self.use_dora,
         )
 
     def to_dict(self) -> dict[str, Any]:

@@ -42,6 +42,7 @@ class LoRACallbackConf:
     rank_pattern: Dict[str, int] = field(default_factory=dict)
     alpha_pattern: Dict[str, float] = field(default_factory=dict)
     use_rslora: bool = False
+    use_dora: bool = False
     trainable: Tuple[str, ...] = ()
     adapter_dtype: Optional[str] = None
     quantize: Optional[str] = None

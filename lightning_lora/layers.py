@@ -5,8 +5,10 @@ Each wraps an existing layer and adds a low-rank update::
     forward(x) = original_module(x) + scaling * matrix_B(matrix_A(x))
 
 ``matrix_B`` starts at zero (weight and bias), so a freshly wrapped layer computes exactly what the
-original did. ``merge()`` folds the update into the original weights (computed in float32, then cast)
-and ``unmerge()`` takes it out again. Every layer describes itself: :attr:`LoRABase.spec` gives its
+original did. With ``use_dora`` (Linear and transformers' Conv1D), the layer also trains a
+``magnitude`` per output row and computes DoRA (see :mod:`lightning_lora.dora`). ``merge()`` folds
+the update into the original weights (computed in float32, then cast) and ``unmerge()`` takes it
+out again. Every layer describes itself: :attr:`LoRABase.spec` gives its
 settings and :meth:`LoRABase.adapter_params` its own parameters, so no other module needs to know
 the attribute names. :func:`build_adapter` is the one place the package constructs adapter layers.
 """
@@ -22,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.lazy import LazyModuleMixin
 
+from lightning_lora.dora import NormCache, dora_linear
 from lightning_lora.fused import lora_linear
 from lightning_lora.quantize import quantized_format
 from lightning_lora.spec import (
@@ -36,6 +39,8 @@ from lightning_lora.spec import (
 
 #: Default for ``merge(tolerance=...)``: the largest accepted relative error of the merged update.
 MERGE_TOLERANCE = 0.1
+#: The adapter kinds that implement DoRA.
+DORA_KINDS = ("linear", "transformers_conv1d")
 
 
 class _ZeroInit(nn.Module):
@@ -88,8 +93,16 @@ class LoRABase(nn.Module):
         dropout: float,
         use_rslora: bool,
         adapter_dtype: str | torch.dtype | None,
+        use_dora: bool = False,
     ) -> None:
         super().__init__()
+        if use_dora and self.kind not in DORA_KINDS:
+            raise ValueError(
+                f"use_dora=True is supported on nn.Linear and transformers' Conv1D layers only, not on "
+                f"{type(original_module).__name__}; leave this layer out of the targets or set use_dora=False"
+            )
+        if use_dora and bias:
+            raise ValueError("use_dora=True needs bias=False: DoRA's update has no bias (as in PEFT), got bias=True")
         r = positive_int("r", r)
         alpha = positive_number("alpha", alpha)
         dropout = probability("dropout", dropout)
@@ -104,6 +117,7 @@ class LoRABase(nn.Module):
         self.r = r
         self.alpha = alpha
         self.use_rslora = use_rslora
+        self.use_dora = use_dora
         self.scaling = scaling(alpha, r, use_rslora)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
@@ -137,18 +151,24 @@ class LoRABase(nn.Module):
             dropout=self.dropout.p if isinstance(self.dropout, nn.Dropout) else 0.0,
             use_rslora=self.use_rslora,
             adapter_dtype=dtype_name(base_weight(self.matrix_A).dtype),
+            use_dora=self.use_dora,
         )
 
     def adapter_params(self) -> dict[str, nn.Parameter]:
         """The adapter's own parameters (what LoRA trains), by name relative to this layer.
 
-        The names are also the layer's ``state_dict`` keys of those tensors (``matrix_A.weight``, ...).
+        The names are also the layer's ``state_dict`` keys of those tensors (``matrix_A.weight``, ...,
+        and ``magnitude`` with DoRA).
         """
-        return {
+        params = {
             f"{part}.{key}": param
             for part, module in (("matrix_A", self.matrix_A), ("matrix_B", self.matrix_B))
             for key, param in module.named_parameters()
         }
+        magnitude = getattr(self, "magnitude", None)
+        if isinstance(magnitude, nn.Parameter):
+            params["magnitude"] = magnitude
+        return params
 
     @property
     def merge_creates_bias(self) -> bool:
@@ -189,7 +209,8 @@ class LoRABase(nn.Module):
         """Fold the update into ``original_module`` in place; forward then runs the original alone.
 
         The update is computed in float32 and added to the weight in float32 before one cast to the
-        weight's dtype. In a low-precision dtype an update much smaller than the weights is rounded
+        weight's dtype (with DoRA, the merged weight is ``m * (W + delta) / ||W + delta||`` per output
+        row). In a low-precision dtype an update much smaller than the weights is rounded
         away: the relative error of the update actually applied is measured, and above ``tolerance``
         the merge is refused and nothing is changed. The rounding is recorded (as small integers),
         so that :meth:`unmerge` restores the original weights bit for bit.
@@ -210,15 +231,18 @@ class LoRABase(nn.Module):
                 f"the base and merges into float weights"
             )
         delta = self.delta_weight()
-        merged_weight = (weight.float() + delta).to(weight.dtype)
-        error = _relative_error(merged_weight.float() - weight.float(), delta)
+        target = self._merged(weight.float(), delta)
+        merged_weight = target.to(weight.dtype)
+        intended = target - weight.float() if self.use_dora else delta
+        error = _relative_error(merged_weight.float() - weight.float(), intended)
         if error > tolerance:
+            self._merge_done()
             raise RuntimeError(
                 f"merging would change the update by {error:.1%} (tolerance {tolerance:.1%}): "
                 f"{weight.dtype} weights cannot hold an update this small exactly. Keep the layer "
                 f"unmerged, merge a float32 copy of the model, or pass a larger tolerance"
             )
-        self._weight_residual = _bit_difference(weight, (merged_weight.float() - delta).to(weight.dtype))
+        self._weight_residual = _bit_difference(weight, self._unmerged(merged_weight.float(), delta).to(weight.dtype))
         bias_delta = self.delta_bias()
         weight.copy_(merged_weight)
         if bias_delta is not None:
@@ -242,7 +266,7 @@ class LoRABase(nn.Module):
         if not self.merged:
             raise RuntimeError(f"{type(self).__name__} is not merged; nothing to unmerge")
         weight = base_weight(self.original_module)
-        restored = (weight.float() - self.delta_weight()).to(weight.dtype)
+        restored = self._unmerged(weight.float(), self.delta_weight()).to(weight.dtype)
         assert self._weight_residual is not None, "a merged layer keeps its rounding residual"
         weight.copy_(_add_bits(restored, self._weight_residual))
         self._weight_residual = None
@@ -255,9 +279,22 @@ class LoRABase(nn.Module):
             bias.copy_(self._original_bias)
             self._original_bias = None
         self.merged = False
+        self._merge_done()
+
+    def _merged(self, weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """The merged weight in float32, from the float32 original ``weight`` and :meth:`delta_weight`."""
+        return weight + delta
+
+    def _unmerged(self, merged: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """The inverse of :meth:`_merged` (before rounding), from the float32 merged weight."""
+        return merged - delta
+
+    def _merge_done(self) -> None:
+        """Forget what :meth:`_merged` kept for :meth:`_unmerged`."""
 
     def extra_repr(self) -> str:
-        return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}, merged={self.merged}"
+        dora = ", use_dora=True" if self.use_dora else ""
+        return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}{dora}, merged={self.merged}"
 
 
 class LoRA(LoRABase):
@@ -272,9 +309,13 @@ class LoRA(LoRABase):
         use_rslora: scale by ``alpha / sqrt(r)`` instead.
         adapter_dtype: dtype of the adapter weights (None: the original weight's dtype). The adapter
             always computes in the input's dtype.
+        use_dora: DoRA: also train ``magnitude`` (one value per output row, initialised to the row
+            norms of the weight) and compute ``m * (W + s B A) / ||W + s B A||`` as PEFT does
+            (the norm gets no gradient). Needs ``bias=False``.
 
     Raises:
-        ValueError: for a non-positive ``r`` or ``alpha``, or ``dropout`` outside [0, 1).
+        ValueError: for a non-positive ``r`` or ``alpha``, ``dropout`` outside [0, 1), or
+            ``use_dora`` with ``bias``.
 
     Example::
 
@@ -288,6 +329,7 @@ class LoRA(LoRABase):
     kind = "linear"
     matrix_A: nn.Linear
     matrix_B: nn.Linear
+    rows_first = True  # the original weight is (out, in)
 
     def __init__(
         self,
@@ -299,12 +341,37 @@ class LoRA(LoRABase):
         dropout: float = 0.0,
         use_rslora: bool = False,
         adapter_dtype: str | torch.dtype | None = None,
+        use_dora: bool = False,
     ) -> None:
-        super().__init__(original_module, bias, alpha, r, dropout, use_rslora, adapter_dtype)
+        super().__init__(original_module, bias, alpha, r, dropout, use_rslora, adapter_dtype, use_dora)
         in_features, out_features = self.features(original_module)
         self.matrix_A = nn.Linear(in_features, r, bias=bias, **self._factory)
         self.matrix_B = ZeroLinear(r, out_features, bias=bias, **self._factory)
+        if use_dora:
+            self.magnitude = nn.Parameter(torch.empty(out_features, **self._factory))
+            self._norms = NormCache()
+            self._merge_factor: torch.Tensor | None = None
         self.init_weights()
+
+    def init_weights(self) -> None:
+        """As :meth:`LoRABase.init_weights`; with DoRA, ``magnitude`` set to the weight's row norms."""
+        super().init_weights()
+        if self.use_dora:
+            self._norms.clear()
+            with torch.no_grad():
+                self.magnitude.copy_(self.weight_norm())
+
+    def weight_norm(self) -> torch.Tensor:
+        """DoRA's ``||W + scaling * B @ A||`` per output row (detached), rounded to ``magnitude``'s dtype.
+
+        Computed as :func:`lightning_lora.dora.weight_norm` does, and kept while the weights are
+        unchanged. The rounding makes a fresh adapter's ``magnitude / norm`` exactly 1.
+        """
+        norm = self._norms.norm(
+            base_weight(self.original_module), base_weight(self.matrix_A), base_weight(self.matrix_B),
+            self.scaling, self.rows_first,
+        )
+        return norm.to(self.magnitude.dtype)
 
     @staticmethod
     def features(original_module: nn.Module) -> tuple[int, int]:
@@ -318,6 +385,8 @@ class LoRA(LoRABase):
         shapes: dict[str, tuple[int, ...]] = {"matrix_A.weight": (spec.r, in_features), "matrix_B.weight": (out_features, spec.r)}
         if spec.bias:
             shapes.update({"matrix_A.bias": (spec.r,), "matrix_B.bias": (out_features,)})
+        if spec.use_dora:
+            shapes["magnitude"] = (out_features,)
         return shapes
 
     def _adapter(self, x: torch.Tensor) -> torch.Tensor:
@@ -336,6 +405,8 @@ class LoRA(LoRABase):
         """
         if self.merged or not self.enabled:
             return self.original_module(x)
+        if self.use_dora:
+            return self._dora_forward(x)
         dtype = _fused_dtype(self.original_module, x)
         if dtype is None:
             return super().forward(x)
@@ -353,6 +424,66 @@ class LoRA(LoRABase):
             self.scaling,
             dropped,
         )
+
+    def _dora_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """DoRA as PEFT computes it: ``base(x) + (f - 1) * W d + f * scaling * B A d``, ``f = m / norm``.
+
+        ``d`` is ``x``, or its dropout while training with dropout (then ``W d`` is one more product).
+        Around a plain ``nn.Linear`` without dropout this runs as one autograd node
+        (:func:`lightning_lora.dora.dora_linear`).
+        """
+        norm = self.weight_norm()  # (out,)
+        dropping = isinstance(self.dropout, nn.Dropout) and self.dropout.training
+        dtype = _fused_dtype(self.original_module, x)
+        if dtype is not None and not dropping:
+            x = _in_dtype(x, dtype)
+            linear, a, b = self.original_module, self.matrix_A, self.matrix_B
+            return dora_linear(
+                x,
+                _in_dtype(base_weight(linear), dtype),
+                _in_dtype(base_bias(linear), dtype),
+                _in_dtype(base_weight(a), dtype),
+                _in_dtype(base_weight(b), dtype),
+                _in_dtype(self.magnitude, dtype),
+                norm.to(dtype),
+                self.scaling,
+            )
+        result = self.original_module(x)
+        dtype = _compute_dtype(x)
+        factor = (self.magnitude / norm).to(result.dtype)  # (out,)
+        if dropping:
+            x = self.dropout(x)
+            directed = F.linear(x, self._linear_weight().to(dtype))
+        else:
+            bias = base_bias(self.original_module)
+            directed = result if bias is None else result - bias
+        hidden = F.linear(x, *_cast(self.matrix_A, dtype))  # (..., r)
+        update = F.linear(hidden, *_cast(self.matrix_B, dtype))  # (..., out_features)
+        return result + (factor - 1) * directed + factor * update * self.scaling
+
+    def _linear_weight(self) -> torch.Tensor:
+        """The original weight as ``(out, in)``."""
+        return base_weight(self.original_module)
+
+    def _factor_rows(self, factor: torch.Tensor) -> torch.Tensor:
+        """A per-output-row ``factor`` (out,) shaped to scale the original weight."""
+        return factor[:, None] if self.rows_first else factor[None, :]
+
+    def _merged(self, weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        if not self.use_dora:
+            return super()._merged(weight, delta)
+        self._merge_factor = (self.magnitude.detach() / self.weight_norm()).float()
+        return self._factor_rows(self._merge_factor) * (weight + delta)
+
+    def _unmerged(self, merged: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        if not self.use_dora:
+            return super()._unmerged(merged, delta)
+        assert self._merge_factor is not None, "a merged DoRA layer keeps its factor"
+        return merged / self._factor_rows(self._merge_factor) - delta
+
+    def _merge_done(self) -> None:
+        if self.use_dora:
+            self._merge_factor = None
 
     def delta_weight(self) -> torch.Tensor:
         return self.scaling * (base_weight(self.matrix_B).float() @ base_weight(self.matrix_A).float())
@@ -376,6 +507,7 @@ class LoRAConv1D(LoRA):
     """
 
     kind = "transformers_conv1d"
+    rows_first = False  # Conv1D's weight is (in, out)
 
     @staticmethod
     def features(original_module: nn.Module) -> tuple[int, int]:
@@ -385,6 +517,9 @@ class LoRAConv1D(LoRA):
 
     def delta_weight(self) -> torch.Tensor:
         return super().delta_weight().T  # (in, out), the layout of Conv1D.weight
+
+    def _linear_weight(self) -> torch.Tensor:
+        return base_weight(self.original_module).T
 
 
 def transformers_conv1d() -> type[nn.Module] | None:
@@ -407,7 +542,8 @@ class LoRAConv(LoRABase):
     merges into it. Arguments as for :class:`LoRA`.
 
     Raises:
-        ValueError: if ``r`` is not a multiple of the original's ``groups``.
+        ValueError: if ``r`` is not a multiple of the original's ``groups``, or for ``use_dora=True``
+            (DoRA is implemented for Linear and Conv1D layers only).
     """
 
     kind = "conv"
@@ -425,8 +561,9 @@ class LoRAConv(LoRABase):
         dropout: float = 0.0,
         use_rslora: bool = False,
         adapter_dtype: str | torch.dtype | None = None,
+        use_dora: bool = False,
     ) -> None:
-        super().__init__(original_module, bias, alpha, r, dropout, use_rslora, adapter_dtype)
+        super().__init__(original_module, bias, alpha, r, dropout, use_rslora, adapter_dtype, use_dora)
         conv = original_module
         if r % conv.groups:
             raise ValueError(
@@ -492,7 +629,8 @@ class LoRAEmbedding(LoRABase):
     ``matrix_A`` is an ``nn.Embedding(num_embeddings, r)`` (normal init, the padding row zero) and
     ``matrix_B`` an ``nn.Linear(r, embedding_dim)`` starting at zero. With ``bias=True`` only
     ``matrix_B`` has a bias (a lookup has no input bias); it merges into every row of the table.
-    Arguments as for :class:`LoRA`.
+    Arguments as for :class:`LoRA`; ``use_dora=True`` is refused with a ``ValueError`` (DoRA is
+    implemented for Linear and Conv1D layers only).
     """
 
     kind = "embedding"
@@ -510,8 +648,9 @@ class LoRAEmbedding(LoRABase):
         dropout: float = 0.0,
         use_rslora: bool = False,
         adapter_dtype: str | torch.dtype | None = None,
+        use_dora: bool = False,
     ) -> None:
-        super().__init__(original_module, bias, alpha, r, dropout, use_rslora, adapter_dtype)
+        super().__init__(original_module, bias, alpha, r, dropout, use_rslora, adapter_dtype, use_dora)
         emb = original_module
         self.matrix_A = nn.Embedding(emb.num_embeddings, r, padding_idx=emb.padding_idx, **self._factory)
         self.matrix_B = ZeroLinear(r, emb.embedding_dim, bias=bias, **self._factory)
@@ -625,6 +764,7 @@ def build_adapter(module: nn.Module, spec: AdapterSpec, name: str) -> LoRABase:
             dropout=spec.dropout,
             use_rslora=spec.use_rslora,
             adapter_dtype=spec.adapter_dtype,
+            use_dora=spec.use_dora,
         )
     except ValueError as err:
         raise ValueError(f"cannot adapt module '{name}': {err}") from err

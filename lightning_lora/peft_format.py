@@ -3,7 +3,8 @@
 A PEFT adapter is a folder with ``adapter_config.json`` and ``adapter_model.safetensors`` whose keys
 are ``base_model.model.<module>.lora_A.weight`` / ``lora_B.weight`` (``lora_B.bias`` with
 ``lora_bias``), ``lora_embedding_A`` / ``lora_embedding_B`` for embeddings, and the modules to save
-under their own keys. Conversions are exact or refused:
+under their own keys; DoRA adapters add ``lora_magnitude_vector`` (our ``magnitude``) and
+``use_dora: true``. Conversions are exact or refused:
 
 - A's bias folds into PEFT's ``lora_B.bias`` (``B(Ax + a) + b = BAx + (Ba + b)``); adapters without a
   bias get a zero one when others have one (PEFT's ``lora_bias`` is global).
@@ -14,7 +15,8 @@ under their own keys. Conversions are exact or refused:
   module name (``^`` and escaped dots).
 - ``target="vllm"``: one global rank from vLLM's allowed set (ranks are padded with zero rows and
   columns, which changes nothing) and ``lora_alpha`` equal to it, each module's own scaling folded
-  into ``lora_B``; no modules to save, no biases, no convolutions.
+  into ``lora_B``; no modules to save, no biases, no convolutions, no DoRA (vLLM serves none; a
+  merged model serves DoRA's result).
 """
 
 from __future__ import annotations
@@ -52,7 +54,6 @@ TARGETS = ("peft", "vllm")
 VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 # PEFT config fields this package cannot represent when they are set.
 _UNSUPPORTED: dict[str, Any] = {
-    "use_dora": False,
     "layers_to_transform": None,
     "layers_pattern": None,
     "target_parameters": None,
@@ -145,6 +146,9 @@ def _to_peft(
     rslora = {spec.use_rslora for spec in specs.values()}
     if len(rslora) > 1:
         raise ValueError("PEFT has one use_rslora for all modules, but the adapter mixes rsLoRA and plain scaling")
+    dora = {spec.use_dora for spec in specs.values()}
+    if len(dora) > 1:
+        raise ValueError("PEFT has one use_dora for all modules, but the adapter mixes DoRA and plain LoRA modules")
     dropouts = sorted({spec.dropout for spec in specs.values()})
     if len(dropouts) > 1:
         raise ValueError(f"PEFT has one lora_dropout for all modules, but the adapter's modules use {dropouts}")
@@ -170,6 +174,8 @@ def _to_peft(
             a = _dense_conv_a(name, a, b, geometry.get(name))
         tensors[f"{key}.lora_A.weight"] = a.contiguous()
         tensors[f"{key}.lora_B.weight"] = b.contiguous()
+        if spec.use_dora:
+            tensors[f"{key}.lora_magnitude_vector"] = adapter.tensors[f"{name}.magnitude"].contiguous()
         if with_bias:
             tensors[f"{key}.lora_B.bias"] = _folded_bias(adapter, name, spec, b)
     for name in adapter.trainable:
@@ -191,7 +197,7 @@ def _to_peft(
         "bias": "none",
         "fan_in_fan_out": any(spec.kind == "transformers_conv1d" for spec in specs.values()),
         "modules_to_save": list(adapter.trainable) or None,
-        "use_dora": False,
+        "use_dora": dora.pop(),
         "init_lora_weights": True,
         "inference_mode": True,
         "task_type": None,
@@ -258,6 +264,12 @@ def _for_vllm(
     adapter: AdapterFile, tensors: dict[str, torch.Tensor], config: dict[str, Any]
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     specs = adapter.modules
+    dora = [name for name, spec in specs.items() if spec.use_dora]
+    if dora:
+        raise ValueError(
+            f"vLLM serves no DoRA adapters (use_dora), but modules {dora[:5]!r} use DoRA; export with "
+            f"target='peft', or serve the model with its adapters merged (merge_and_unload)"
+        )
     if adapter.trainable:
         raise ValueError(f"vLLM serves no modules_to_save, but the adapter trains {adapter.trainable!r} fully")
     convs = [name for name, spec in specs.items() if spec.kind == "conv"]
@@ -332,7 +344,9 @@ def _from_peft(model: nn.Module, prefix: str, config: Mapping[str, Any], tensors
     if stray:
         raise ValueError(f"{source} has tensors outside {PREFIX!r}: {stray[:5]!r}")
     names = {key[len(PREFIX) :] for key in tensors}
-    adapted = sorted({re.sub(r"\.(lora_A\.weight|lora_B\.weight|lora_B\.bias|lora_embedding_A|lora_embedding_B)$", "", key) for key in names if ".lora_" in key})
+    suffixes = r"lora_A\.weight|lora_B\.weight|lora_B\.bias|lora_embedding_A|lora_embedding_B|lora_magnitude_vector"
+    adapted = sorted({re.sub(rf"\.({suffixes})$", "", key) for key in names if ".lora_" in key})
+    use_dora = bool(config.get("use_dora", False))
     found = sites(model)
     saved = [str(name) for name in (config.get("modules_to_save") or [])]
     ours: dict[str, torch.Tensor] = {}
@@ -359,6 +373,11 @@ def _from_peft(model: nn.Module, prefix: str, config: Mapping[str, Any], tensors
             a = _grouped_conv_a(name, a, original, source)
         ours[f"{name}.matrix_A.weight"] = a.contiguous()
         ours[f"{name}.matrix_B.weight"] = b.contiguous()
+        if use_dora:
+            magnitude = tensors.get(f"{key}.lora_magnitude_vector")
+            if magnitude is None:
+                raise ValueError(f"{source} sets use_dora=true but has no lora_magnitude_vector for module '{name}'")
+            ours[f"{name}.magnitude"] = magnitude.reshape(-1).contiguous()
         if bias:
             assert lora_bias is not None
             ours[f"{name}.matrix_A.bias"] = torch.zeros(a.shape[0], dtype=a.dtype)
@@ -371,6 +390,7 @@ def _from_peft(model: nn.Module, prefix: str, config: Mapping[str, Any], tensors
             dropout=float(config.get("lora_dropout") or 0.0),
             use_rslora=bool(config.get("use_rslora", False)),
             adapter_dtype=dtype_name(a.dtype),
+            use_dora=use_dora,
         )
     others = []
     for key in names:
@@ -398,6 +418,7 @@ def _from_peft(model: nn.Module, prefix: str, config: Mapping[str, Any], tensors
         targets=list(specs),
         dropout=_most_common(spec.dropout for spec in specs.values()),
         use_rslora=bool(config.get("use_rslora", False)),
+        use_dora=use_dora,
         trainable=trainable,
     )
     return AdapterFile(

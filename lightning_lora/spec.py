@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import MISSING, asdict, dataclass
 from typing import Any
 
 import torch
@@ -50,9 +50,12 @@ class AdapterSpec:
         dropout: dropout probability on the adapter input.
         use_rslora: rank-stabilised scaling.
         adapter_dtype: dtype of the adapter weights, one of :data:`ADAPTER_DTYPES`.
+        use_dora: weight-decomposed LoRA (DoRA): a trained magnitude per output row. Files written
+            before it existed read as False.
 
     Raises:
-        ValueError, TypeError: for a value out of range or of the wrong type (naming the field).
+        ValueError, TypeError: for a value out of range or of the wrong type (naming the field), or
+            ``use_dora`` with ``bias`` (DoRA's update has no bias).
     """
 
     kind: str
@@ -62,6 +65,7 @@ class AdapterSpec:
     dropout: float
     use_rslora: bool
     adapter_dtype: str
+    use_dora: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -73,6 +77,9 @@ class AdapterSpec:
         object.__setattr__(self, "use_rslora", boolean("use_rslora", self.use_rslora))
         if self.adapter_dtype not in ADAPTER_DTYPES:
             raise ValueError(f"adapter_dtype must be one of {sorted(ADAPTER_DTYPES)}, got {self.adapter_dtype!r}")
+        object.__setattr__(self, "use_dora", boolean("use_dora", self.use_dora))
+        if self.use_dora and self.bias:
+            raise ValueError("use_dora=True needs bias=False: DoRA's update has no bias (as in PEFT), got bias=True")
 
     @property
     def scaling(self) -> float:
@@ -87,16 +94,19 @@ class AdapterSpec:
     def from_dict(cls, values: Any) -> AdapterSpec:
         """A spec from :meth:`to_dict`'s output (other keys, such as stored shapes, are ignored).
 
+        Fields with a default (added after the first file format) may be absent.
+
         Raises:
             ValueError: if ``values`` is not a mapping, lacks a field, or holds a bad value.
         """
         if not isinstance(values, Mapping):
             raise ValueError(f"an adapter spec must be a mapping, got {type(values).__name__}")
-        missing = [name for name in cls.__dataclass_fields__ if name not in values]
+        fields = cls.__dataclass_fields__
+        missing = [name for name, field in fields.items() if name not in values and field.default is MISSING]
         if missing:
             raise ValueError(f"an adapter spec must have the fields {missing!r}, got {sorted(values)!r}")
         try:
-            return cls(**{name: values[name] for name in cls.__dataclass_fields__})
+            return cls(**{name: values[name] for name in fields if name in values})
         except TypeError as err:
             raise ValueError(str(err)) from err
 

@@ -250,7 +250,7 @@ def base_named_parameters(
     left_out = tuple(trainable_modules(model) if trainable is None else trainable)
     seen: set[int] = set()
     for site in walk(model, base_view=True):
-        if is_inside(site.name, left_out):
+        if is_inside(site.name, left_out) or isinstance(site.module, LoRABase):  # an adapter's own: DoRA's magnitude
             continue
         for key, param in site.module.named_parameters(recurse=False):
             if id(param) not in seen:

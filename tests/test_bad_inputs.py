@@ -143,6 +143,8 @@ for _id, _kwargs, _error, _message in [
     ("config-alpha-pattern-negative", {"alpha_pattern": {"qkv": -1}}, ValueError, r"alpha_pattern\['qkv'\] must be a positive finite number"),
     ("config-alpha-pattern-key", {"alpha_pattern": {3: 1.0}}, TypeError, r"alpha_pattern keys must be non-empty strings, got 3"),
     ("config-rslora-string", {"use_rslora": "no"}, TypeError, r"use_rslora must be True or False, got 'no'"),
+    ("config-dora-string", {"use_dora": "yes"}, TypeError, r"use_dora must be True or False, got 'yes'"),
+    ("config-dora-bias", {"use_dora": True, "bias": True}, ValueError, r"use_dora=True needs bias=False or 'auto': DoRA's update has no bias"),
     ("config-trainable-string", {"trainable": "head"}, TypeError, r"trainable must be a list of module name patterns, got 'head'"),
     ("config-dtype-unknown", {"adapter_dtype": "fp8"}, ValueError, r"adapter_dtype must be None or one of .* got 'fp8'"),
     ("config-quantize-unknown", {"quantize": "int4"}, ValueError, r"quantize must be None or one of \['nf4'\], got 'int4'"),
@@ -165,6 +167,7 @@ for _id, _input, _config, _error, _message in [
     ("apply-target-and-trainable", "targets=['head'], trainable=['head']", LoRAConfig(targets=["head"], trainable=["head"]), ValueError, r"matched by both targets and trainable"),
     ("apply-rank-pattern-unmatched", "rank_pattern={'fc9': 2}", LoRAConfig(rank_pattern={"fc9": 2}), ValueError, r"rank_pattern pattern 'fc9' matched no module"),
     ("apply-alpha-pattern-unmatched", "alpha_pattern={'fc9': 2}", LoRAConfig(alpha_pattern={"fc9": 2}), ValueError, r"alpha_pattern pattern 'fc9' matched no module"),
+    ("apply-dora-embedding", "targets=['qkv', 'embed'], use_dora=True", LoRAConfig(targets=["qkv", "embed"], use_dora=True), ValueError, r"cannot adapt module 'embed': use_dora=True is supported on nn.Linear and transformers' Conv1D layers only, not on Embedding"),
     ("apply-rank-too-large", "targets=['qkv', 'head'], r=17 (head is 16 -> 3)", LoRAConfig(targets=["qkv", "head"], r=17), ValueError, r"cannot adapt module 'head': r must be at most 16"),
 ]:
     case(_id, "surgery", f"apply_lora(model, LoRAConfig({_input}))", _error, _message)(lambda ws, config=_config: apply_lora(ws.plain, config))

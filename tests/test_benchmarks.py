@@ -37,7 +37,8 @@ def test_step_prints_the_table_and_writes_json(tmp_path, capsys):
     printed = capsys.readouterr().out
     payload = json.loads(path.read_text())
     kinds = [row["variant"] for row in payload["rows"]]
-    assert kinds == ["floor", "full_ft", "lightning_lora"] + (["peft"] if HAS_PEFT else []) + ["reference"]
+    peft_kinds = ["peft", "peft_dora"] if HAS_PEFT else []
+    assert kinds == ["floor", "full_ft", "lightning_lora", "lightning_lora_dora", *peft_kinds, "reference"]
     assert payload["rows"][0]["vs_floor"] == 1.0
     assert all(row["ms"] > 0 and len(row["times_ms"]) == 2 for row in payload["rows"])
     numerics = payload["numerics"]["query,value"]
@@ -46,6 +47,12 @@ def test_step_prints_the_table_and_writes_json(tmp_path, capsys):
     if HAS_PEFT:
         ours = next(row for row in payload["rows"] if row["variant"] == "lightning_lora")
         assert ours["vs_peft"] > 0 and "numerics" in printed.lower()
+        assert payload["dora_numerics"]["query,value"]["ok"] and "lightning-lora DoRA vs PEFT DoRA" in printed
+        costs = payload["dora"]["query,value"]
+        dora = {row["variant"]: row["ms"] for row in payload["rows"]}
+        assert costs["lightning_lora"]["ratio"] == dora["lightning_lora_dora"] / dora["lightning_lora"]
+        assert costs["peft"]["ratio"] == dora["peft_dora"] / dora["peft"]
+        assert "DoRA step / LoRA step [query,value]: lightning-lora **" in printed
 
 
 @pytest.mark.parametrize("fork", [True, False], ids=["forked", "fresh_interpreter"])
@@ -59,7 +66,7 @@ def test_step_memory_runs_in_a_process_per_variant(fork, monkeypatch):
         monkeypatch.setattr(step.multiprocessing, "get_all_start_methods", lambda: ["spawn"])
     runs = step.MemoryRuns(setting, with_peft=False)
     assert bool(runs._waiting) == (fork and "fork" in multiprocessing.get_all_start_methods())
-    expected = {"floor", "full_ft", "lightning_lora[query]", "reference[query]"}
+    expected = {"floor", "full_ft", "lightning_lora[query]", "lightning_lora_dora[query]", "reference[query]"}
     if not runs._waiting:
         runs.specs = [("lightning_lora", "query")]  # one interpreter start is slow enough for a smoke test
         expected = {"lightning_lora[query]"}
@@ -75,6 +82,17 @@ def test_step_stops_when_the_adapter_computes_something_else(monkeypatch):
     monkeypatch.setattr(layers, "lora_linear", lambda *args: fused(*args[:-2], 2 * args[-2], args[-1]))
     with pytest.raises(SystemExit, match="differ from the reference LoRA beyond tolerance"):
         step.main([*TINY, "--no-memory", "--no-peft"])
+
+
+@pytest.mark.skipif(not HAS_PEFT, reason="the DoRA check compares with PEFT")
+def test_step_stops_when_dora_computes_something_else(monkeypatch):
+    step = _load("step")
+    import lightning_lora.layers as layers
+
+    fused = layers.dora_linear
+    monkeypatch.setattr(layers, "dora_linear", lambda *args: fused(*args[:-1], 2 * args[-1]))
+    with pytest.raises(SystemExit, match="lightning-lora DoRA's outputs or gradients differ from PEFT DoRA's"):
+        step.main([*TINY, "--no-memory"])
 
 
 def test_inference_checks_merged_against_unmerged(tmp_path, capsys):

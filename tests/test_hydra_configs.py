@@ -29,7 +29,7 @@ def composed(overrides, tmp_path):
     return cfg
 
 
-@pytest.mark.parametrize("lora", ["default", "attention", "all_linear", "qlora", "none"])
+@pytest.mark.parametrize("lora", ["default", "attention", "all_linear", "dora", "qlora", "none"])
 @pytest.mark.parametrize("extra", [[], ["experiment=quick"], ["trainer=cpu"]])
 def test_every_config_composes_and_instantiates(lora, extra, tmp_path):
     cfg = composed([f"lora={lora}", *extra], tmp_path)
@@ -53,6 +53,9 @@ def test_preset_values(tmp_path):
     assert instantiate(composed(["lora.quantize=nf4"], tmp_path).lora).config.quantize == "nf4"
     with pytest.raises(InstantiationException, match=r"quantize must be None or one of \['nf4'\], got 'int4'"):
         instantiate(composed(["lora.quantize=int4"], tmp_path).lora)
+    dora = instantiate(composed(["lora=dora"], tmp_path).lora)
+    assert dora.config.use_dora is True and dora.config.bias == "auto"
+    assert instantiate(composed(["lora.use_dora=true"], tmp_path).lora).config.use_dora is True
     callback = instantiate(composed(["lora.r=16", "lora.alpha=32", "lora.bias=false", "lora.targets=[q_proj,v_proj]"], tmp_path).lora)
     assert (callback.config.r, callback.config.alpha, callback.config.bias) == (16, 32.0, False)
     assert callback.config.targets == ["q_proj", "v_proj"]

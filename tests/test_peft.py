@@ -211,10 +211,10 @@ def test_refusals(tmp_path):
     (tmp_path / "ia3" / "adapter_config.json").write_text(json.dumps({"peft_type": "IA3"}))
     with pytest.raises(ValueError, match=r"is a 'IA3' adapter; only PEFT LoRA adapters"):
         import_peft(llama(), tmp_path / "ia3")
-    (tmp_path / "dora").mkdir()
-    (tmp_path / "dora" / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "use_dora": True}))
-    with pytest.raises(ValueError, match=r"sets use_dora=True, a PEFT LoRA variant this package does not implement"):
-        import_peft(llama(), tmp_path / "dora")
+    (tmp_path / "qalora").mkdir()
+    (tmp_path / "qalora" / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "use_qalora": True}))
+    with pytest.raises(ValueError, match=r"sets use_qalora=True, a PEFT LoRA variant this package does not implement"):
+        import_peft(llama(), tmp_path / "qalora")
 
 
 class Wrapper(L.LightningModule):

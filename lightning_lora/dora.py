@@ -1,0 +1,222 @@
+"""DoRA (weight-decomposed LoRA): the weight norm, and one autograd node for a DoRA linear layer.
+
+DoRA (Liu et al., 2024) writes the adapted weight as a magnitude times a direction::
+
+    W' = m * (W + s B A) / ||W + s B A||        (norms and m per output row, shape (out,))
+
+and, like PEFT, treats the norm as a constant in backward (it is detached). With ``f = m / norm``
+and PEFT's formula, the layer computes ``base(x) + (f - 1) * W x + f * s * B A x``.
+
+The norm is computed without forming the ``(out, in)`` matrix ``W + s B A``::
+
+    ||W_o + s (BA)_o||^2 = ||W_o||^2 + 2 s <B_o, (W A^T)_o> + s^2 <B_o, (B A A^T)_o>
+
+that is one skinny product ``W A^T`` (which reads ``W`` once) and ``r``-sized work. ``||W_o||^2``
+of the frozen base weight is kept between calls while the weight is unchanged, and without grad
+mode the whole norm is kept while ``W``, ``A`` and ``B`` are unchanged (:class:`NormCache`), so
+inference after training does no weight-sized work per call. With ``B = 0`` the two extra terms are
+exact zeros, and the magnitude is initialised with this same function: a fresh adapter has
+``f = 1`` exactly and computes what the original layer does, bit for bit.
+
+:func:`dora_linear` is the forward and backward of an adapted ``nn.Linear`` as one node: the base
+output (``addmm`` with the bias, as ``F.linear`` computes it), the adapter accumulated into it, and
+one more pass ``out += (f - 1) * (out - bias)``; backward scales the output gradient by ``f`` once,
+reads the saved ``W x + s B A x`` once for the magnitude's gradient, and otherwise runs LoRA's
+products. No weight-sized tensor is created in backward.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any
+
+import torch
+
+
+def sum_of_squares(weight: torch.Tensor, rows_first: bool) -> torch.Tensor:
+    """``||W_o||^2`` per output row, in float32 (``rows_first``: weight ``(out, in)``, else ``(in, out)``)."""
+    w = weight.detach().float()
+    return w.square().sum(1 if rows_first else 0)
+
+
+def weight_norm(
+    weight: torch.Tensor,
+    a_weight: torch.Tensor,
+    b_weight: torch.Tensor,
+    scaling: float,
+    rows_first: bool,
+    squares: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``||W + scaling * B @ A||`` per output row, in float32, detached.
+
+    Args:
+        weight: the base weight, ``(out, in)`` when ``rows_first``, else ``(in, out)`` (``Conv1D``).
+        a_weight, b_weight: ``(r, in)`` and ``(out, r)``.
+        scaling: the factor of ``B @ A``.
+        rows_first: the layout of ``weight``.
+        squares: :func:`sum_of_squares` of ``weight`` if already known.
+    """
+    with torch.no_grad():
+        w = weight if rows_first else weight.t()  # (out, in), a view
+        a, b = a_weight.float(), b_weight.float()
+        if squares is None:
+            squares = sum_of_squares(weight, rows_first)
+        wa = torch.mm(w, a_weight.to(w.dtype).t()).float()  # (out, r)
+        baa = torch.mm(b, torch.mm(a, a.t()))  # (out, r)
+        cross = torch.linalg.vecdot(b, wa, dim=1)  # (out,)
+        update = torch.linalg.vecdot(b, baa, dim=1)
+        squared = squares + (2 * scaling) * cross + (scaling * scaling) * update
+        return squared.clamp_min(0).sqrt()
+
+
+class NormCache:
+    """The last ``||W_o||^2`` and weight norm of one layer, kept while their inputs are unchanged.
+
+    An entry is valid while the very tensors it was computed from (held by weak reference) have
+    the same storage and version counter: any in-place change (an optimizer step, ``copy_``,
+    ``load_state_dict``, merging) bumps the version. Changes made through ``.data``, which
+    bypasses version counting, are not seen. Nothing is kept while ``torch.compile`` traces.
+    """
+
+    def __init__(self) -> None:
+        self._squares: tuple[tuple[Any, ...], torch.Tensor] | None = None
+        self._norm: tuple[tuple[Any, ...], torch.Tensor] | None = None
+
+    @staticmethod
+    def _key(tensors: tuple[torch.Tensor, ...], scaling: float) -> tuple[Any, ...]:
+        return (scaling, *((weakref.ref(t), t.data_ptr(), t._version) for t in tensors))
+
+    @staticmethod
+    def _valid(entry: tuple[tuple[Any, ...], torch.Tensor], tensors: tuple[torch.Tensor, ...], scaling: float) -> bool:
+        key = entry[0]
+        return key[0] == scaling and all(
+            ref() is t and ptr == t.data_ptr() and version == t._version
+            for (ref, ptr, version), t in zip(key[1:], tensors)
+        )
+
+    def norm(self, weight: torch.Tensor, a_weight: torch.Tensor, b_weight: torch.Tensor, scaling: float,
+             rows_first: bool) -> torch.Tensor:
+        """:func:`weight_norm`, reusing what is still valid."""
+        if torch.compiler.is_compiling():
+            return weight_norm(weight, a_weight, b_weight, scaling, rows_first)
+        tensors = (weight, a_weight, b_weight)
+        if not torch.is_grad_enabled() and self._norm is not None and self._valid(self._norm, tensors, scaling):
+            return self._norm[1]
+        squares = self._squares[1] if self._squares is not None and self._valid(self._squares, (weight,), 0.0) else None
+        if squares is None:
+            squares = sum_of_squares(weight, rows_first)
+            self._squares = (self._key((weight,), 0.0), squares)
+        norm = weight_norm(weight, a_weight, b_weight, scaling, rows_first, squares)
+        self._norm = (self._key(tensors, scaling), norm)
+        return norm
+
+    def clear(self) -> None:
+        self._squares = self._norm = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"_squares": None, "_norm": None}  # weak references do not pickle; a copy starts empty
+
+
+def _forward(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    a_weight: torch.Tensor,
+    b_weight: torch.Tensor,
+    magnitude: torch.Tensor,
+    norm: torch.Tensor,
+    scaling: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The output ``(..., out)``; the 2-D input, ``x A^T``, ``W x + s B A x`` and ``f`` for backward."""
+    in_features, out_features = weight.shape[1], weight.shape[0]
+    x2 = x.reshape(-1, in_features)  # (N, in)
+    hidden = torch.mm(x2, a_weight.t())  # (N, r)
+    out = torch.mm(x2, weight.t()) if bias is None else torch.addmm(bias, x2, weight.t())  # (N, out)
+    out.addmm_(hidden, b_weight.t(), alpha=scaling)
+    factor = magnitude / norm  # (out,)
+    if bias is None:
+        directed = out  # W x + s B A x
+        out = torch.addcmul(out, out, factor - 1)
+    else:
+        directed = out - bias
+        out.addcmul_(directed, factor - 1)
+    return out.view(*x.shape[:-1], out_features), x2, hidden, directed, factor
+
+
+class _DoRALinearFunction(torch.autograd.Function):
+    """``x W^T + b + (f - 1) x W^T + f s (x A^T) B^T`` with ``f = magnitude / norm`` (norm constant)."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        a_weight: torch.Tensor,
+        b_weight: torch.Tensor,
+        magnitude: torch.Tensor,
+        norm: torch.Tensor,
+        scaling: float,
+    ) -> torch.Tensor:
+        out, x2, hidden, directed, factor = _forward(x, weight, bias, a_weight, b_weight, magnitude, norm, scaling)
+        ctx.save_for_backward(x2, weight, a_weight, b_weight, hidden, directed, factor, norm)
+        ctx.scaling = scaling
+        ctx.x_shape = x.shape
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x2, weight, a_weight, b_weight, hidden, directed, factor, norm = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        scaling = ctx.scaling
+        g = grad_out.reshape(-1, weight.shape[0])  # (N, out)
+        g_directed = g * factor  # the gradient of W x + s B A x
+        grad_hidden = torch.mm(g_directed, b_weight).mul_(scaling)  # (N, r)
+        grad_x = None
+        if needs[0]:
+            grad_x = torch.mm(g_directed, weight)
+            grad_x.addmm_(grad_hidden, a_weight)
+            grad_x = grad_x.view(ctx.x_shape)
+        grad_weight = torch.mm(g_directed.t(), x2) if needs[1] else None
+        grad_bias = g.sum(0) if needs[2] else None
+        grad_a_weight = torch.mm(grad_hidden.t(), x2) if needs[3] else None
+        grad_b_weight = torch.mm(hidden.t(), g_directed).mul_(scaling).t() if needs[4] else None
+        grad_magnitude = torch.linalg.vecdot(g, directed, dim=0) / norm if needs[5] else None
+        return grad_x, grad_weight, grad_bias, grad_a_weight, grad_b_weight, grad_magnitude, None, None
+
+
+def dora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    a_weight: torch.Tensor,
+    b_weight: torch.Tensor,
+    magnitude: torch.Tensor,
+    norm: torch.Tensor,
+    scaling: float,
+) -> torch.Tensor:
+    """A DoRA-adapted linear layer: ``F.linear(x, W, b) + (f - 1) * x W^T + f * scaling * (x A^T) B^T``.
+
+    ``f = magnitude / norm``; ``norm`` (:func:`weight_norm`) gets no gradient. All tensors share
+    one dtype and device; ``x`` may have any number of leading dimensions.
+
+    Args:
+        x: the input, shape ``(..., in_features)``.
+        weight, bias: the base layer's parameters, shapes ``(out, in)`` and ``(out,)``.
+        a_weight, b_weight: shapes ``(r, in)`` and ``(out, r)``.
+        magnitude: shape ``(out,)``.
+        norm: ``||W + scaling * B A||`` per output row, shape ``(out,)``.
+        scaling: the factor of the low-rank update.
+
+    Example::
+
+        >>> x, w, a, b = torch.randn(5, 8), torch.randn(6, 8), torch.randn(2, 8), torch.randn(6, 2)
+        >>> norm = weight_norm(w, a, b, 0.5, rows_first=True)
+        >>> m = torch.rand(6)
+        >>> expected = x @ (m[:, None] * (w + 0.5 * b @ a) / norm[:, None]).T
+        >>> torch.allclose(dora_linear(x, w, None, a, b, m, norm, 0.5), expected, atol=1e-5)
+        True
+    """
+    if torch.is_grad_enabled():
+        return _DoRALinearFunction.apply(x, weight, bias, a_weight, b_weight, magnitude, norm, scaling)
+    return _forward(x, weight, bias, a_weight, b_weight, magnitude, norm, scaling)[0]

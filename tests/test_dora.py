@@ -1,0 +1,357 @@
+"""DoRA: identity at init, PEFT's outputs and gradients on equal weights, exact merge, files, PEFT format."""
+
+import json
+
+import pytest
+import torch
+from lightning_models import Classifier, data
+from torch import nn
+
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+import lightning as L  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
+
+import lightning_lora.dora as dora_module  # noqa: E402
+from lightning_lora import (  # noqa: E402
+    LoRA,
+    LoRACallback,
+    LoRAConfig,
+    apply_lora,
+    export_peft,
+    import_peft,
+    load_adapter,
+    lora_modules,
+    lora_parameters,
+    lora_state_dict,
+    merge_and_unload,
+    merge_lora,
+    save_adapter,
+    unmerge_lora,
+)
+from lightning_lora.layers import LoRAConv, LoRAEmbedding  # noqa: E402
+from lightning_lora.spec import AdapterSpec  # noqa: E402
+
+TOLERANCE = 1e-5
+TOKENS = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(0))
+
+
+def llama():
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+def bert():
+    config = transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=64, max_position_embeddings=32, num_labels=3,
+                                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    return transformers.BertForSequenceClassification(config).eval()
+
+
+def gpt2():
+    config = transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=32,
+                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    return transformers.GPT2LMHeadModel(config).eval()
+
+
+# model factory, targets (llama: plain nn.Linear, fused; bert: base biases; gpt2: transformers' Conv1D)
+MODELS = {
+    "llama": (llama, ["q_proj", "v_proj", "down_proj"]),
+    "bert": (bert, ["query", "value"]),
+    "gpt2": (gpt2, ["c_attn", "c_fc"]),
+}
+
+
+def logits(model, tokens=TOKENS):
+    return model(input_ids=tokens).logits
+
+
+def pair(name, dropout=0.0):
+    """(factory, base state, ours, PEFT's): the same base and the same non-zero DoRA weights."""
+    factory, targets = MODELS[name]
+    torch.manual_seed(0)
+    base = factory()
+    state = {k: v.clone() for k, v in base.state_dict().items()}
+    ours = factory()
+    ours.load_state_dict(state)
+    apply_lora(ours, LoRAConfig(r=4, alpha=8, targets=targets, use_dora=True, dropout=dropout))
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, use_dora=True, lora_dropout=dropout)
+    theirs = peft.get_peft_model(base, config)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for module_name, adapter in lora_modules(ours).items():
+            layer = theirs.base_model.model.get_submodule(module_name)
+            a, b, m = layer.lora_A["default"].weight, layer.lora_B["default"].weight, layer.lora_magnitude_vector["default"].weight
+            torch.testing.assert_close(adapter.magnitude, m, rtol=TOLERANCE, atol=0)  # both start at ||W||
+            a.copy_(torch.randn(a.shape, generator=generator) * 0.2)
+            b.copy_(torch.randn(b.shape, generator=generator) * 0.2)
+            m.mul_(1 + 0.2 * torch.rand(m.shape, generator=generator))
+            adapter.matrix_A.weight.copy_(a)
+            adapter.matrix_B.weight.copy_(b)
+            adapter.magnitude.copy_(m)
+    return factory, state, ours, theirs
+
+
+def peft_params(theirs, module_name):
+    layer = theirs.base_model.model.get_submodule(module_name)
+    return {
+        "matrix_A.weight": layer.lora_A["default"].weight,
+        "matrix_B.weight": layer.lora_B["default"].weight,
+        "magnitude": layer.lora_magnitude_vector["default"].weight,
+    }
+
+
+@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("mode", ["eval", "train_dropout"])
+def test_outputs_and_gradients_equal_peft_dora(name, mode):
+    dropout = 0.1 if mode == "train_dropout" else 0.0
+    _, _, ours, theirs = pair(name, dropout)
+    if mode == "train_dropout":
+        ours.train()
+        theirs.train()
+    torch.manual_seed(5)  # the same dropout masks: both draw them in the same order
+    out = logits(ours)
+    torch.manual_seed(5)
+    expected = logits(theirs)
+    torch.testing.assert_close(out, expected, rtol=TOLERANCE, atol=TOLERANCE)
+    target = torch.randn(out.shape, generator=torch.Generator().manual_seed(2))
+    (out * target).sum().backward()
+    (expected * target).sum().backward()
+    for module_name, adapter in lora_modules(ours).items():
+        reference = peft_params(theirs, module_name)
+        for key, param in adapter.adapter_params().items():
+            assert param.grad is not None and param.grad.abs().sum() > 0, (module_name, key)
+            torch.testing.assert_close(param.grad, reference[key].grad, rtol=TOLERANCE, atol=TOLERANCE)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_a_fresh_dora_adapter_computes_the_base_model_bit_for_bit(name):
+    factory, targets = MODELS[name]
+    torch.manual_seed(0)
+    model = factory()
+    expected = logits(model).detach()
+    apply_lora(model, LoRAConfig(r=4, alpha=8, targets=targets, use_dora=True))
+    assert all(adapter.use_dora and not adapter.has_bias for adapter in lora_modules(model).values())
+    assert torch.equal(logits(model), expected)  # grad mode: the autograd node
+    with torch.no_grad():
+        assert torch.equal(logits(model), expected)
+
+
+def test_a_bias_free_linear_is_exact_at_init_too():
+    torch.manual_seed(0)
+    linear = nn.Linear(24, 12, bias=False)
+    x = torch.randn(3, 5, 24)
+    layer = LoRA(linear, bias=False, r=4, alpha=8, use_dora=True)
+    assert torch.equal(layer(x), linear(x))
+    torch.testing.assert_close(layer.magnitude, torch.linalg.vector_norm(linear.weight, dim=1), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_merge_and_unmerge_are_exact_and_merged_equals_unmerged(name):
+    _, state, ours, theirs = pair(name)
+    with torch.no_grad():
+        unmerged = logits(ours)
+        merge_lora(ours)
+        torch.testing.assert_close(logits(ours), unmerged, rtol=TOLERANCE, atol=TOLERANCE)
+        unmerge_lora(ours)
+        after = {k.replace(".original_module", ""): v for k, v in ours.state_dict().items()}
+        assert all(torch.equal(after[key], value) for key, value in state.items())  # the base, bit for bit
+        assert torch.equal(logits(ours), unmerged)
+        merged_peft = theirs.merge_and_unload()
+        merged_ours = merge_and_unload(ours)
+        assert type(merged_ours.get_submodule(next(iter(state)).rpartition(".")[0])) is not LoRA
+        torch.testing.assert_close(logits(merged_ours), logits(merged_peft), rtol=TOLERANCE, atol=TOLERANCE)
+
+
+def test_backward_saves_no_weight_sized_tensor_besides_the_weight():
+    torch.manual_seed(0)
+    linear = nn.Linear(48, 40)
+    layer = LoRA(linear, bias=False, r=4, use_dora=True)
+    saved = []
+
+    def pack(tensor):
+        saved.append(tensor)
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        out = layer(torch.randn(6, 48, requires_grad=True))
+    weight_sized = [t for t in saved if t.numel() >= linear.weight.numel()]
+    assert [t.data_ptr() for t in weight_sized] == [linear.weight.data_ptr()]  # the frozen weight itself
+    out.sum().backward()
+
+
+def test_the_norm_is_kept_while_the_weights_are_unchanged_and_follows_every_change(monkeypatch):
+    torch.manual_seed(0)
+    layer = LoRA(nn.Linear(16, 8), bias=False, r=2, use_dora=True)
+    calls = []
+    compute = dora_module.weight_norm
+    monkeypatch.setattr(dora_module, "weight_norm", lambda *args: calls.append(1) or compute(*args))
+    x = torch.randn(4, 16)
+    first = layer(x)  # grad mode: computed
+    with torch.no_grad():
+        assert torch.equal(layer(x), first) and torch.equal(layer(x), first)
+    assert len(calls) == 1  # no grad, nothing changed: not computed again
+    optimizer = torch.optim.AdamW(layer.adapter_params().values(), lr=0.1)
+    layer(x).square().sum().backward()
+    optimizer.step()
+    with torch.no_grad():
+        stepped = layer(x)
+        fresh = LoRA(nn.Linear(16, 8), bias=False, r=2, use_dora=True)
+        fresh.load_state_dict(layer.state_dict())
+        assert torch.equal(stepped, fresh(x))  # recomputed after the step, as a layer without history
+        layer.matrix_B.weight.copy_(torch.zeros_like(layer.matrix_B.weight))
+        torch.testing.assert_close(layer.weight_norm(), torch.linalg.vector_norm(layer.original_module.weight, dim=1))
+
+
+def test_adapter_file_round_trip_and_old_files_read_as_plain_lora(tmp_path):
+    factory, state, ours, _ = pair("gpt2")
+    path = save_adapter(ours, tmp_path / "dora.lora.safetensors")
+    fresh = factory()
+    fresh.load_state_dict(state)
+    load_adapter(fresh, path)
+    assert all(adapter.use_dora for adapter in lora_modules(fresh).values())
+    with torch.no_grad():
+        assert torch.equal(logits(fresh), logits(ours))
+    assert any(key.endswith(".magnitude") for key in load_file(path))
+    old = {"kind": "linear", "r": 4, "alpha": 8.0, "bias": False, "dropout": 0.0, "use_rslora": False, "adapter_dtype": "float32"}
+    assert AdapterSpec.from_dict(old).use_dora is False
+
+
+def test_a_dora_file_does_not_load_into_plain_adapters_and_back(tmp_path):
+    factory, state, ours, _ = pair("llama")
+    dora_path = save_adapter(ours, tmp_path / "dora.lora.safetensors")
+    plain = factory()
+    plain.load_state_dict(state)
+    apply_lora(plain, LoRAConfig(r=4, alpha=8, targets=MODELS["llama"][1]))
+    with pytest.raises(ValueError, match=r"does not fit module '.*q_proj': use_dora=True in the file, False in the model"):
+        load_adapter(plain, dora_path)
+    plain_path = save_adapter(plain, tmp_path / "plain.lora.safetensors")
+    with pytest.raises(ValueError, match=r"use_dora=False in the file, True in the model"):
+        load_adapter(ours, plain_path)
+
+
+def test_slim_checkpoints_carry_the_magnitude(tmp_path):
+    model = Classifier()
+    run = L.Trainer(max_epochs=1, default_root_dir=tmp_path, enable_progress_bar=False, enable_model_summary=False,
+                    logger=False, callbacks=[LoRACallback(targets=["qkv"], use_dora=True)])
+    run.fit(model, data())
+    run.save_checkpoint(tmp_path / "slim.ckpt")
+    assert all(adapter.use_dora for adapter in lora_modules(model).values())
+    stored = torch.load(tmp_path / "slim.ckpt", weights_only=True)["state_dict"]
+    magnitudes = [key for key in stored if key.endswith(".magnitude")]
+    assert magnitudes and all(torch.equal(stored[key], model.state_dict()[key]) for key in magnitudes)
+    assert not any(key.endswith("original_module.weight") for key in stored)
+
+
+def test_export_to_peft_loads_in_peft_with_its_keys_and_outputs(tmp_path):
+    factory, state, ours, theirs = pair("bert")
+    export_peft(ours, tmp_path / "peft")
+    config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert config["use_dora"] is True and config["lora_bias"] is False
+    base = factory()
+    base.load_state_dict(state)
+    loaded = peft.PeftModel.from_pretrained(base, tmp_path / "peft").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(logits(loaded), logits(ours), rtol=TOLERANCE, atol=TOLERANCE)
+    written = load_file(tmp_path / "peft" / "adapter_model.safetensors")
+    theirs.save_pretrained(tmp_path / "theirs")
+    expected = load_file(tmp_path / "theirs" / "adapter_model.safetensors")
+    assert set(written) == set(expected) and any(key.endswith(".lora_magnitude_vector") for key in written)
+    assert all(written[key].shape == expected[key].shape for key in written)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_peft_save_pretrained_imports_with_peft_outputs(name, tmp_path):
+    factory, state, _, theirs = pair(name)
+    theirs.save_pretrained(tmp_path / "theirs")
+    ours = factory()
+    ours.load_state_dict(state)
+    names = import_peft(ours, tmp_path / "theirs")
+    assert names and all(adapter.use_dora for adapter in lora_modules(ours).values())
+    with torch.no_grad():
+        torch.testing.assert_close(logits(ours), logits(theirs), rtol=TOLERANCE, atol=TOLERANCE)
+
+
+def test_training_with_dora_changes_the_magnitude_and_lowers_the_loss():
+    torch.manual_seed(0)
+    model = llama().train()
+    apply_lora(model, LoRAConfig(r=4, alpha=8, targets=["q_proj", "v_proj"], use_dora=True))
+    optimizer = torch.optim.AdamW(lora_parameters(model), lr=1e-2)
+    before = {k: v.clone() for k, v in lora_state_dict(model).items() if k.endswith("magnitude")}
+    losses = []
+    for _ in range(5):
+        loss = model(input_ids=TOKENS, labels=TOKENS).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    after = lora_state_dict(model)
+    assert all(not torch.equal(after[key], value) for key, value in before.items())
+
+
+# --- errors ------------------------------------------------------------------------------------
+
+
+def test_dora_with_an_adapter_bias_is_refused():
+    with pytest.raises(ValueError, match=r"use_dora=True needs bias=False or 'auto': DoRA's update has no bias \(as in PEFT\), got bias=True"):
+        LoRAConfig(use_dora=True, bias=True)
+    with pytest.raises(ValueError, match=r"use_dora=True needs bias=False: DoRA's update has no bias \(as in PEFT\), got bias=True"):
+        AdapterSpec(kind="linear", r=2, alpha=1.0, bias=True, dropout=0.0, use_rslora=False, adapter_dtype="float32",
+                    use_dora=True)
+    with pytest.raises(ValueError, match=r"use_dora=True needs bias=False: .* got bias=True"):
+        LoRA(nn.Linear(8, 8), use_dora=True)
+    with pytest.raises(TypeError, match=r"use_dora must be True or False, got 'yes'"):
+        LoRAConfig(use_dora="yes")
+
+
+@pytest.mark.parametrize(
+    ("make", "layer_type"),
+    [(lambda: LoRAConv(nn.Conv2d(4, 6, 3), bias=False, use_dora=True), "Conv2d"),
+     (lambda: LoRAEmbedding(nn.Embedding(10, 6), bias=False, use_dora=True), "Embedding")],
+)
+def test_dora_on_convolutions_and_embeddings_is_refused(make, layer_type):
+    with pytest.raises(ValueError, match=rf"use_dora=True is supported on nn.Linear and transformers' Conv1D layers only, "
+                                         rf"not on {layer_type}; leave this layer out of the targets or set use_dora=False"):
+        make()
+
+
+def test_apply_lora_names_the_module_dora_cannot_adapt_and_leaves_the_model_unchanged():
+    model = gpt2()
+    before = str(model)
+    with pytest.raises(ValueError, match=r"cannot adapt module 'transformer.wte': use_dora=True is supported on nn.Linear"):
+        apply_lora(model, LoRAConfig(targets=["c_attn", "wte"], use_dora=True))
+    assert str(model) == before
+
+
+def test_vllm_export_of_dora_is_refused(tmp_path):
+    _, _, ours, _ = pair("llama")
+    with pytest.raises(ValueError, match=r"vLLM serves no DoRA adapters \(use_dora\), but modules \[.*q_proj.*\] use "
+                                         r"DoRA; export with target='peft', or serve the model with its adapters merged"):
+        export_peft(ours, tmp_path / "vllm", target="vllm")
+    assert not (tmp_path / "vllm").exists()
+
+
+def test_export_of_mixed_dora_and_plain_adapters_is_refused(tmp_path):
+    model = llama()
+    apply_lora(model, LoRAConfig(targets=["q_proj"], use_dora=True))
+    apply_lora(model, LoRAConfig(targets=["v_proj"]))
+    with pytest.raises(ValueError, match="PEFT has one use_dora for all modules, but the adapter mixes DoRA and plain LoRA modules"):
+        export_peft(model, tmp_path / "peft")
+
+
+def test_a_peft_dora_adapter_without_magnitudes_is_refused(tmp_path):
+    factory, state, _, theirs = pair("llama")
+    theirs.save_pretrained(tmp_path / "theirs")
+    weights = tmp_path / "theirs" / "adapter_model.safetensors"
+    from safetensors.torch import save_file
+
+    save_file({k: v for k, v in load_file(weights).items() if "magnitude" not in k}, weights)
+    model = factory()
+    model.load_state_dict(state)
+    before = str(model)
+    with pytest.raises(ValueError, match=r"sets use_dora=true but has no lora_magnitude_vector for module 'model.layers.0.mlp.down_proj'"):
+        import_peft(model, tmp_path / "theirs")
+    assert str(model) == before
