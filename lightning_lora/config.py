@@ -83,6 +83,11 @@ class LoRAConfig:
         self.trainable = _patterns("trainable", self.trainable)
         self.adapter_dtype = _dtype_name("adapter_dtype", self.adapter_dtype)
         self.quantize = check_method("quantize", self.quantize)
+        if self.use_dora and self.quantize is not None:
+            raise ValueError(
+                f"use_dora=True cannot be combined with quantize={self.quantize!r}: DoRA's weight norm needs the "
+                f"base weights in floating point; set use_dora=False or quantize=None"
+            )
 
     def targets_for(self, declared: Sequence[str] | None) -> list[str]:
         """``targets``, or when it is None the model's declared ``lora_targets``, else ``["all-linear"]``."""

@@ -103,6 +103,12 @@ class LoRABase(nn.Module):
             )
         if use_dora and bias:
             raise ValueError("use_dora=True needs bias=False: DoRA's update has no bias (as in PEFT), got bias=True")
+        stored = quantized_format(base_weight(original_module))
+        if use_dora and stored is not None:
+            raise ValueError(
+                f"use_dora=True needs a floating-point base weight, got one quantized ({stored}); set "
+                f"use_dora=False or adapt the unquantized model"
+            )
         r = positive_int("r", r)
         alpha = positive_number("alpha", alpha)
         dropout = probability("dropout", dropout)

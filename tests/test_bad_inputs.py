@@ -148,6 +148,7 @@ for _id, _kwargs, _error, _message in [
     ("config-trainable-string", {"trainable": "head"}, TypeError, r"trainable must be a list of module name patterns, got 'head'"),
     ("config-dtype-unknown", {"adapter_dtype": "fp8"}, ValueError, r"adapter_dtype must be None or one of .* got 'fp8'"),
     ("config-quantize-unknown", {"quantize": "int4"}, ValueError, r"quantize must be None or one of \['nf4'\], got 'int4'"),
+    ("config-dora-quantize", {"use_dora": True, "quantize": "nf4"}, ValueError, r"use_dora=True cannot be combined with quantize='nf4': DoRA's weight norm needs the base weights in floating point"),
     ("config-targets-bad-regex", {"targets": ["re:(["]}, ValueError, r"targets pattern 're:\(\[' is not a valid regular expression"),
     ("config-exclude-bad-regex", {"exclude": ["re:)"]}, ValueError, r"exclude pattern 're:\)' is not a valid regular expression"),
     ("config-rank-pattern-bad-regex", {"rank_pattern": {"re:[": 2}}, ValueError, r"rank_pattern pattern 're:\[' is not a valid regular expression"),

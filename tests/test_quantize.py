@@ -216,3 +216,12 @@ def test_bitsandbytes_4bit_layers_are_refused_with_the_way_out(source, monkeypat
     with pytest.raises(TypeError, match=r"cannot adapt module '0' of type \w+: bitsandbytes' 4-bit layers .*quantize='nf4'"):
         apply_lora(model, LoRAConfig(targets=["0"]))
     assert not lora_modules(model)
+
+
+def test_dora_on_an_already_quantized_base_is_refused():
+    model = TinyModel()
+    quantize_base(model)
+    before = {k: v for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"use_dora=True needs a floating-point base weight, got one quantized \(nf4\)"):
+        apply_lora(model, LoRAConfig(targets=["qkv"], use_dora=True))
+    assert not lora_modules(model) and model.state_dict().keys() == before.keys()
