@@ -219,6 +219,14 @@ def test_fsdp2_adapters_are_identical_on_both_ranks_and_equal_one_process(fsdp2,
     _assert_equal_to(reference, rank0)
 
 
+@pytest.mark.parametrize("run", ["sharded_resume", "full_resume"])
+def test_fsdp2_resume_at_an_epoch_boundary_is_bit_exact(fsdp2, run):
+    folder = fsdp2[0]
+    straight = torch.load(folder / "sharded.rank0.pt", weights_only=True)
+    resumed = torch.load(folder / f"{run}.rank0.pt", weights_only=True)
+    assert all(torch.equal(resumed[k], straight[k]) for k in straight)
+
+
 def test_fsdp2_sharded_checkpoint_resumes_on_one_process(fsdp2):
     folder, reference, _ = fsdp2
     _assert_equal_to(reference, torch.load(folder / "other_world.rank0.pt", weights_only=True))
