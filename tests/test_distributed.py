@@ -63,6 +63,59 @@ def test_ddp_spawn_resumes_exactly(tmp_path):
     assert any(not torch.equal(v, torch.zeros_like(v)) for k, v in straight.items() if "matrix_B" in k)
 
 
+def _run(script, *args, timeout=600, cwd=None):
+    """Runs a Python script in its own processes (Lightning launches the second rank itself)."""
+    import subprocess
+    import sys
+
+    # Lightning reseeds launched processes from PL_GLOBAL_SEED, which an earlier seed_everything may have set
+    env = {key: value for key, value in os.environ.items() if not key.startswith("PL_")}
+    done = subprocess.run([sys.executable, str(script), *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env={**env, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-5000:]
+
+
+def _one_process_reference(cls, base, folder):
+    """The scripts' training in one process, each step's batch the two ranks' batches together:
+    the trained model, and the 2-norm over all gradients at every optimizer step."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    torch.manual_seed(0)  # as the scripts: the adapters are initialised from the same random state
+    reference = cls()
+    reference.load_state_dict(base)
+    norms = []
+
+    class NormRecorder(L.Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            grads = [p.grad.double().reshape(-1) for p in pl_module.parameters() if p.grad is not None]
+            norms.append(torch.cat(grads).norm().item())
+
+    tokens = torch.randint(0, 32, (64, 6), generator=torch.Generator().manual_seed(0))
+    L.Trainer(max_epochs=2, logger=False, enable_progress_bar=False, enable_model_summary=False, deterministic=True,
+              default_root_dir=folder / "reference", callbacks=[LoRACallback(targets=["qkv", "fc1"]), NormRecorder()]).fit(
+        reference, DataLoader(TensorDataset(tokens, tokens[:, 0] % 3), batch_size=8)
+    )
+    return reference, norms
+
+
+def _assert_equal_to(reference, state, atol=1e-6):
+    from lightning_lora import lora_state_dict
+
+    expected = lora_state_dict(reference)
+    assert state.keys() == expected.keys()
+    for key, tensor in expected.items():
+        assert state[key].shape == tensor.shape, key  # whole tensors, not one rank's shard
+        torch.testing.assert_close(state[key], tensor, rtol=atol, atol=atol)
+
+
+def _logged_grad_norms(folder):
+    """``lora/grad_norm`` as the scripts' CSVLogger wrote it."""
+    import csv
+
+    with open(folder / "logs" / "version_0" / "metrics.csv") as file:
+        return [float(row["lora/grad_norm"]) for row in csv.DictReader(file) if row.get("lora/grad_norm")]
+
+
 DDP_SCRIPT = """
 import sys, torch
 sys.path.insert(0, {tests!r})
@@ -97,50 +150,22 @@ torch.save(lora_state_dict(resumed), {folder!r} + f"/resumed{{trainer.global_ran
 
 
 def test_ddp_two_processes_match_one_process(tmp_path):
-    import csv
-    import subprocess
-    import sys
     from pathlib import Path
 
     from lightning_models import SGDClassifier
-    from torch.utils.data import DataLoader, TensorDataset
-
-    from lightning_lora import lora_state_dict
 
     torch.manual_seed(0)
     base = SGDClassifier().state_dict()
     torch.save(base, tmp_path / "base.pt")
     script = tmp_path / "ddp_run.py"
     script.write_text(DDP_SCRIPT.format(tests=str(Path(__file__).parent), base=str(tmp_path / "base.pt"), folder=str(tmp_path)))
-    # Lightning reseeds launched processes from PL_GLOBAL_SEED, which an earlier seed_everything may have set
-    env = {key: value for key, value in os.environ.items() if not key.startswith("PL_")}
-    done = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=300,
-                          env={**env, "OMP_NUM_THREADS": "1"})
-    assert done.returncode == 0, done.stderr[-3000:]
+    _run(script, timeout=300, cwd=tmp_path)
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert rank0.keys() == rank1.keys() and all(torch.equal(rank0[k], rank1[k]) for k in rank0)  # identical on every rank
 
-    # the same training in one process: each step's batch is the two ranks' batches together
-    tokens = torch.randint(0, 32, (64, 6), generator=torch.Generator().manual_seed(0))
-    torch.manual_seed(0)  # as the script: the adapters are initialised from the same random state
-    reference = SGDClassifier()
-    reference.load_state_dict(base)
-    norms = []
-
-    class NormRecorder(L.Callback):
-        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
-            grads = [p.grad.double().reshape(-1) for p in pl_module.parameters() if p.grad is not None]
-            norms.append(torch.cat(grads).norm().item())
-
-    L.Trainer(max_epochs=2, logger=False, enable_progress_bar=False, enable_model_summary=False, deterministic=True,
-              default_root_dir=tmp_path / "reference", callbacks=[LoRACallback(targets=["qkv", "fc1"]), NormRecorder()]).fit(
-        reference, DataLoader(TensorDataset(tokens, tokens[:, 0] % 3), batch_size=8)
-    )
-    expected = lora_state_dict(reference)
-    for key, tensor in expected.items():
-        torch.testing.assert_close(rank0[key], tensor, rtol=1e-6, atol=1e-6)
-    with open(tmp_path / "logs" / "version_0" / "metrics.csv") as file:
-        logged = [float(row["lora/grad_norm"]) for row in csv.DictReader(file) if row.get("lora/grad_norm")]
+    reference, norms = _one_process_reference(SGDClassifier, base, tmp_path)
+    _assert_equal_to(reference, rank0)
+    logged = _logged_grad_norms(tmp_path)
     assert len(logged) == len(norms) == 16
     assert logged == pytest.approx(norms, rel=1e-5)  # the global norm, not one rank's
     written = sorted(os.listdir(tmp_path / "ckpt"))  # one writer: one file of each, complete
@@ -154,23 +179,12 @@ def test_ddp_two_processes_match_one_process(tmp_path):
 # --- FSDP2: ModelParallelStrategy(data_parallel_size=2) ------------------------------------------
 
 
-def _run(script: str, *args: str) -> None:
-    import subprocess
-    import sys
-
-    env = {key: value for key, value in os.environ.items() if not key.startswith("PL_")}
-    done = subprocess.run([sys.executable, script, *args], capture_output=True, text=True, timeout=600,
-                          env={**env, "OMP_NUM_THREADS": "1"})
-    assert done.returncode == 0, done.stderr[-5000:]
-
-
 @pytest.fixture(scope="module")
 def fsdp2(tmp_path_factory):
     """Runs tests/fsdp2_run.py on 2 processes, then on one, and the same training in this process."""
     from pathlib import Path
 
     from lightning_models import MomentumClassifier, ShardedClassifier
-    from torch.utils.data import DataLoader, TensorDataset
 
     from lightning_lora import save_adapter
 
@@ -178,37 +192,12 @@ def fsdp2(tmp_path_factory):
     torch.manual_seed(0)
     base = ShardedClassifier().state_dict()
     torch.save(base, folder / "base.pt")
-
-    torch.manual_seed(0)  # as the script: the adapters are initialised from the same random state
-    reference = MomentumClassifier()
-    reference.load_state_dict(base)
-    norms = []
-
-    class NormRecorder(L.Callback):
-        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
-            grads = [p.grad.double().reshape(-1) for p in pl_module.parameters() if p.grad is not None]
-            norms.append(torch.cat(grads).norm().item())
-
-    tokens = torch.randint(0, 32, (64, 6), generator=torch.Generator().manual_seed(0))
-    L.Trainer(max_epochs=2, logger=False, enable_progress_bar=False, enable_model_summary=False, deterministic=True,
-              default_root_dir=folder / "reference", callbacks=[LoRACallback(targets=["qkv", "fc1"]), NormRecorder()]).fit(
-        reference, DataLoader(TensorDataset(tokens, tokens[:, 0] % 3), batch_size=8)
-    )
+    reference, norms = _one_process_reference(MomentumClassifier, base, folder)
     save_adapter(reference, folder / "single.lora.safetensors")  # for the 1 -> 2 load
-    script = str(Path(__file__).parent / "fsdp2_run.py")
+    script = Path(__file__).parent / "fsdp2_run.py"
     _run(script, str(folder), "two")
     _run(script, str(folder), "one")
     return folder, reference, norms
-
-
-def _assert_equal_to(reference, state, atol=1e-6):
-    from lightning_lora import lora_state_dict
-
-    expected = lora_state_dict(reference)
-    assert state.keys() == expected.keys()
-    for key, tensor in expected.items():
-        assert state[key].shape == tensor.shape, key  # whole tensors, not one rank's shard
-        torch.testing.assert_close(state[key], tensor, rtol=atol, atol=atol)
 
 
 @pytest.mark.parametrize("run", ["sharded", "sharded_resume", "full_resume", "from_file"])
@@ -293,11 +282,8 @@ def test_fsdp2_save_checkpoint_after_fit_is_slim_with_a_whole_companion(fsdp2, k
 
 
 def test_fsdp2_logged_grad_norm_is_the_global_norm(fsdp2):
-    import csv
-
     folder, _, norms = fsdp2
-    with open(folder / "logs" / "version_0" / "metrics.csv") as file:
-        logged = [float(row["lora/grad_norm"]) for row in csv.DictReader(file) if row.get("lora/grad_norm")]
+    logged = _logged_grad_norms(folder)
     assert len(logged) == len(norms) == 16
     assert logged == pytest.approx(norms, rel=1e-5)
 
