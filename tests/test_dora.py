@@ -11,6 +11,7 @@ transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
 import lightning as L  # noqa: E402
+from hf_models import bert, gpt2, llama  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 import lightning_lora.dora as dora_module  # noqa: E402
@@ -35,25 +36,6 @@ from lightning_lora.spec import AdapterSpec  # noqa: E402
 
 TOLERANCE = 1e-5
 TOKENS = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(0))
-
-
-def llama():
-    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
-    return transformers.LlamaForCausalLM(config).eval()
-
-
-def bert():
-    config = transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                     intermediate_size=64, max_position_embeddings=32, num_labels=3,
-                                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    return transformers.BertForSequenceClassification(config).eval()
-
-
-def gpt2():
-    config = transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=32,
-                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    return transformers.GPT2LMHeadModel(config).eval()
 
 
 # model factory, targets (llama: plain nn.Linear, fused; bert: base biases; gpt2: transformers' Conv1D)

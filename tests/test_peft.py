@@ -13,6 +13,7 @@ transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
 import lightning as L  # noqa: E402
+from hf_models import bert, gpt2, llama  # noqa: E402
 
 from lightning_lora import (  # noqa: E402
     LoRAConfig,
@@ -27,23 +28,6 @@ from lightning_lora import (  # noqa: E402
 
 TOLERANCE = 1e-5
 TOKENS = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(0))
-
-
-def bert():
-    config = transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                     intermediate_size=64, max_position_embeddings=32, num_labels=3)
-    return transformers.BertForSequenceClassification(config).eval()
-
-
-def gpt2():
-    config = transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=32)
-    return transformers.GPT2LMHeadModel(config).eval()
-
-
-def llama():
-    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
-    return transformers.LlamaForCausalLM(config).eval()
 
 
 # (model factory, our config, what PEFT's own config for the same adapters would be)
