@@ -67,13 +67,11 @@ def sample_flat(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         inside &= (position >= 0) & (position < length)
         local_index += position.clamp(0, max(length - 1, 0)) * stride
         stride *= length
-    values = torch.zeros(index.numel(), dtype=torch.float64, device=local.device)
-    held = inside.to(torch.float64)
+    summed = torch.zeros(2, index.numel(), dtype=torch.float64, device=local.device)  # values, holders
+    summed[1] = inside.to(torch.float64)
     if local.numel():
-        values[inside] = local.reshape(-1)[local_index[inside]].to(torch.float64)
+        summed[0, inside] = local.reshape(-1)[local_index[inside]].to(torch.float64)
     mesh = tensor.device_mesh
-    for dim in range(mesh.ndim):
-        group = mesh.get_group(dim)
-        torch.distributed.all_reduce(values, group=group)
-        torch.distributed.all_reduce(held, group=group)
-    return values / held
+    for dim in range(mesh.ndim):  # one sum per mesh dimension, of both rows at once
+        torch.distributed.all_reduce(summed, group=mesh.get_group(dim))
+    return summed[0] / summed[1]
