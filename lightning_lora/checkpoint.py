@@ -232,6 +232,16 @@ def check_companion(checkpoint_path: str | os.PathLike) -> None:
     check_loaded_pair(_load(path), path)
 
 
+def warn_if_stale_companion(checkpoint: dict[str, Any], path: str) -> None:
+    """On resume from ``path`` (already loaded as ``checkpoint``): a warning if its companion exists
+    but belongs to another checkpoint."""
+    if exists(adapter_path_for(path)):
+        try:
+            check_loaded_pair(checkpoint, path)
+        except ValueError as err:
+            rank_zero_warn(f"LoRA: resuming from {path}, whose companion adapter file is stale: {err}")
+
+
 def check_loaded_pair(checkpoint: dict[str, Any], path: str) -> None:
     """:func:`check_companion` of the checkpoint ``path``, already loaded as ``checkpoint``."""
     record = checkpoint.get(CHECKPOINT_KEY)
@@ -351,11 +361,7 @@ class LoRACheckpointIO(CheckpointIO):
         checkpoint = self.checkpoint_io.load_checkpoint(path, map_location=map_location, weights_only=weights_only)
         if "state_dict" in checkpoint:
             restore_checkpoint(checkpoint, self._module())
-            if exists(adapter_path_for(str(path))):
-                try:
-                    check_loaded_pair(checkpoint, str(path))  # the checkpoint just read, not read again
-                except ValueError as err:
-                    rank_zero_warn(f"LoRA: resuming from {path}, whose companion adapter file is stale: {err}")
+            warn_if_stale_companion(checkpoint, str(path))
         return checkpoint
 
     def remove_checkpoint(self, path: Any) -> None:

@@ -31,7 +31,6 @@ from typing import Any
 import torch
 import torch.distributed.checkpoint as dcp
 from lightning.pytorch.strategies import ModelParallelStrategy
-from lightning.pytorch.utilities import rank_zero_warn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -45,12 +44,12 @@ from lightning_lora.checkpoint import (
     MARKER_KEY,
     LoRACheckpointIO,
     adapter_path_for,
-    check_loaded_pair,
     check_record,
     remove_stale_companions,
     slim_checkpoint,
+    warn_if_stale_companion,
 )
-from lightning_lora.files import exists, write_atomic
+from lightning_lora.files import write_atomic
 from lightning_lora.surgery import lora_modules, merged_modules
 
 #: The file of a sharded checkpoint folder that holds everything but the tensors (Lightning's name).
@@ -142,11 +141,8 @@ class ShardedCheckpoints:
                     f"the adapters loaded from {path} are not those its LoRA record describes (a checkpoint "
                     f"folder overwritten in part?); resume from another checkpoint"
                 )
-        if self.strategy.is_global_zero and exists(adapter_path_for(str(path))):
-            try:
-                check_loaded_pair(checkpoint, str(path))
-            except ValueError as err:
-                rank_zero_warn(f"LoRA: resuming from {path}, whose companion adapter file is stale: {err}")
+        if self.strategy.is_global_zero:
+            warn_if_stale_companion(checkpoint, str(path))
 
     def _load_sharded(self, path: Path, module: torch.nn.Module, base: set[str]) -> None:
         """Lightning's sharded load of the model and optimizer states, but the base keys are left out."""
