@@ -43,6 +43,16 @@ def _spread(quartiles: Sequence[float] | None) -> str | None:
     return None if not quartiles else f"{quartiles[0]:.3f}-{quartiles[2]:.3f}"
 
 
+def _numerics(label: str, compared: str, grads: str, n: dict[str, Any]) -> str:
+    """One line of the numerics check of a step run: relative errors and the verdict."""
+    ours = n["lightning_lora"]
+    return (
+        f"Numerics [{label}], {compared}: output {ours['output']:.1e}, input grad {ours['input_grad']:.1e}, "
+        f"{grads} {ours['adapter_grads']:.1e} (relative; tolerance {n['tolerance']:.0e}): "
+        + ("ok" if n["ok"] else "MISMATCH")
+    )
+
+
 def _shape(s: dict[str, Any]) -> str:
     return (
         f"{s['model']} {s['layers']} layers, hidden {s['hidden']}, FFN {s['ffn']}, batch {s['batch']} x "
@@ -85,19 +95,9 @@ def render_step(payload: dict[str, Any]) -> str:
         "",
     ]
     for label, n in payload["numerics"].items():
-        ours = n["lightning_lora"]
-        lines.append(
-            f"Numerics [{label}], lightning-lora vs the reference: output {ours['output']:.1e}, input grad "
-            f"{ours['input_grad']:.1e}, adapter grads {ours['adapter_grads']:.1e} (relative; tolerance "
-            f"{n['tolerance']:.0e}): " + ("ok" if n["ok"] else "MISMATCH")
-        )
+        lines.append(_numerics(label, "lightning-lora vs the reference", "adapter grads", n))
     for label, n in payload.get("dora_numerics", {}).items():
-        ours = n["lightning_lora"]
-        lines.append(
-            f"Numerics [{label}], lightning-lora DoRA vs PEFT DoRA: output {ours['output']:.1e}, input grad "
-            f"{ours['input_grad']:.1e}, adapter grads (A, B, magnitude) {ours['adapter_grads']:.1e} (relative; "
-            f"tolerance {n['tolerance']:.0e}): " + ("ok" if n["ok"] else "MISMATCH")
-        )
+        lines.append(_numerics(label, "lightning-lora DoRA vs PEFT DoRA", "adapter grads (A, B, magnitude)", n))
     for label, costs in payload.get("dora", {}).items():
         parts = [
             f"{name} **{cost['ratio']:.3f}** (per round {_spread(cost['rounds'])})"
