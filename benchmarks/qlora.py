@@ -3,7 +3,7 @@
 For the preset's model and its first target set (``quantize="nf4"`` against no quantization) it prints:
 
 - the bytes of the base weights that ``quantize="nf4"`` holds in 4 bits (every linear layer but the
-  last, see ``lightning_lora.plan.quantizable``) in float16, in the preset's dtype and as stored in
+  last, see ``lightning_lora.surgery.plan.quantizable``) in float16, in the preset's dtype and as stored in
   NF4 (4-bit codes and scales), and the bytes of all base weights (embeddings included) both ways;
 - the peak memory of two training steps (AdamW over the adapters), unquantized and on the NF4 base,
   each in a fresh process: on the CPU the peak RSS of the steps alone (``VmHWM`` reset after the

@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_lora import LoRAMixin
-from lightning_lora.files import write_atomic
+from lightning_lora.formats.files import write_atomic
 
 log = logging.getLogger(__name__)
 

@@ -31,8 +31,9 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
 import lightning_lora  # noqa: F401  (registers the Hydra "lora" group)
-from lightning_lora import LoRACallback, adapter_path_for, lora_summary, read_adapter
-from lightning_lora.callback import CALLBACK_ARGUMENTS
+from lightning_lora import LoRACallback, lora_summary, read_adapter
+from lightning_lora.lightning import adapter_path_for
+from lightning_lora.lightning.settings import CALLBACK_ARGUMENTS
 from lightning_lora.config import FIELDS, reconcile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -9,8 +9,8 @@ Commands (``lightning-lora COMMAND --help`` for each):
   (:mod:`lightning_lora.peft_format`);
 - ``check CKPT``: whether a Lightning checkpoint and its companion adapter file belong together.
 
-This module owns the command line only: argument parsing, the merge of a plain safetensors state
-dict (through the library's own adapter layers and fingerprint check), and printing. Errors print
+This module owns the command line only: argument parsing and printing; the work is the library's
+(the merge of a plain state dict is :func:`lightning_lora.formats.state_dict.merge_state_dict`). Errors print
 one line, ``lightning-lora: error: <message>``, on stderr and exit with status 1 (argparse's usage
 errors keep status 2). transformers is imported only by the commands that build a model with it.
 """
@@ -26,26 +26,30 @@ import pickle
 import sys
 import warnings
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 from torch import nn
 
-from lightning_lora.adapter_file import SUFFIX, AdapterFile, library_version, load_adapter, read_adapter, save_adapter
-from lightning_lora.checkpoint import adapter_path_for, check_companion
-from lightning_lora.files import read_bytes, write_atomic
-from lightning_lora.fingerprint import dtype_note, fingerprint_matches, fingerprint_tensors
-from lightning_lora.layers import LoRABase, base_bias, base_weight, build_adapter
-from lightning_lora.naming import absolute, is_inside, relative
-from lightning_lora.peft_format import CONFIG_FILE as PEFT_CONFIG
-from lightning_lora.peft_format import WEIGHTS_FILE as PEFT_WEIGHTS
-from lightning_lora.peft_format import export_peft, import_peft
-from lightning_lora.spec import AdapterSpec
-from lightning_lora.surgery import merge_and_unload
+from lightning_lora.formats.adapter_file import (
+    SUFFIX,
+    AdapterFile,
+    library_version,
+    load_adapter,
+    read_adapter,
+    save_adapter,
+)
+from lightning_lora.formats.files import read_bytes, write_atomic
+from lightning_lora.formats.peft import CONFIG_FILE as PEFT_CONFIG
+from lightning_lora.formats.peft import WEIGHTS_FILE as PEFT_WEIGHTS
+from lightning_lora.formats.peft import export_peft, import_peft
+from lightning_lora.formats.state_dict import merge_state_dict, read_state_dict
+from lightning_lora.lightning.checkpoint import adapter_path_for, check_companion
+from lightning_lora.naming import is_inside
+from lightning_lora.surgery.merge import merge_and_unload
 
 PROG = "lightning-lora"
 #: The PEFT config fields ``inspect`` prints.
@@ -69,8 +73,6 @@ ERRORS: tuple[type[BaseException], ...] = (
     SafetensorError,
     pickle.UnpicklingError,
 )
-# State-dict entries that are buffers of torch's own modules (BatchNorm's running statistics).
-_KNOWN_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -329,203 +331,13 @@ def run_merge(args: argparse.Namespace) -> None:
         raise ValueError(f"--out must be a file path for a .safetensors --base, got the folder {out!r}")
     _refuse_same("--out", out, "--base", base)
     adapter = _read_adapter("--adapter", adapter_path)
-    tensors, metadata = _read_state_dict(base)
+    try:
+        tensors, metadata = read_state_dict(base)
+    except ValueError as err:
+        raise ValueError(f"--base must be a .safetensors state dict: {err}") from err
     merged = merge_state_dict(tensors, adapter, f"--base {base}", f"--adapter {adapter_path}", check_base=args.check_base)
     write_atomic(out, save_tensors(merged, metadata=metadata))
     print(f"merged {len(adapter.modules)} adapted modules of {adapter_path} into {base}; wrote {out} (float32)")
-
-
-def merge_state_dict(
-    tensors: Mapping[str, torch.Tensor],
-    adapter: AdapterFile,
-    base: str = "the base state dict",
-    source: str = "the adapter file",
-    check_base: bool = True,
-) -> dict[str, torch.Tensor]:
-    """A base model's state dict with ``adapter`` merged in, every floating-point tensor in float32.
-
-    Each adapted layer is rebuilt around its base weight (``nn.Linear``, ``nn.ConvNd``,
-    ``nn.Embedding`` or transformers' ``Conv1D``), given the library's adapter layer with the stored
-    settings and tensors, and merged with :meth:`~lightning_lora.layers.LoRABase.merge`; the
-    tensors of ``trainable`` modules replace the base's. ``base`` and ``source`` name the two in errors.
-
-    Raises:
-        ValueError: if the state dict lacks an adapted layer, a tensor does not fit, or (with
-            ``check_base``) the base weights do not match the adapter's fingerprint or cannot be
-            checked exactly.
-    """
-    prefix = _locate(tensors, adapter, base, source)
-    if check_base:
-        _check_base(tensors, adapter, prefix, base, source)
-    owned: set[str] = set()
-    merged = {key: _float32(tensor) for key, tensor in tensors.items()}
-    for name, spec in adapter.modules.items():
-        full = absolute(name, prefix)
-        weight = merged[f"{full}.weight"].clone()  # merged in place: the caller's tensors stay as they are
-        bias = merged.get(f"{full}.bias") if spec.kind != "embedding" else None
-        bias = None if bias is None else bias.clone()
-        file_tensors = {key: tensor for key, tensor in adapter.tensors.items() if key.startswith(f"{name}.")}
-        layer = _layer(spec, weight, bias, file_tensors, name, base)
-        lora = build_adapter(layer, spec, name)
-        _fill(lora, file_tensors, name, source)
-        owned.update(f"{name}.{key}" for key in lora.adapter_params())
-        if lora.merge_creates_bias:
-            raise ValueError(
-                f"{source} cannot be merged into {base}: module '{name}' has an adapter bias but no bias in the "
-                f"base, so the merged model would not fit the base's architecture; adapt it with bias=False (or bias='auto')"
-            )
-        lora.merge()
-        merged[f"{full}.weight"] = base_weight(layer).detach()
-        merged_bias = base_bias(layer)
-        if merged_bias is not None:
-            merged[f"{full}.bias"] = merged_bias.detach()
-    for name in adapter.trainable:
-        stored = {key for key in adapter.tensors if is_inside(key, [name])}
-        present = {str(relative(key, prefix)) for key in tensors if is_inside(key, [absolute(name, prefix)])}
-        if stored != present:
-            raise ValueError(
-                f"{source} does not fit {base}: trainable module '{name}' has tensors {sorted(stored)[:5]!r} in the "
-                f"adapter file but {sorted(present)[:5]!r} in the base"
-            )
-        for key in stored:
-            full_key = absolute(key, prefix)
-            if tuple(adapter.tensors[key].shape) != tuple(tensors[full_key].shape):
-                raise ValueError(
-                    f"{source} does not fit {base}: tensor '{key}' has shape {tuple(adapter.tensors[key].shape)} in "
-                    f"the adapter file but {tuple(tensors[full_key].shape)} in the base"
-                )
-            merged[full_key] = _float32(adapter.tensors[key]).clone()
-        owned.update(stored)
-    unexpected = sorted(set(adapter.tensors) - owned)
-    if unexpected:
-        raise ValueError(
-            f"{source} holds tensors that belong to no adapted or trainable module: {unexpected[:5]!r}"
-        )
-    return {key: tensor.contiguous() for key, tensor in merged.items()}
-
-
-def _locate(tensors: Mapping[str, torch.Tensor], adapter: AdapterFile, base: str, source: str) -> str:
-    """The prefix under which the adapter's module names are found in the state dict."""
-    root = adapter.root  # the module the names are relative to in the model the file was saved from
-    candidates = list(dict.fromkeys(["", root]))
-    fits = [prefix for prefix in candidates if all(f"{absolute(name, prefix)}.weight" in tensors for name in adapter.modules)]
-    if not fits:
-        missing = [f"{name}.weight" for name in adapter.modules if f"{name}.weight" not in tensors]
-        where = f" (nor under its root {root!r})" if root else ""
-        raise ValueError(
-            f"{base} does not fit {source}: expected the weights of its adapted modules, but the state dict has no "
-            f"{missing[:5]!r}{where}; it has {sorted(tensors)[:5]!r}..."
-        )
-    if len(fits) > 1:
-        raise ValueError(f"{base} fits {source} both as it is and under {root!r}; it cannot say which module is adapted")
-    return fits[0]
-
-
-def _check_base(tensors: Mapping[str, torch.Tensor], adapter: AdapterFile, prefix: str, base: str, source: str) -> None:
-    """The library's fingerprint check, over the state dict's tensors named as the model's parameters.
-
-    A state dict does not say which of its tensors are parameters (the fingerprint's) and which are
-    buffers: the check passes when its tensors, or those without the recognisable buffers
-    (BatchNorm statistics, integer tensors), reproduce the fingerprint exactly.
-    """
-    named = [
-        (inner, tensor)
-        for key, tensor in tensors.items()
-        if (inner := relative(key, prefix)) is not None and not is_inside(inner, adapter.trainable)
-    ]
-    buffers = [name for name, tensor in named if name.rsplit(".", 1)[-1] in _KNOWN_BUFFERS or not tensor.is_floating_point()]
-    without = [(name, tensor) for name, tensor in named if name not in set(buffers)]
-    digest, dtypes = adapter.base_fingerprint, adapter.base_dtypes
-    if fingerprint_matches(named, digest, dtypes) or (buffers and fingerprint_matches(without, digest, dtypes)):
-        return
-    if buffers:
-        raise ValueError(
-            f"{base} cannot be checked exactly against {source}: it holds tensors that may be "
-            f"buffers rather than parameters ({buffers[:3]!r}), and neither with them ({fingerprint_tensors(named)[:12]}) "
-            f"nor without them ({fingerprint_tensors(without)[:12]}) do its tensors give the adapter's base fingerprint "
-            f"{digest[:12]}; if it is the base the adapter was trained on, pass --no-check-base to merge without the check"
-            f".{dtype_note(without, dtypes)}"
-        )
-    raise ValueError(
-        f"{base} is not the base {source} was trained on: base fingerprint {digest[:12]} in the "
-        f"adapter file, {fingerprint_tensors(named)[:12]} from the {len(named)} tensors of the base file. Pass the base "
-        f"weights it was trained on, or --no-check-base to merge anyway (a state dict holding buffers besides "
-        f"parameters cannot be checked exactly).{dtype_note(named, dtypes)}"
-    )
-
-
-def _layer(
-    spec: AdapterSpec,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    file_tensors: Mapping[str, torch.Tensor],
-    name: str,
-    base: str,
-) -> nn.Module:
-    """A layer of the adapter's kind around ``weight`` and ``bias`` (taken as they are, not copied)."""
-    shape = tuple(weight.shape)
-    dims = {"linear": (2,), "transformers_conv1d": (2,), "embedding": (2,), "conv": (3, 4, 5)}[spec.kind]
-    if len(shape) not in dims:
-        raise ValueError(
-            f"{base} does not fit the adapter: '{name}.weight' must have {' or '.join(map(str, dims))} dimensions "
-            f"for a {spec.kind!r} adapter, got shape {shape}"
-        )
-    has_bias = bias is not None
-    layer: nn.Module
-    with torch.device("meta"):  # no initialisation of weights that are replaced at once
-        if spec.kind == "linear":
-            layer = nn.Linear(shape[1], shape[0], bias=has_bias)
-        elif spec.kind == "embedding":
-            layer = nn.Embedding(shape[0], shape[1])
-        elif spec.kind == "transformers_conv1d":
-            conv1d = importlib.import_module("transformers.pytorch_utils").Conv1D
-            layer = conv1d(shape[1], shape[0])  # Conv1D(nf=out_features, nx=in_features), weight (in, out)
-        else:
-            b = file_tensors.get(f"{name}.matrix_B.weight")
-            per_group = int(b.shape[1]) if b is not None and b.dim() == len(shape) else spec.r
-            if per_group <= 0 or spec.r % per_group:
-                raise ValueError(
-                    f"{name}.matrix_B.weight must have r / groups input channels (r={spec.r}), got shape "
-                    f"{tuple(b.shape) if b is not None else None}"
-                )
-            groups = spec.r // per_group
-            conv_types: dict[int, Callable[..., nn.Module]] = {3: nn.Conv1d, 4: nn.Conv2d, 5: nn.Conv3d}
-            conv_type = conv_types[len(shape)]
-            layer = conv_type(shape[1] * groups, shape[0], shape[2:], groups=groups, bias=has_bias)
-    layer.weight = nn.Parameter(weight, requires_grad=False)
-    if bias is not None:
-        layer.bias = nn.Parameter(bias, requires_grad=False)
-    return layer
-
-
-def _fill(lora: LoRABase, file_tensors: Mapping[str, torch.Tensor], name: str, source: str) -> None:
-    """Copy the adapter file's tensors of module ``name`` into the adapter layer's own parameters."""
-    params = lora.adapter_params()
-    missing = [f"{name}.{key}" for key in params if f"{name}.{key}" not in file_tensors]
-    if missing:
-        raise ValueError(f"{source} does not fit its own settings: expected tensors {missing!r}, which it does not hold")
-    with torch.no_grad():
-        for key, param in params.items():
-            tensor = file_tensors[f"{name}.{key}"]
-            if tuple(tensor.shape) != tuple(param.shape) or tensor.dtype != param.dtype:
-                raise ValueError(
-                    f"{source} does not fit the base: tensor '{name}.{key}' is {tuple(tensor.shape)} {tensor.dtype} in "
-                    f"the file, but {tuple(param.shape)} {param.dtype} for this layer of the base"
-                )
-            param.copy_(tensor)
-
-
-def _read_state_dict(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str] | None]:
-    """The tensors and the metadata of a safetensors file."""
-    data = read_bytes(path)
-    try:
-        tensors = load_tensors(data)
-        length = int.from_bytes(data[:8], "little")
-        header = json.loads(data[8 : 8 + length])
-    except (SafetensorError, UnicodeDecodeError, json.JSONDecodeError, RuntimeError, TypeError) as err:
-        raise ValueError(f"--base must be a .safetensors file, but {path} does not parse as one: {_one_line(err)}") from err
-    meta = header.get("__metadata__") if isinstance(header, dict) else None
-    return tensors, ({str(k): str(v) for k, v in meta.items()} if isinstance(meta, dict) else None)
 
 
 # --- PEFT -----------------------------------------------------------------------------------------

@@ -15,18 +15,20 @@ from typing import Any, TypeVar
 
 import torch
 
-from lightning_lora.patterns import ALL_LINEAR, check_pattern, first_match
-from lightning_lora.quantize import check_method
-from lightning_lora.spec import (
-    ADAPTER_DTYPES,
+from lightning_lora.adapters.registry import variant_named
+from lightning_lora.adapters.spec import (
+    DORA,
     AdapterSpec,
     boolean,
     dtype_name,
+    dtype_setting,
     positive_int,
     positive_number,
     probability,
     scaling,
 )
+from lightning_lora.patterns import ALL_LINEAR, check_pattern, first_match
+from lightning_lora.quantize import check_method
 
 _T = TypeVar("_T")
 
@@ -76,18 +78,16 @@ class LoRAConfig:
         self.alpha_pattern = _pattern_map("alpha_pattern", self.alpha_pattern, positive_number)
         self.use_rslora = boolean("use_rslora", self.use_rslora)
         self.use_dora = boolean("use_dora", self.use_dora)
-        if self.use_dora and self.bias is True:
-            raise ValueError(
-                "use_dora=True needs bias=False or 'auto': DoRA's update has no bias (as in PEFT), got bias=True"
-            )
         self.trainable = _patterns("trainable", self.trainable)
-        self.adapter_dtype = _dtype_name("adapter_dtype", self.adapter_dtype)
+        self.adapter_dtype = dtype_setting("adapter_dtype", self.adapter_dtype, optional=True)
         self.quantize = check_method("quantize", self.quantize)
-        if self.use_dora and self.quantize is not None:
-            raise ValueError(
-                f"use_dora=True cannot be combined with quantize={self.quantize!r}: DoRA's weight norm needs the "
-                f"base weights in floating point; set use_dora=False or quantize=None"
-            )
+        if self.variant is not None:
+            variant_named(self.variant).check_settings(bias=self.bias is True, quantize=self.quantize)
+
+    @property
+    def variant(self) -> str | None:
+        """The LoRA variant of the adapters: ``"dora"`` with ``use_dora``, else None."""
+        return DORA if self.use_dora else None
 
     def targets_for(self, declared: Sequence[str] | None) -> list[str]:
         """``targets``, or when it is None the model's declared ``lora_targets``, else ``["all-linear"]``."""
@@ -113,17 +113,20 @@ class LoRAConfig:
 
     def spec_for(self, name: str, kind: str, weight_dtype: torch.dtype, has_bias: bool) -> AdapterSpec:
         """The :class:`AdapterSpec` of module ``name``: adapter ``kind``, around a layer whose weight is in
-        ``weight_dtype`` and which has a bias or not (``bias="auto"`` follows it, except with DoRA)."""
+        ``weight_dtype`` and which has a bias or not (``bias="auto"`` follows it where the variant allows biases)."""
         return AdapterSpec(
             kind=kind,
             r=self.rank_for(name),
             alpha=self.alpha_for(name),
-            bias=has_bias and not self.use_dora if self.bias == "auto" else bool(self.bias),
+            bias=has_bias and self._variant_allows_bias() if self.bias == "auto" else bool(self.bias),
             dropout=self.dropout,
             use_rslora=self.use_rslora,
             adapter_dtype=self.adapter_dtype or dtype_name(weight_dtype),
-            use_dora=self.use_dora,
+            variant=self.variant,
         )
+
+    def _variant_allows_bias(self) -> bool:
+        return self.variant is None or variant_named(self.variant).allows_bias
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-serialisable values, the inverse of ``LoRAConfig(**d)``."""
@@ -255,15 +258,3 @@ def _pattern_map(name: str, value: Any, check: Callable[[str, Any], _T]) -> dict
         check_pattern(name, key)
         result[key] = check(f"{name}[{key!r}]", item)
     return result
-
-
-def _dtype_name(name: str, value: Any) -> str | None:
-    if value is None:
-        return None
-    if isinstance(value, torch.dtype):
-        for dtype_name, dtype in ADAPTER_DTYPES.items():
-            if dtype == value:
-                return dtype_name
-    if isinstance(value, str) and value in ADAPTER_DTYPES:
-        return value
-    raise ValueError(f"{name} must be None or one of {sorted(ADAPTER_DTYPES)}, got {value!r}")

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from lightning_lora.layers import LoRABase
+from lightning_lora.adapters.base import LoRABase
 
 # Attributes by which wrappers hold the wrapped module; they never appear in clean names.
 _WRAPPER_ATTRIBUTES = ("_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module")
@@ -35,11 +35,12 @@ class Site:
         setattr(self.parent, self.attribute, module)
 
 
-def walk(model: nn.Module, base_view: bool = False) -> Iterator[Site]:
+def walk(model: nn.Module, base_view: bool = False, into_adapters: bool = True) -> Iterator[Site]:
     """Each module of ``model`` once, as a :class:`Site`, parents before children.
 
     With ``base_view`` an adapter's ``original_module`` takes the adapter's name and the adapter's
-    own modules are left out: the model as it was before adaptation.
+    own modules are left out: the model as it was before adaptation. Without ``into_adapters`` an
+    adapter is yielded but nothing inside it.
     """
     seen: set[int] = set()
     stack: list[Site] = [Site("", model, None, "")]
@@ -50,6 +51,8 @@ def walk(model: nn.Module, base_view: bool = False) -> Iterator[Site]:
         seen.add(id(site.module))
         yield site
         current, name = site.module, site.name
+        if not into_adapters and isinstance(current, LoRABase):
+            continue
         if base_view and isinstance(current, LoRABase):
             stack.append(Site(name, current.original_module, current, "original_module"))
             continue
@@ -67,14 +70,7 @@ def sites(model: nn.Module) -> dict[str, Site]:
 
     Where wrappers stack under one name, the innermost module wins; the root is left out.
     """
-    found: dict[str, Site] = {}
-    adapters: list[str] = []
-    for site in walk(model):
-        if any(site.name.startswith(prefix + ".") for prefix in adapters):
-            continue
-        if isinstance(site.module, LoRABase):
-            adapters.append(site.name)
-        found[site.name] = site
+    found = {site.name: site for site in walk(model, into_adapters=False)}
     found.pop("", None)
     return found
 

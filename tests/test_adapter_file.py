@@ -8,18 +8,10 @@ import torch
 from conftest import TinyModel, randomize_adapters
 from safetensors.torch import save_file
 
-from lightning_lora import (
-    LoRAConfig,
-    apply_lora,
-    base_fingerprint,
-    load_adapter,
-    lora_modules,
-    lora_state_dict,
-    read_adapter,
-    save_adapter,
-)
-from lightning_lora.adapter_file import adapter_bytes
-from lightning_lora.fingerprint import SAMPLES_PER_TENSOR
+from lightning_lora import LoRAConfig, apply_lora, load_adapter, lora_modules, lora_state_dict, read_adapter, save_adapter
+from lightning_lora.formats import base_fingerprint
+from lightning_lora.formats.adapter_file import adapter_bytes
+from lightning_lora.formats.fingerprint import SAMPLES_PER_TENSOR
 
 CONFIG = LoRAConfig(r=4, alpha=8, targets=["qkv", "fc1", "embed"], trainable=["head"], rank_pattern={"fc1": 2})
 
@@ -319,7 +311,7 @@ def test_bad_paths_and_lazy_or_oversized_targets(tmp_path, tiny_model):
 
 
 def test_claimed_rank_is_checked_against_the_tensors_before_anything_is_built(tmp_path, monkeypatch):
-    import lightning_lora.surgery as surgery_module
+    import lightning_lora.surgery.apply as surgery_module
 
     model = torch.nn.Sequential(torch.nn.Linear(512, 512))
     base = {k: v.clone() for k, v in model.state_dict().items()}
@@ -348,9 +340,9 @@ def test_files_and_checkpoint_records_of_format_version_1_still_load(trained, tm
 
     from safetensors.torch import load
 
-    from lightning_lora.checkpoint import restore_checkpoint, slim_checkpoint
-    from lightning_lora.fingerprint import legacy_fingerprint
-    from lightning_lora.surgery import base_named_parameters
+    from lightning_lora.lightning.checkpoint import restore_checkpoint, slim_checkpoint
+    from lightning_lora.formats.fingerprint import legacy_fingerprint
+    from lightning_lora.surgery.state import base_named_parameters
 
     base_state, model, path = trained
     data = path.read_bytes()

@@ -28,21 +28,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from conftest import TinyModel, randomize_adapters  # noqa: E402
 from lightning_models import Classifier, data  # noqa: E402
 
-from lightning_lora import (  # noqa: E402
-    LoRA,
-    LoRACallback,
-    LoRAConfig,
-    apply_lora,
-    check_companion,
-    load_adapter,
-    load_checkpoint,
-    merge_and_unload,
-    merge_lora,
-    save_adapter,
-    unmerge_lora,
-    write_companion,
-)
-from lightning_lora.checkpoint import restore_checkpoint  # noqa: E402
+from lightning_lora import LoRA, LoRACallback, LoRAConfig, apply_lora, load_adapter, load_checkpoint, merge_and_unload, merge_lora, save_adapter, unmerge_lora
+from lightning_lora.lightning import check_companion, write_companion
+from lightning_lora.lightning.checkpoint import restore_checkpoint  # noqa: E402
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "reliability.md"
 CONFIG = LoRAConfig(r=4, alpha=8, targets=["qkv", "fc1"], trainable=["head"])

@@ -76,7 +76,7 @@ def test_step_memory_runs_in_a_process_per_variant(fork, monkeypatch):
 
 def test_step_stops_when_the_adapter_computes_something_else(monkeypatch):
     step = _load("step")
-    import lightning_lora.layers as layers
+    import lightning_lora.adapters.linear as layers
 
     fused = layers.lora_linear
     monkeypatch.setattr(layers, "lora_linear", lambda *args: fused(*args[:-2], 2 * args[-2], args[-1]))
@@ -87,7 +87,7 @@ def test_step_stops_when_the_adapter_computes_something_else(monkeypatch):
 @pytest.mark.skipif(not HAS_PEFT, reason="the DoRA check compares with PEFT")
 def test_step_stops_when_dora_computes_something_else(monkeypatch):
     step = _load("step")
-    import lightning_lora.layers as layers
+    import lightning_lora.adapters.dora as layers
 
     fused = layers.dora_linear
     monkeypatch.setattr(layers, "dora_linear", lambda *args: fused(*args[:-1], 2 * args[-1]))

@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import lightning as L
+import lightning.pytorch.cli as cli_module
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback, EarlyStopping, LearningRateMonitor, ModelCheckpoint
@@ -11,7 +12,7 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning_models import Classifier, LazyClassifier, MixinClassifier, data
 
-import lightning_lora.callback as callback_module
+import lightning_lora.lightning.metrics as metrics_module
 from lightning_lora import LoRACallback, LoRAConfig, lora_modules, lora_parameters, lora_state_dict, read_adapter, save_adapter
 
 
@@ -80,8 +81,8 @@ def test_logged_grad_norm_and_scaling(tmp_path):
 
 def test_grad_norm_only_on_logging_steps_and_per_layer(tmp_path, monkeypatch):
     calls = []
-    original = callback_module._grad_norm
-    monkeypatch.setattr(callback_module, "_grad_norm", lambda layer: calls.append(1) or original(layer))
+    original = metrics_module._grad_norm
+    monkeypatch.setattr(metrics_module, "_grad_norm", lambda layer: calls.append(1) or original(layer))
     callback = LoRACallback(targets=["qkv"], log_per_layer=True, rank_pattern={"blocks.0.attn.qkv": 8})
     run = trainer(tmp_path, callback, max_epochs=1, log_every_n_steps=4)
     run.fit(Classifier(), data())
@@ -438,7 +439,8 @@ def test_empty_targets_are_an_error_not_all_linear():
 def test_checkpoint_io_passes_bare_state_dicts_through(tmp_path):
     from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
-    from lightning_lora import LoRACheckpointIO, apply_lora
+    from lightning_lora import apply_lora
+    from lightning_lora.lightning import LoRACheckpointIO
 
     model = Classifier()
     apply_lora(model, LoRAConfig(targets=["qkv"]))
@@ -517,8 +519,8 @@ def test_a_lower_precision_base_is_refused_with_the_dtype_named(tmp_path):
 
 
 def test_a_failed_companion_write_leaves_a_checkpoint_without_companion_that_can_be_regenerated(tmp_path, monkeypatch):
-    import lightning_lora.checkpoint as checkpoint_module
-    from lightning_lora import check_companion, write_companion
+    import lightning_lora.lightning.checkpoint as checkpoint_module
+    from lightning_lora.lightning import check_companion, write_companion
 
     base_state = Classifier().state_dict()
     model = Classifier()
@@ -564,7 +566,7 @@ def test_a_failed_companion_write_leaves_a_checkpoint_without_companion_that_can
 
 
 def test_save_last_link_gets_a_companion_link(tmp_path):
-    from lightning_lora import check_companion
+    from lightning_lora.lightning import check_companion
 
     saver = ModelCheckpoint(dirpath=tmp_path, save_last="link", monitor="val_loss", save_top_k=1)
     trainer(tmp_path, LoRACallback(targets=["qkv"]), saver, max_epochs=3).fit(Classifier(), data(), data(seed=1))
@@ -626,7 +628,8 @@ class _Exploit:
 def test_checkpoints_are_never_unpickled_beyond_weights(tmp_path, monkeypatch):
     from lightning_models import MixinClassifier
 
-    from lightning_lora import check_companion, load_checkpoint
+    from lightning_lora import load_checkpoint
+    from lightning_lora.lightning import check_companion
 
     monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")  # an environment that turns torch's default off
     marker = tmp_path / "owned"
@@ -668,8 +671,6 @@ class _Data(L.LightningDataModule):
 
 
 def _cli(args):
-    cli_module = pytest.importorskip("lightning.pytorch.cli")
-    pytest.importorskip("jsonargparse")
     return cli_module.LightningCLI(_NoOptimizer, _Data, args=args, run=False, save_config_callback=None)
 
 
@@ -707,7 +708,8 @@ def test_every_callback_argument_has_help_text(capsys):
 
 
 def test_a_file_that_is_no_checkpoint_is_a_value_error(tmp_path):
-    from lightning_lora import check_companion, load_checkpoint
+    from lightning_lora import load_checkpoint
+    from lightning_lora.lightning import check_companion
 
     (tmp_path / "g.ckpt").write_bytes(b"garbage\n")
     for attempt in (lambda: check_companion(tmp_path / "g.ckpt"), lambda: load_checkpoint(Classifier(), tmp_path / "g.ckpt")):

@@ -7,15 +7,17 @@ import subprocess
 import sys
 from pathlib import Path
 
+import peft
 import pytest
 import torch
+import transformers
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lightning_lora import LoRAConfig, apply_lora, load_adapter, lora_modules, merge_and_unload, save_adapter
-from lightning_lora.adapter_file import read_adapter
-from lightning_lora.checkpoint import LoRACheckpointIO, adapter_path_for
+from lightning_lora.formats.adapter_file import read_adapter
+from lightning_lora.lightning.checkpoint import LoRACheckpointIO, adapter_path_for
 from lightning_lora.cli import main
 
 COMMANDS = ["inspect", "merge", "export-peft", "import-peft", "check"]
@@ -252,7 +254,6 @@ def test_check_a_pair_and_a_stale_pair(tmp_path, capsys):
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory):
     """A tiny Llama saved as a Hugging Face folder, the same model adapted, and its adapter file."""
-    transformers = pytest.importorskip("transformers")
     folder = tmp_path_factory.mktemp("llama")
     torch.manual_seed(0)
     config = transformers.LlamaConfig(
@@ -299,7 +300,6 @@ def test_merge_refuses_a_wrong_hugging_face_base(llama, tmp_path, capsys):
 def test_merge_of_gpt2_weights_as_a_plain_state_dict(tmp_path, capsys):
     """transformers' Conv1D layers (weight stored (in, out)) merge at the state-dict level too; the
     tied output layer, left out of model.safetensors, does not disturb the fingerprint check."""
-    transformers = pytest.importorskip("transformers")
     config = transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=16)
     model = transformers.GPT2LMHeadModel(config).eval()
     model.save_pretrained(tmp_path / "base")
@@ -341,7 +341,6 @@ def test_merge_of_a_wrapper_state_dict_and_of_the_bare_model(llama, tmp_path, ca
 
 @pytest.mark.filterwarnings("ignore::FutureWarning")  # peft's use of transformers, not the CLI's
 def test_inspect_a_peft_folder(llama, tmp_path, capsys):
-    peft = pytest.importorskip("peft")
     transformers, model, base, _ = llama
     fresh = transformers.LlamaForCausalLM.from_pretrained(base, local_files_only=True)
     config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], rank_pattern={"v_proj": 2})
@@ -358,7 +357,6 @@ def test_inspect_a_peft_folder(llama, tmp_path, capsys):
 
 
 def test_export_and_import_peft_round_trip(llama, tmp_path, capsys):
-    pytest.importorskip("lightning_lora.peft_format")
     transformers, model, base, adapter = llama
     peft_dir = tmp_path / "peft"
     code, out, err = run(capsys, "export-peft", adapter, peft_dir, "--base-model-name-or-path", "tiny-llama")
@@ -379,7 +377,6 @@ def test_export_and_import_peft_round_trip(llama, tmp_path, capsys):
 
 
 def test_peft_command_errors(llama, tmp_path, capsys):
-    pytest.importorskip("lightning_lora.peft_format")
     _, _, base, adapter = llama
     code, _, err = run(capsys, "export-peft", tmp_path / "missing.lora.safetensors", tmp_path / "out")
     assert code == 1

@@ -224,7 +224,7 @@ def test_new_adapters_take_the_mode_of_the_module_they_wrap(tiny_model, tokens):
 
 
 def test_plan_changes_nothing_and_install_can_be_undone(tiny_model, tokens):
-    from lightning_lora import install, lora_config, plan_adapters
+    from lightning_lora.surgery import install, lora_config, plan_adapters
 
     before_modules = [type(m) for m in tiny_model.modules()]
     flags = [p.requires_grad for p in tiny_model.parameters()]
@@ -248,7 +248,7 @@ def test_config_targets_none_means_the_models_declaration(tiny_model):
 
 
 def test_every_adapter_lists_its_own_parameters():
-    from lightning_lora import LoRAConv, LoRAEmbedding
+    from lightning_lora.adapters import LoRAConv, LoRAEmbedding
 
     layers = [LoRA(nn.Linear(4, 5)), LoRAConv(nn.Conv2d(2, 3, 3), r=2, bias=False), LoRAEmbedding(nn.Embedding(7, 4))]
     for layer in layers:
@@ -270,7 +270,7 @@ def test_every_adapter_lists_its_own_parameters():
     ],
 )
 def test_adapter_spec_validates_every_field(values, message):
-    from lightning_lora import AdapterSpec
+    from lightning_lora.adapters import AdapterSpec
 
     good = {"kind": "linear", "r": 4, "alpha": 8.0, "bias": True, "dropout": 0.0, "use_rslora": False, "adapter_dtype": "float32"}
     spec = AdapterSpec(**good)
@@ -298,8 +298,7 @@ def test_explicit_settings_and_reconcile_without_lightning():
 
 @pytest.mark.parametrize("bias", [True, False])
 def test_param_shapes_are_known_before_allocation(bias):
-    from lightning_lora import AdapterSpec
-    from lightning_lora.layers import adapter_class, build_adapter
+    from lightning_lora.adapters import AdapterSpec, build_adapter, kind_named
 
     modules = {
         "linear": nn.Linear(6, 5),
@@ -312,7 +311,7 @@ def test_param_shapes_are_known_before_allocation(bias):
         spec = AdapterSpec(kind=kind, r=2, alpha=1.0, bias=bias, dropout=0.0, use_rslora=False, adapter_dtype="float32")
         layer = build_adapter(module, spec, name)
         actual = {key: tuple(param.shape) for key, param in layer.adapter_params().items()}
-        assert adapter_class(kind).param_shapes(module, spec) == actual, name
+        assert kind_named(kind).shapes(module, spec) == actual, name
 
 
 def test_all_linear_leaves_out_the_output_layer_and_warns_on_output_only_targets(tiny_model):

@@ -232,8 +232,9 @@ def test_fsdp2_with_the_mixin_alone_keeps_base_weights_and_resumes(fsdp2):
 
 @pytest.mark.parametrize("run", ["sharded", "full"])
 def test_fsdp2_checkpoints_are_slim_with_whole_companions(fsdp2, run):
-    from lightning_lora import base_fingerprint, load_adapter, read_adapter
-    from lightning_lora.checkpoint import CHECKPOINT_KEY
+    from lightning_lora import load_adapter, read_adapter
+    from lightning_lora.formats import base_fingerprint
+    from lightning_lora.lightning.checkpoint import CHECKPOINT_KEY
 
     folder, reference, _ = fsdp2
     names = sorted(os.listdir(folder / run))
@@ -266,7 +267,7 @@ def test_fsdp2_checkpoints_are_slim_with_whole_companions(fsdp2, run):
 @pytest.mark.parametrize("kind", ["sharded", "full"])
 def test_fsdp2_save_checkpoint_after_fit_is_slim_with_a_whole_companion(fsdp2, kind):
     from lightning_lora import read_adapter
-    from lightning_lora.checkpoint import CHECKPOINT_KEY
+    from lightning_lora.lightning.checkpoint import CHECKPOINT_KEY
 
     folder, reference, _ = fsdp2
     path = folder / "after_fit" / f"{kind}.ckpt"

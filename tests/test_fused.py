@@ -7,8 +7,9 @@ from conftest import Block
 from lightning_models import Classifier, data
 from torch import nn
 
-from lightning_lora import LoRA, LoRACallback, LoRAConfig, LoRABase, apply_lora, lora_modules
-from lightning_lora.fused import lora_linear
+from lightning_lora import LoRA, LoRACallback, LoRAConfig, apply_lora, lora_modules
+from lightning_lora.adapters import LoRABase
+from lightning_lora.adapters.fused import lora_linear
 
 RANK = 4
 ALPHA = 8.0

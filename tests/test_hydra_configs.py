@@ -86,7 +86,7 @@ def test_out_of_range_value_fails_on_instantiation(tmp_path):
 
 
 def test_users_own_app_gets_the_lora_group_from_the_package(tmp_path):
-    assert lightning_lora.LoRACallbackConf  # importing the package registers lora/schema
+    assert lightning_lora.lightning.LoRACallbackConf  # importing the package registers lora/schema
     (tmp_path / "config.yaml").write_text("defaults:\n  - lora: schema\n  - _self_\n")
     with initialize_config_dir(config_dir=str(tmp_path), version_base="1.3"):
         cfg = compose("config", overrides=["lora.r=8", "lora.targets=[fc1]"])

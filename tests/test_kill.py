@@ -18,7 +18,8 @@ import torch
 from lightning_models import Classifier, data
 from test_callback import trainer
 
-from lightning_lora import LoRACallback, check_companion, read_adapter
+from lightning_lora import LoRACallback, read_adapter
+from lightning_lora.lightning import check_companion
 
 TRIALS = 4
 SEED = 0

@@ -6,16 +6,13 @@ PEFT -> ours: ``import_peft`` gives PEFT's logits; ours -> PEFT -> ours: the sam
 
 import json
 
+import lightning as L
+import peft
 import pytest
 import torch
+from hf_models import bert, gpt2, llama
 
-transformers = pytest.importorskip("transformers")
-peft = pytest.importorskip("peft")
-
-import lightning as L  # noqa: E402
-from hf_models import bert, gpt2, llama  # noqa: E402
-
-from lightning_lora import (  # noqa: E402
+from lightning_lora import (
     LoRAConfig,
     apply_lora,
     export_peft,
@@ -231,7 +228,8 @@ def test_an_adapter_trained_in_a_lightning_module_loads_into_the_bare_model(tmp_
 
 
 def test_gpt2_conv1d_merges_unmerges_exactly_and_unloads_into_gpt2(tmp_path):
-    from lightning_lora import LoRAConv1D, merge_and_unload, merge_lora, unmerge_lora
+    from lightning_lora import merge_and_unload, merge_lora, unmerge_lora
+    from lightning_lora.adapters import LoRAConv1D
 
     torch.manual_seed(0)
     model = gpt2()
@@ -270,7 +268,8 @@ def test_callback_companions_of_a_wrapped_transformers_model_check_and_load_into
     from lightning.pytorch.callbacks import ModelCheckpoint
     from torch.utils.data import DataLoader, TensorDataset
 
-    from lightning_lora import LoRACallback, check_companion
+    from lightning_lora import LoRACallback
+    from lightning_lora.lightning import check_companion
 
     torch.manual_seed(0)
     lit = LitLlama()

@@ -1,10 +1,12 @@
 """Planning: which modules of a model get which adapter, decided without changing the model.
 
 :func:`plan_adapters` turns a model and a :class:`~lightning_lora.LoRAConfig` into an
-:class:`AdapterPlan` (module name -> :class:`~lightning_lora.spec.AdapterSpec`, plus the modules
+:class:`AdapterPlan` (module name -> :class:`~lightning_lora.adapters.AdapterSpec`, plus the modules
 left fully trainable). It resolves the target patterns, checks every rule (supported types, tied
 weights, patterns that match nothing, modules already adapted with other settings) and raises with
-the closest module names as a hint. :func:`lightning_lora.surgery.install` then carries a plan out.
+the closest module names as a hint. It reads the model in one walk (:func:`survey`), and the plan
+keeps where each module sits, so that :func:`~lightning_lora.surgery.install` carries it out
+without walking the model again.
 """
 
 from __future__ import annotations
@@ -12,22 +14,18 @@ from __future__ import annotations
 import dataclasses
 import warnings
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from torch import nn
 
+from lightning_lora.adapters.base import LoRABase, base_bias, base_layer, base_weight
+from lightning_lora.adapters.registry import find_kind, kind_of
+from lightning_lora.adapters.spec import AdapterSpec
 from lightning_lora.config import LoRAConfig
-from lightning_lora.layers import LoRABase, adapter_kind, base_bias, base_weight, transformers_conv1d
 from lightning_lora.naming import Site, is_inside, sites, walk
 from lightning_lora.patterns import select
 from lightning_lora.quantize import BLOCK_SIZE, fits
-from lightning_lora.spec import AdapterSpec
-
-
-#: Attribute under which an adapted model keeps the names of its fully trainable modules.
-TRAINABLE_ATTR = "_lora_trainable"
-#: Attribute under which an adapted model keeps the config it was adapted with.
-CONFIG_ATTR = "_lora_config"
+from lightning_lora.surgery.state import TRAINABLE_ATTR
 
 
 @dataclass(frozen=True)
@@ -40,12 +38,65 @@ class AdapterPlan:
         trainable: names of modules left fully trainable.
         quantize: names of the linear layers whose base weight to hold in ``config.quantize``
             (see :func:`quantizable`); empty unless the config asks for a quantized base.
+        sites: where each module sat when the plan was made (None: look them up when installing).
     """
 
     specs: Mapping[str, AdapterSpec]
     config: LoRAConfig
     trainable: tuple[str, ...]
     quantize: tuple[str, ...] = ()
+    sites: Mapping[str, Site] | None = field(default=None, compare=False, repr=False)
+
+
+@dataclass(frozen=True)
+class Survey:
+    """What one walk of a model tells the planner.
+
+    Attributes:
+        sites: clean name -> site of every module outside adapters (adapters included).
+        outputs: the names of the output layers (see :func:`output_layers`).
+        users: ``id`` of each parameter -> how many modules hold it (more than one: tied).
+    """
+
+    sites: dict[str, Site]
+    outputs: set[str]
+    users: dict[int, int]
+
+    def linear_layers(self) -> list[str]:
+        """The names of the layers ``all-linear`` may target (adapted or not), in model order."""
+        return [
+            name
+            for name, site in self.sites.items()
+            if not _is_attention_out_proj(site) and _targeted_by_all_linear(site.module)
+        ]
+
+    def tied(self, module: nn.Module) -> bool:
+        """Whether the base weight of ``module`` (or of the layer an adapter wraps) is held by another module too."""
+        weight = getattr(base_layer(module), "weight", None)
+        return weight is not None and self.users.get(id(weight), 0) > 1
+
+
+def survey(model: nn.Module) -> Survey:
+    """Walk ``model`` once and collect what planning needs: sites, output layers, tied weights."""
+    found: dict[str, Site] = {}
+    users: dict[int, int] = {}
+    names: dict[int, str] = {}
+    heads: list[object] = []
+    for site in walk(model, into_adapters=False):
+        module, layer = site.module, base_layer(site.module)
+        names.setdefault(id(module), site.name)
+        names.setdefault(id(layer), site.name)
+        for param in layer.parameters(recurse=False):
+            users[id(param)] = users.get(id(param), 0) + 1
+        get_output_embeddings = getattr(module, "get_output_embeddings", None)
+        if callable(get_output_embeddings) and hasattr(module, "config"):
+            heads.append(get_output_embeddings())
+            heads += [getattr(module, attribute, None) for attribute in ("score", "classifier")]
+        if site.name:
+            found[site.name] = site  # where wrappers stack under one name, the innermost wins
+    partial = Survey(found, set(), users)
+    linear = partial.linear_layers()
+    return dataclasses.replace(partial, outputs=_outputs(linear, heads, names))
 
 
 def plan_adapters(model: nn.Module, config: LoRAConfig) -> AdapterPlan:
@@ -62,16 +113,14 @@ def plan_adapters(model: nn.Module, config: LoRAConfig) -> AdapterPlan:
     """
     if not isinstance(config, LoRAConfig):
         raise TypeError(f"config must be a LoRAConfig, got {type(config).__name__}")
-    found = sites(model)
-    names = list(found)
+    found = survey(model)
+    names = list(found.sites)
     trainable = select("trainable", config.trainable, names)
     inside_trainable = {name for name in names if is_inside(name, trainable)}
-    candidates = _linear_layers(found)
-    outputs = output_layers(model, candidates)
-    linear = [name for name in candidates if name not in inside_trainable and name not in outputs]
+    linear = [name for name in found.linear_layers() if name not in inside_trainable and name not in found.outputs]
     targets_used = config.targets_for(getattr(model, "lora_targets", None))
     chosen = select("targets", targets_used, names, linear)
-    _warn_if_only_output_or_tied(model, found, chosen, outputs)
+    _warn_if_only_output_or_tied(found, chosen)
     excluded = set(select("exclude", config.exclude, names))
     targets = [name for name in chosen if name not in excluded]
     if not targets:
@@ -82,7 +131,7 @@ def plan_adapters(model: nn.Module, config: LoRAConfig) -> AdapterPlan:
     select("rank_pattern", config.rank_pattern, targets)
     select("alpha_pattern", config.alpha_pattern, targets)
 
-    specs = {name: _spec(found[name], config) for name in targets}
+    specs = {name: _spec(found.sites[name], config) for name in targets}
     _check_untied(found, targets)
     known = list(getattr(model, TRAINABLE_ATTR, []))
     kept_trainable = tuple(known + [name for name in trainable if name not in known])
@@ -90,7 +139,8 @@ def plan_adapters(model: nn.Module, config: LoRAConfig) -> AdapterPlan:
         specs=specs,
         config=dataclasses.replace(config, targets=targets_used),
         trainable=kept_trainable,
-        quantize=tuple(quantizable(model, kept_trainable)) if config.quantize else (),
+        quantize=tuple(_quantizable(found, kept_trainable)) if config.quantize else (),
+        sites=found.sites,
     )
 
 
@@ -103,20 +153,17 @@ def quantizable(model: nn.Module, trainable: Iterable[str] = ()) -> list[str]:
     ``nn.Linear`` are left out (they may read their weight other than through ``F.linear``), and
     so are layers whose weight does not split into whole NF4 blocks, with a warning naming them.
     """
-    found = sites(model)
-    linear = _linear_layers(found)
-    left_out = output_layers(model, linear)
-    users: dict[int, int] = {}
-    for _, param in model.named_parameters(remove_duplicate=False):
-        users[id(param)] = users.get(id(param), 0) + 1
+    return _quantizable(survey(model), tuple(trainable))
+
+
+def _quantizable(found: Survey, trainable: tuple[str, ...]) -> list[str]:
     chosen: list[str] = []
     unfit: list[str] = []
-    for name in linear:
-        module = found[name].module
-        layer = module.original_module if isinstance(module, LoRABase) else module
-        if type(layer) is not nn.Linear or name in left_out or is_inside(name, tuple(trainable)):
+    for name in found.linear_layers():
+        layer = base_layer(found.sites[name].module)
+        if type(layer) is not nn.Linear or name in found.outputs or is_inside(name, trainable):
             continue
-        if users.get(id(layer.weight), 0) > 1:
+        if found.tied(layer):
             continue
         (chosen if fits(layer.weight) else unfit).append(name)
     if unfit:
@@ -124,17 +171,40 @@ def quantizable(model: nn.Module, trainable: Iterable[str] = ()) -> list[str]:
             f"quantize leaves {len(unfit)} linear layers in their dtype, whose weights do not split into "
             f"blocks of {BLOCK_SIZE} values: {unfit[:5]!r}",
             UserWarning,
-            stacklevel=2,
+            stacklevel=3,
         )
     return chosen
 
 
-def check_fits(model: nn.Module, specs: Mapping[str, AdapterSpec], source: str) -> None:
+def output_layers(model: nn.Module) -> set[str]:
+    """The names of the output layers of ``model``, which ``all-linear`` leaves out.
+
+    As PEFT's ``all-linear`` does for transformers models: the output embeddings (``lm_head``) and the
+    classification head (a ``score`` or ``classifier`` attribute) of every module that has
+    ``get_output_embeddings`` (no transformers import: that method marks its models). In any other
+    model with more than one linear layer: the last one, its output head.
+    """
+    return survey(model).outputs
+
+
+def _outputs(linear: list[str], heads: list[object], names: dict[int, str]) -> set[str]:
+    if not linear:
+        return set()
+    if not heads:
+        return {linear[-1]} if len(linear) > 1 else set()  # a lone linear layer is the whole model
+    head_names = [names[id(head)] for head in heads if isinstance(head, nn.Module) and id(head) in names]
+    return {name for name in linear if any(name == head or name.startswith(head + ".") for head in head_names)}
+
+
+def check_fits(model: nn.Module, specs: Mapping[str, AdapterSpec], source: str) -> dict[str, Site]:
     """Check that adapters with ``specs`` can be installed in ``model`` as it is.
 
     Every named module must exist and take an adapter of its spec's kind; a module already adapted
     must have exactly that spec (equal settings), and a model that has adapters must have adapters
     on exactly these modules.
+
+    Returns:
+        The model's sites (clean name -> site), as :func:`~lightning_lora.naming.sites` gives them.
 
     Raises:
         ValueError: naming the module, the setting and both values; ``source`` starts the message.
@@ -159,14 +229,15 @@ def check_fits(model: nn.Module, specs: Mapping[str, AdapterSpec], source: str) 
                 raise ValueError(f"{source} does not fit module '{name}': {detail}")
             continue
         try:
-            kind = adapter_kind(module, name)
+            kind = kind_of(module, name)
         except TypeError as err:
             raise ValueError(f"{source} does not fit the model: {err}") from err
-        if kind != spec.kind:
+        if kind.kind != spec.kind:
             raise ValueError(
                 f"{source} does not fit module '{name}': a {spec.kind!r} adapter in the file, "
                 f"a {type(module).__name__} in the model"
             )
+    return found
 
 
 def _spec(site: Site, config: LoRAConfig) -> AdapterSpec:
@@ -187,14 +258,13 @@ def _spec(site: Site, config: LoRAConfig) -> AdapterSpec:
             detail = ", ".join(f"{key}={old!r} (now {new!r})" for key, (old, new) in differences.items())
             raise ValueError(f"module '{name}' is already adapted with other settings: {detail}")
         return existing
-    return config.spec_for(name, adapter_kind(module, name), base_weight(module).dtype, base_bias(module) is not None)
+    return config.spec_for(name, kind_of(module, name).kind, base_weight(module).dtype, base_bias(module) is not None)
 
 
-def _check_untied(found: Mapping[str, Site], targets: list[str]) -> None:
+def _check_untied(found: Survey, targets: list[str]) -> None:
     owners: dict[int, str] = {}
     for name in targets:
-        module = found[name].module
-        weight = base_weight(module.original_module if isinstance(module, LoRABase) else module)
+        weight = base_weight(base_layer(found.sites[name].module))
         if id(weight) in owners:
             raise ValueError(
                 f"modules '{owners[id(weight)]}' and '{name}' share one weight (tied weights); "
@@ -203,62 +273,22 @@ def _check_untied(found: Mapping[str, Site], targets: list[str]) -> None:
         owners[id(weight)] = name
 
 
-def output_layers(model: nn.Module, linear: list[str]) -> set[str]:
-    """The output layers among the ``linear`` module names, which ``all-linear`` leaves out.
-
-    As PEFT's ``all-linear`` does for transformers models: the output embeddings (``lm_head``) and the
-    classification head (a ``score`` or ``classifier`` attribute) of every module that has
-    ``get_output_embeddings`` (no transformers import: that method marks its models). In any other
-    model with more than one linear layer: the last one, its output head.
-    """
-    if not linear:
-        return set()
-    names: dict[int, str] = {}
-    heads: list[object] = []
-    for site in walk(model):
-        names.setdefault(id(site.module), site.name)
-        if isinstance(site.module, LoRABase):
-            names.setdefault(id(site.module.original_module), site.name)
-        get_output_embeddings = getattr(site.module, "get_output_embeddings", None)
-        if callable(get_output_embeddings) and hasattr(site.module, "config"):
-            heads.append(get_output_embeddings())
-            heads += [getattr(site.module, attribute, None) for attribute in ("score", "classifier")]
-    if not heads:
-        return {linear[-1]} if len(linear) > 1 else set()  # a lone linear layer is the whole model
-    head_names = [names[id(head)] for head in heads if isinstance(head, nn.Module) and id(head) in names]
-    return {name for name in linear if any(name == head or name.startswith(head + ".") for head in head_names)}
-
-
-def _warn_if_only_output_or_tied(model: nn.Module, found: Mapping[str, Site], chosen: list[str], outputs: set[str]) -> None:
-    users: dict[int, int] = {}
-    for _, param in model.named_parameters(remove_duplicate=False):
-        users[id(param)] = users.get(id(param), 0) + 1
-    tied = set()
-    for name in chosen:
-        module = found[name].module
-        weight = getattr(module.original_module if isinstance(module, LoRABase) else module, "weight", None)
-        if weight is not None and users.get(id(weight), 0) > 1:
-            tied.add(name)
-    if chosen and all(name in outputs or name in tied for name in chosen):
+def _warn_if_only_output_or_tied(found: Survey, chosen: list[str]) -> None:
+    if chosen and all(name in found.outputs or found.tied(found.sites[name].module) for name in chosen):
         warnings.warn(
             f"targets select only output or tied layers {chosen[:5]!r}: the adapters then change the output "
             f"head (or a weight shared with the input embeddings) and none of the layers inside the model; "
             f"if that is not intended, target the inner layers (e.g. 'all-linear')",
             UserWarning,
-            stacklevel=3,
+            stacklevel=4,
         )
 
 
-def _linear_layers(found: Mapping[str, Site]) -> list[str]:
-    """The names of the linear layers (adapted or not) an adapter can be put on, in model order."""
-    return [name for name, site in found.items() if not _is_attention_out_proj(site) and _is_linear(site.module)]
-
-
-def _is_linear(module: nn.Module) -> bool:
+def _targeted_by_all_linear(module: nn.Module) -> bool:
     if isinstance(module, LoRABase):
-        return module.kind in ("linear", "transformers_conv1d")
-    conv1d = transformers_conv1d()
-    return isinstance(module, nn.Linear) or (conv1d is not None and isinstance(module, conv1d))
+        return module.all_linear
+    kind = find_kind(module)
+    return kind is not None and kind.all_linear
 
 
 def _is_attention_out_proj(site: Site) -> bool:

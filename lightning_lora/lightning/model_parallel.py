@@ -38,19 +38,21 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from lightning_lora.adapter_file import adapter_bytes, adapter_tensors, tensors_digest
-from lightning_lora.checkpoint import (
+from lightning_lora.formats.adapter_file import adapter_tensors, tensors_digest
+from lightning_lora.formats.files import write_atomic
+from lightning_lora.lightning.checkpoint import (
     CHECKPOINT_KEY,
     MARKER_KEY,
     LoRACheckpointIO,
     adapter_path_for,
+    apply_record,
     check_record,
+    prepare_checkpoint,
     remove_stale_companions,
-    slim_checkpoint,
+    step_of,
     warn_if_stale_companion,
 )
-from lightning_lora.files import write_atomic
-from lightning_lora.surgery import lora_modules, merged_modules
+from lightning_lora.surgery.state import lora_modules
 
 #: The file of a sharded checkpoint folder that holds everything but the tensors (Lightning's name).
 METADATA_FILE = "meta.pt"
@@ -78,23 +80,25 @@ class ShardedCheckpoints:
 
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
         module = self.strategy.lightning_module
-        if module is None or "state_dict" not in checkpoint or not lora_modules(module) or merged_modules(module):
+        # every rank: the adapters are gathered and the base sampled from each rank's shards
+        prepared = None if module is None or "state_dict" not in checkpoint else prepare_checkpoint(
+            module, step_of(checkpoint), self.checkpoint_io.save_base_weights
+        )
+        if prepared is None or prepared.companion is None:
             self._save(checkpoint, filepath, storage_options)
             return
         path = str(self.strategy.broadcast(str(filepath)))
-        step = {"epoch": checkpoint.get("epoch", 0), "global_step": checkpoint.get("global_step", 0)}
-        adapter = adapter_bytes(module, checkpoint=step)  # every rank: the adapters are gathered
-        slim_checkpoint(checkpoint, module, keep_base_weights=self.checkpoint_io.save_base_weights)
+        apply_record(checkpoint, prepared)
         if self.strategy.is_global_zero:
             remove_stale_companions(path, self.checkpoint_io.linked())
-        self.checkpoint_io.prepared = adapter  # a full checkpoint reaches the IO on rank 0 only
+        self.checkpoint_io.prepared = prepared  # a full checkpoint reaches the IO on rank 0 only
         try:
             self._save(checkpoint, filepath, storage_options)
         finally:
             self.checkpoint_io.prepared = None
         self.strategy.barrier("lightning_lora.save_checkpoint")  # every shard is written
         if self.strategy.is_global_zero and os.path.isdir(path):  # sharded: no IO wrote the companion
-            write_atomic(adapter_path_for(path), adapter)
+            write_atomic(adapter_path_for(path), prepared.companion)
 
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
         path = Path(self.strategy.broadcast(str(checkpoint_path)))

@@ -20,11 +20,13 @@ companion from its checkpoint.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 import pickle
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -33,22 +35,24 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
-from lightning_lora.adapter_file import SUFFIX, adapter_bytes, adapter_tensors, read_adapter, tensors_digest
+from lightning_lora.adapters.spec import AdapterSpec
 from lightning_lora.config import LoRAConfig
-from lightning_lora.files import exists, read_bytes, remove_if_exists, write_atomic, write_on_rank_zero
-from lightning_lora.fingerprint import dtype_note, dtypes_of, fingerprint_matches, fingerprint_tensors
-from lightning_lora.peft_format import CONFIG_FILE, WEIGHTS_FILE, export_peft
-from lightning_lora.plan import AdapterPlan, check_fits
-from lightning_lora.sharding import is_sharded
-from lightning_lora.spec import AdapterSpec
-from lightning_lora.surgery import (
-    Installation,
-    install,
-    lora_config,
-    lora_modules,
-    merged_modules,
-    trainable_modules,
+from lightning_lora.formats.adapter_file import (
+    SUFFIX,
+    adapter_bytes,
+    adapter_contents,
+    adapter_tensors,
+    read_adapter,
+    serialize,
+    tensors_digest,
 )
+from lightning_lora.formats.files import exists, read_bytes, remove_if_exists, write_atomic, write_on_rank_zero
+from lightning_lora.formats.fingerprint import Samples, dtype_note, dtypes_of, fingerprint_matches, fingerprint_tensors
+from lightning_lora.formats.peft import CONFIG_FILE, WEIGHTS_FILE, export_peft
+from lightning_lora.sharding import is_sharded
+from lightning_lora.surgery.apply import Installation, install
+from lightning_lora.surgery.plan import AdapterPlan, check_fits
+from lightning_lora.surgery.state import adapted, lora_config, lora_modules
 
 #: Key of the LoRA record in a Lightning checkpoint.
 CHECKPOINT_KEY = "lora"
@@ -75,13 +79,54 @@ def peft_path_for(checkpoint_path: str) -> str:
     return (path[: -len(".ckpt")] if path.endswith(".ckpt") else path) + ".peft"
 
 
-def frozen_keys(module: nn.Module) -> list[str]:
-    """State-dict keys of ``module`` that hold frozen parameters (the base weights)."""
-    return [
-        key
-        for key, value in module.state_dict(keep_vars=True).items()
-        if isinstance(value, nn.Parameter) and not value.requires_grad
+def step_of(checkpoint: Mapping[str, Any]) -> dict[str, int]:
+    """The ``epoch`` and ``global_step`` of a Lightning checkpoint (0 where absent): what its companion records."""
+    return {"epoch": checkpoint.get("epoch", 0), "global_step": checkpoint.get("global_step", 0)}
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """What a save adds to a checkpoint: its LoRA record and, if asked for, its companion file's bytes."""
+
+    record: dict[str, Any]
+    companion: bytes | None
+
+
+def prepare_checkpoint(
+    module: nn.Module, step: Mapping[str, int], keep_base_weights: bool = False, companion: bool = True
+) -> Prepared | None:
+    """The LoRA record of a checkpoint of ``module`` at ``step`` and its companion file, or None for a
+    model without adapters or with merged ones (its weights then differ from the base).
+
+    The adapters are read (gathered, for a sharded model: every rank must call this then) and the
+    base weights sampled once, for both the record and the companion; the companion is serialised once.
+    """
+    adapters, trainable = adapted(module)
+    if not adapters or any(adapter.merged for adapter in adapters.values()):
+        return None
+    samples: Samples = {}
+    if companion:
+        tensors, metadata = adapter_contents(module, checkpoint=step, samples=samples)
+        data: bytes | None = serialize(tensors, metadata)
+    else:
+        tensors, data = adapter_tensors(module), None
+    state = module.state_dict(keep_vars=True)
+    # from the module, not the checkpoint: under a sharded strategy rank 0 alone may hold a full state
+    dropped = [] if keep_base_weights else [
+        key for key, value in state.items() if isinstance(value, nn.Parameter) and not value.requires_grad
     ]
+    named = [(key, state[key].detach()) for key in dropped]
+    record = {
+        "version": CHECKPOINT_VERSION,
+        "base_keys": dropped,
+        "base_fingerprint": fingerprint_tensors(((key, state[key]) for key in dropped), samples=samples),
+        "base_dtypes": dtypes_of(named),
+        "config": (lora_config(module) or LoRAConfig()).to_dict(),
+        "modules": {name: layer.spec.to_dict() for name, layer in adapters.items()},
+        "trainable": list(trainable),
+        "adapter_digest": tensors_digest(tensors),  # as its companion file holds them
+    }
+    return Prepared(record, data)
 
 
 def slim_checkpoint(checkpoint: dict[str, Any], module: nn.Module, keep_base_weights: bool = False) -> None:
@@ -90,24 +135,17 @@ def slim_checkpoint(checkpoint: dict[str, Any], module: nn.Module, keep_base_wei
     Changes ``checkpoint`` in place. A checkpoint already slimmed, or of a model without adapters or
     with merged ones (its weights then differ from the base), is left as it is.
     """
-    adapters = lora_modules(module)
-    if CHECKPOINT_KEY in checkpoint or not adapters or merged_modules(module):
+    if CHECKPOINT_KEY not in checkpoint:
+        apply_record(checkpoint, prepare_checkpoint(module, step_of(checkpoint), keep_base_weights, companion=False))
+
+
+def apply_record(checkpoint: dict[str, Any], prepared: Prepared | None) -> None:
+    """Put a prepared LoRA record into ``checkpoint`` and drop the base weights it lists, in place."""
+    if prepared is None or CHECKPOINT_KEY in checkpoint:
         return
     state = checkpoint["state_dict"]
-    # from the module, not the state: under a sharded strategy rank 0 alone may hold a full state
-    dropped = [] if keep_base_weights else frozen_keys(module)
-    own = module.state_dict()
-    checkpoint[CHECKPOINT_KEY] = {
-        "version": CHECKPOINT_VERSION,
-        "base_keys": dropped,
-        "base_fingerprint": fingerprint_tensors((key, own[key]) for key in dropped),
-        "base_dtypes": dtypes_of((key, own[key]) for key in dropped),
-        "config": (lora_config(module) or LoRAConfig()).to_dict(),
-        "modules": {name: layer.spec.to_dict() for name, layer in adapters.items()},
-        "trainable": list(trainable_modules(module)),
-        "adapter_digest": tensors_digest(adapter_tensors(module)),  # as its companion file holds them
-    }
-    for key in dropped:
+    checkpoint[CHECKPOINT_KEY] = prepared.record
+    for key in prepared.record["base_keys"]:
         state.pop(key, None)
     checkpoint["state_dict"] = {MARKER_KEY: torch.zeros(0), **state}
 
@@ -159,7 +197,7 @@ def check_record(record: dict[str, Any], module: nn.Module) -> Installation:
     current = lora_modules(module)
     for name, spec in list(specs.items()):
         if name in current:  # the dtype is left to Lightning's precision plugin
-            specs[name] = AdapterSpec(**{**spec.to_dict(), "adapter_dtype": current[name].spec.adapter_dtype})
+            specs[name] = dataclasses.replace(spec, adapter_dtype=current[name].spec.adapter_dtype)
     check_fits(module, specs, "checkpoint")
     installed = install(module, AdapterPlan(specs, LoRAConfig.from_dict(record["config"]), tuple(record["trainable"])))
     try:
@@ -251,7 +289,7 @@ def check_loaded_pair(checkpoint: dict[str, Any], path: str) -> None:
     if not exists(companion):
         raise ValueError(f"{path} has no companion {companion}; regenerate it with lightning_lora.write_companion")
     adapter = read_adapter(companion)
-    step = {"epoch": checkpoint.get("epoch"), "global_step": checkpoint.get("global_step")}
+    step = step_of(checkpoint)
     if tensors_digest(adapter.tensors) != record["adapter_digest"] or adapter.checkpoint != step:
         raise ValueError(
             f"{companion} does not belong to {path} (a stale pair: companion of step {adapter.checkpoint}, "
@@ -275,9 +313,8 @@ def write_companion(checkpoint_path: str | os.PathLike, module: nn.Module) -> st
     path = str(checkpoint_path)
     checkpoint = _load(path)
     _load_into(module, checkpoint, path, strict=True)
-    step = {"epoch": checkpoint.get("epoch", 0), "global_step": checkpoint.get("global_step", 0)}
     companion = adapter_path_for(path)
-    write_on_rank_zero(companion, adapter_bytes(module, checkpoint=step))
+    write_on_rank_zero(companion, adapter_bytes(module, checkpoint=step_of(checkpoint)))
     return companion
 
 
@@ -311,8 +348,8 @@ class LoRACheckpointIO(CheckpointIO):
         self.owner = owner
         self.linked = linked
         self.export = export
-        #: The companion's bytes, when every rank prepared them (sharded models: rank 0 alone cannot).
-        self.prepared: bytes | None = None
+        #: The record and companion, when every rank prepared them (sharded models: rank 0 alone cannot).
+        self.prepared: Prepared | None = None
         self._warned_merged = False
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
@@ -320,7 +357,8 @@ class LoRACheckpointIO(CheckpointIO):
         if "state_dict" not in checkpoint:  # e.g. the bare state dict the spawn launcher saves
             self.checkpoint_io.save_checkpoint(checkpoint, path, storage_options=storage_options)
             return
-        if merged_modules(module):
+        adapters, _ = adapted(module)
+        if any(adapter.merged for adapter in adapters.values()):
             if not self._warned_merged:
                 rank_zero_warn(
                     f"LoRA adapters are merged: saving {path} as a full checkpoint without an adapter file"
@@ -328,20 +366,19 @@ class LoRACheckpointIO(CheckpointIO):
                 self._warned_merged = True
             self.checkpoint_io.save_checkpoint(checkpoint, path, storage_options=storage_options)
             return
-        step = {"epoch": checkpoint.get("epoch", 0), "global_step": checkpoint.get("global_step", 0)}
-        adapter = self.prepared
-        if adapter is None and lora_modules(module):
+        prepared = self.prepared
+        if prepared is None and adapters:
             if is_sharded(module):  # gathering it here, where rank 0 alone runs, would wait forever
                 raise RuntimeError(
                     f"cannot write {path}: the model is sharded, and its checkpoints are saved through the "
                     f"strategy with LoRACallback attached (trainer.save_checkpoint on every rank)"
                 )
-            adapter = adapter_bytes(module, checkpoint=step)
-        slim_checkpoint(checkpoint, module, keep_base_weights=self.save_base_weights)
+            prepared = prepare_checkpoint(module, step_of(checkpoint), self.save_base_weights)
+        apply_record(checkpoint, prepared)
         remove_stale_companions(str(path), self.linked())
         self._write(checkpoint, path, storage_options)
-        if adapter is not None:
-            write_atomic(adapter_path_for(str(path)), adapter)
+        if prepared is not None and prepared.companion is not None:
+            write_atomic(adapter_path_for(str(path)), prepared.companion)
             if self.export is not None:
                 export_peft(module, peft_path_for(str(path)), target=self.export)
 

@@ -1,22 +1,19 @@
 """The Hugging Face PEFT LoRA format: export adapters to PEFT and vLLM, import PEFT adapters.
 
 A PEFT adapter is a folder with ``adapter_config.json`` and ``adapter_model.safetensors`` whose keys
-are ``base_model.model.<module>.lora_A.weight`` / ``lora_B.weight`` (``lora_B.bias`` with
-``lora_bias``), ``lora_embedding_A`` / ``lora_embedding_B`` for embeddings, and the modules to save
-under their own keys; DoRA adapters add ``lora_magnitude_vector`` (our ``magnitude``) and
-``use_dora: true``. Conversions are exact or refused:
+are ``base_model.model.<module>.<suffix>``, with the suffixes of the module's kind (``lora_A.weight``
+and ``lora_B.weight`` for linear layers; each kind converts its own tensors, see
+:mod:`lightning_lora.adapters`) and of its variant (DoRA's ``lora_magnitude_vector``, with
+``use_dora: true``), and the modules to save under their own keys. Conversions are exact or refused:
 
-- A's bias folds into PEFT's ``lora_B.bias`` (``B(Ax + a) + b = BAx + (Ba + b)``); adapters without a
-  bias get a zero one when others have one (PEFT's ``lora_bias`` is global).
-- Grouped convolutions: PEFT's ``lora_A`` sees every input channel, so ours (one block per group) is
-  written with zeros outside its blocks, and read back only when those are zero. PEFT's conv adapter
-  has no dilation and no padding mode: such layers are refused.
+- A's bias folds into PEFT's ``lora_B.bias``; adapters without a bias get a zero one when others have
+  one (PEFT's ``lora_bias`` is global).
 - Per-module ranks and alphas become ``rank_pattern``/``alpha_pattern`` keys anchored to the whole
   module name (``^`` and escaped dots).
 - ``target="vllm"``: one global rank from vLLM's allowed set (ranks are padded with zero rows and
   columns, which changes nothing) and ``lora_alpha`` equal to it, each module's own scaling folded
-  into ``lora_B``; no modules to save, no biases, no convolutions, no DoRA (vLLM serves none; a
-  merged model serves DoRA's result).
+  into its B; no modules to save, no biases, only the kinds and variants vLLM serves (not
+  convolutions, not DoRA: a merged model serves DoRA's result).
 """
 
 from __future__ import annotations
@@ -33,18 +30,14 @@ from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 from torch import nn
 
-from lightning_lora.adapter_file import (
-    AdapterFile,
-    adapter_bytes,
-    install_parsed,
-    parse_adapter,
-    read_adapter,
-)
+from lightning_lora.adapters.base import base_layer
+from lightning_lora.adapters.registry import kind_named, kind_of, kinds, variant_named, variants
+from lightning_lora.adapters.spec import AdapterSpec, dtype_name
+from lightning_lora.adapters.variants import Variant
 from lightning_lora.config import LoRAConfig
-from lightning_lora.files import read_bytes, write_atomic
-from lightning_lora.layers import LoRABase, adapter_kind
+from lightning_lora.formats.adapter_file import AdapterFile, adapter_bytes, install_parsed, parse_adapter, read_adapter
+from lightning_lora.formats.files import read_bytes, write_atomic
 from lightning_lora.naming import absolute, relative, resolve_root, sites
-from lightning_lora.spec import AdapterSpec, dtype_name
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -94,11 +87,16 @@ def export_peft(
         raise ValueError(f"target must be one of {list(TARGETS)}, got {target!r}")
     if isinstance(model_or_adapter_file, nn.Module):
         adapter = parse_adapter(adapter_bytes(model_or_adapter_file, root=root), "the model")
-        geometry = _conv_geometry(model_or_adapter_file, adapter)
+        found = sites(model_or_adapter_file)
+        bases = {
+            name: base_layer(found[full].module)
+            for name in adapter.modules
+            if (full := absolute(name, adapter.root)) in found
+        }
     else:
         adapter = read_adapter(model_or_adapter_file)
-        geometry = {}
-    tensors, config = _to_peft(adapter, geometry, base_model_name_or_path)
+        bases = {}
+    tensors, config = _to_peft(adapter, bases, base_model_name_or_path)
     if target == "vllm":
         tensors, config = _for_vllm(adapter, tensors, config)
     folder = str(out_dir)  # write_atomic creates a local folder; object stores need none
@@ -138,7 +136,7 @@ def import_peft(model: nn.Module, peft_dir: str | os.PathLike, *, root: str | nn
 
 
 def _to_peft(
-    adapter: AdapterFile, geometry: Mapping[str, Mapping[str, Any]], base_model_name_or_path: str | None
+    adapter: AdapterFile, bases: Mapping[str, nn.Module], base_model_name_or_path: str | None
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     specs = adapter.modules
     if not specs:
@@ -146,38 +144,32 @@ def _to_peft(
     rslora = {spec.use_rslora for spec in specs.values()}
     if len(rslora) > 1:
         raise ValueError("PEFT has one use_rslora for all modules, but the adapter mixes rsLoRA and plain scaling")
-    dora = {spec.use_dora for spec in specs.values()}
-    if len(dora) > 1:
-        raise ValueError("PEFT has one use_dora for all modules, but the adapter mixes DoRA and plain LoRA modules")
+    used = {spec.variant for spec in specs.values()}
+    if len(used) > 1:
+        if used == {None, "dora"}:
+            raise ValueError("PEFT has one use_dora for all modules, but the adapter mixes DoRA and plain LoRA modules")
+        raise ValueError(f"PEFT has one LoRA variant for all modules, but the adapter mixes {sorted(map(str, used))}")
+    variant = None if (name := next(iter(used))) is None else variant_named(name)
+    if variant is not None and variant.peft_config is None:
+        raise ValueError(f"PEFT has no LoRA variant {variant.name!r}; the adapter cannot be exported")
     dropouts = sorted({spec.dropout for spec in specs.values()})
     if len(dropouts) > 1:
         raise ValueError(f"PEFT has one lora_dropout for all modules, but the adapter's modules use {dropouts}")
     with_bias = any(spec.bias for spec in specs.values())
-    embeddings = [name for name, spec in specs.items() if spec.kind == "embedding"]
-    if with_bias and embeddings:
+    no_bias = [name for name, spec in specs.items() if not kind_named(spec.kind).peft_bias]
+    if with_bias and no_bias:
+        kind = specs[no_bias[0]].kind
         raise ValueError(
-            f"PEFT cannot combine adapter biases (lora_bias) with embedding adapters {embeddings[:5]!r}; "
-            f"adapt with bias=False, or leave the embeddings out"
+            f"PEFT cannot combine adapter biases (lora_bias) with {kind} adapters {no_bias[:5]!r}; "
+            f"adapt with bias=False, or leave those modules out"
         )
     tensors: dict[str, torch.Tensor] = {}
     for name, spec in specs.items():
-        a = adapter.tensors[f"{name}.matrix_A.weight"]
-        b = adapter.tensors[f"{name}.matrix_B.weight"]
-        key = PREFIX + name
-        if spec.kind == "embedding":
-            if spec.bias:
-                raise ValueError(f"PEFT has no bias for embedding adapters: module '{name}' has one; adapt it with bias=False")
-            tensors[f"{key}.lora_embedding_A"] = a.T.contiguous()  # (r, num_embeddings)
-            tensors[f"{key}.lora_embedding_B"] = b.contiguous()  # (dim, r)
-            continue
-        if spec.kind == "conv":
-            a = _dense_conv_a(name, a, b, geometry.get(name))
-        tensors[f"{key}.lora_A.weight"] = a.contiguous()
-        tensors[f"{key}.lora_B.weight"] = b.contiguous()
-        if spec.use_dora:
-            tensors[f"{key}.lora_magnitude_vector"] = adapter.tensors[f"{name}.magnitude"].contiguous()
-        if with_bias:
-            tensors[f"{key}.lora_B.bias"] = _folded_bias(adapter, name, spec, b)
+        own = {key[len(name) + 1 :]: tensor for key, tensor in adapter.tensors.items() if key.startswith(name + ".")}
+        converted = kind_named(spec.kind).to_peft(own, spec, bases.get(name), with_bias, name)
+        if variant is not None:
+            converted.update({theirs: own[ours] for ours, theirs in variant.peft_tensors.items()})
+        tensors.update({f"{PREFIX}{name}.{suffix}": tensor.contiguous() for suffix, tensor in converted.items()})
     for name in adapter.trainable:
         for key, tensor in adapter.tensors.items():
             if key.startswith(name + "."):
@@ -197,7 +189,8 @@ def _to_peft(
         "bias": "none",
         "fan_in_fan_out": any(spec.kind == "transformers_conv1d" for spec in specs.values()),
         "modules_to_save": list(adapter.trainable) or None,
-        "use_dora": dora.pop(),
+        "use_dora": False,
+        **(variant.peft_config if variant is not None and variant.peft_config else {}),
         "init_lora_weights": True,
         "inference_mode": True,
         "task_type": None,
@@ -210,71 +203,25 @@ def _to_peft(
     return tensors, config
 
 
-def _folded_bias(adapter: AdapterFile, name: str, spec: AdapterSpec, b: torch.Tensor) -> torch.Tensor:
-    """PEFT's ``lora_B.bias``: ``B a + b``, or zeros for an adapter without bias."""
-    if not spec.bias:
-        return torch.zeros(b.shape[0], dtype=b.dtype)
-    a_bias = adapter.tensors[f"{name}.matrix_A.bias"].double()
-    b_bias = adapter.tensors[f"{name}.matrix_B.bias"].double()
-    if b.dim() > 2:  # conv: B is (out, r / groups, 1...) and each output group reads its own r / groups
-        out_channels, per_group = b.shape[0], b.shape[1]
-        groups = a_bias.shape[0] // per_group
-        blocks = b.double().reshape(groups, out_channels // groups, per_group)
-        folded = torch.bmm(blocks, a_bias.reshape(groups, per_group, 1)).reshape(-1)
-    else:
-        folded = b.double() @ a_bias
-    return (folded + b_bias).to(b.dtype)
-
-
-def _dense_conv_a(name: str, a: torch.Tensor, b: torch.Tensor, geometry: Mapping[str, Any] | None) -> torch.Tensor:
-    """Our grouped ``matrix_A`` (r, in / groups, *k) as PEFT's dense ``lora_A`` (r, in, *k)."""
-    if geometry is not None:
-        if any(d != 1 for d in geometry["dilation"]) or geometry["padding_mode"] != "zeros":
-            raise ValueError(
-                f"PEFT's conv adapter has no dilation and no padding mode: module '{name}' has dilation "
-                f"{tuple(geometry['dilation'])} and padding_mode {geometry['padding_mode']!r}, which PEFT would compute differently"
-            )
-    r, per_group = a.shape[0], b.shape[1]
-    groups = r // per_group
-    if groups == 1:
-        return a
-    in_per_group = a.shape[1]
-    dense = a.new_zeros((r, in_per_group * groups, *a.shape[2:]))
-    for group in range(groups):
-        rows = slice(group * per_group, (group + 1) * per_group)
-        dense[rows, group * in_per_group : (group + 1) * in_per_group] = a[rows]
-    return dense
-
-
-def _conv_geometry(model: nn.Module, adapter: AdapterFile) -> dict[str, dict[str, Any]]:
-    found = sites(model)
-    geometry = {}
-    for name, spec in adapter.modules.items():
-        if spec.kind != "conv":
-            continue
-        full = absolute(name, adapter.root)
-        module = found[full].module if full in found else None
-        conv = module.original_module if isinstance(module, LoRABase) else module
-        if conv is not None:
-            geometry[name] = {"dilation": tuple(getattr(conv, "dilation", (1,))), "padding_mode": getattr(conv, "padding_mode", "zeros")}
-    return geometry
-
-
 def _for_vllm(
     adapter: AdapterFile, tensors: dict[str, torch.Tensor], config: dict[str, Any]
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     specs = adapter.modules
-    dora = [name for name, spec in specs.items() if spec.use_dora]
-    if dora:
-        raise ValueError(
-            f"vLLM serves no DoRA adapters (use_dora), but modules {dora[:5]!r} use DoRA; export with "
-            f"target='peft', or serve the model with its adapters merged (merge_and_unload)"
-        )
+    unserved = [name for name, spec in specs.items() if spec.variant is not None and not variant_named(spec.variant).served_by_vllm]
+    if unserved:
+        if all(specs[name].use_dora for name in unserved):
+            raise ValueError(
+                f"vLLM serves no DoRA adapters (use_dora), but modules {unserved[:5]!r} use DoRA; export with "
+                f"target='peft', or serve the model with its adapters merged (merge_and_unload)"
+            )
+        raise ValueError(f"vLLM serves no adapters of variant {specs[unserved[0]].variant!r}: modules {unserved[:5]!r}")
     if adapter.trainable:
         raise ValueError(f"vLLM serves no modules_to_save, but the adapter trains {adapter.trainable!r} fully")
-    convs = [name for name, spec in specs.items() if spec.kind == "conv"]
-    if convs:
-        raise ValueError(f"vLLM serves linear and embedding adapters only, got convolutions {convs[:5]!r}")
+    kinds = [name for name, spec in specs.items() if not kind_named(spec.kind).served_by_vllm]
+    if kinds:
+        if all(specs[name].kind == "conv" for name in kinds):
+            raise ValueError(f"vLLM serves linear and embedding adapters only, got convolutions {kinds[:5]!r}")
+        raise ValueError(f"vLLM serves no adapters of kind {specs[kinds[0]].kind!r}: modules {kinds[:5]!r}")
     biased = [name for name in specs if f"{PREFIX}{name}.lora_B.bias" in tensors and tensors[f"{PREFIX}{name}.lora_B.bias"].any()]
     if biased:
         raise ValueError(f"vLLM serves no LoRA biases, but modules {biased[:5]!r} have non-zero ones; adapt with bias=False")
@@ -284,13 +231,12 @@ def _for_vllm(
         raise ValueError(f"vLLM serves ranks up to {VLLM_RANKS[-1]}, got r={largest}")
     out: dict[str, torch.Tensor] = {}
     for name, spec in specs.items():
-        key = PREFIX + name
-        embedding = spec.kind == "embedding"
-        a_key, b_key = (f"{key}.lora_embedding_A", f"{key}.lora_embedding_B") if embedding else (f"{key}.lora_A.weight", f"{key}.lora_B.weight")
-        a, b = tensors[a_key], tensors[b_key]
-        out[a_key] = torch.cat([a, a.new_zeros((rank - spec.r, *a.shape[1:]))])  # (rank, in)
+        kind = kind_named(spec.kind)
+        (a_suffix, a_dim), (b_suffix, b_dim) = kind.peft_a, kind.peft_b
+        a, b = tensors[f"{PREFIX}{name}.{a_suffix}"], tensors[f"{PREFIX}{name}.{b_suffix}"]
         scaled = (b.double() * spec.scaling).to(b.dtype)  # the global scaling is lora_alpha / rank = 1
-        out[b_key] = torch.cat([scaled, scaled.new_zeros((scaled.shape[0], rank - spec.r))], dim=1)
+        out[f"{PREFIX}{name}.{a_suffix}"] = _padded(a, a_dim, rank)
+        out[f"{PREFIX}{name}.{b_suffix}"] = _padded(scaled, b_dim, rank)
     vllm = {
         **config,
         "r": rank,
@@ -302,6 +248,13 @@ def _for_vllm(
         "modules_to_save": None,
     }
     return out, vllm
+
+
+def _padded(tensor: torch.Tensor, dim: int, size: int) -> torch.Tensor:
+    """``tensor`` with zeros appended along ``dim`` up to ``size`` (padding a rank changes nothing)."""
+    shape = list(tensor.shape)
+    shape[dim] = size - shape[dim]
+    return torch.cat([tensor, tensor.new_zeros(shape)], dim=dim)
 
 
 def _anchored(name: str) -> str:
@@ -343,69 +296,69 @@ def _from_peft(model: nn.Module, prefix: str, config: Mapping[str, Any], tensors
     stray = [key for key in tensors if not key.startswith(PREFIX)]
     if stray:
         raise ValueError(f"{source} has tensors outside {PREFIX!r}: {stray[:5]!r}")
-    names = {key[len(PREFIX) :] for key in tensors}
-    suffixes = r"lora_A\.weight|lora_B\.weight|lora_B\.bias|lora_embedding_A|lora_embedding_B|lora_magnitude_vector"
-    adapted = sorted({re.sub(rf"\.({suffixes})$", "", key) for key in names if ".lora_" in key})
-    use_dora = bool(config.get("use_dora", False))
+    by_module: dict[str, dict[str, torch.Tensor]] = {}
+    others: list[str] = []
+    suffixes = _peft_suffixes()
+    for key in (key[len(PREFIX) :] for key in tensors):
+        suffix = next((suffix for suffix in suffixes if key.endswith("." + suffix)), None)
+        if suffix is None:
+            others.append(key)
+        else:
+            by_module.setdefault(key[: -len(suffix) - 1], {})[suffix] = tensors[PREFIX + key]
+    variant = _peft_variant(config, source)
     found = sites(model)
-    saved = [str(name) for name in (config.get("modules_to_save") or [])]
     ours: dict[str, torch.Tensor] = {}
     specs: dict[str, AdapterSpec] = {}
-    for name in adapted:
+    for name in sorted(by_module):
         full = absolute(name, prefix)
         if full not in found:
             raise ValueError(f"{source} adapts module '{name}', which the model does not have")
-        module = found[full].module
-        original = module.original_module if isinstance(module, LoRABase) else module
-        kind = adapter_kind(original, full)
+        original = base_layer(found[full].module)
+        kind = kind_of(original, full)
+        own = dict(by_module[name])
+        bias = "lora_B.bias" in own and bool(config.get("lora_bias"))
+        if not bias:
+            own.pop("lora_B.bias", None)
+        try:
+            converted = kind.from_peft(own, original, name, source)
+            rank = own[kind.peft_a[0]].shape[kind.peft_a[1]]
+        except KeyError as err:
+            raise ValueError(f"{source}: module '{name}' has no PEFT tensor {err}") from err
         r = _pattern_value(config.get("rank_pattern") or {}, name, config.get("r", 8))
         alpha = _pattern_value(config.get("alpha_pattern") or {}, name, config.get("lora_alpha", 8))
-        key = PREFIX + name
-        if kind == "embedding":
-            a, b = tensors[f"{key}.lora_embedding_A"].T, tensors[f"{key}.lora_embedding_B"]
-        else:
-            a, b = tensors[f"{key}.lora_A.weight"], tensors[f"{key}.lora_B.weight"]
-        if a.shape[0 if kind != "embedding" else 1] != r:
-            raise ValueError(f"{source}: module '{name}' has rank {a.shape[0]} in its tensors but r={r} in its config")
-        lora_bias = tensors.get(f"{key}.lora_B.bias")
-        bias = lora_bias is not None and bool(config.get("lora_bias"))
-        if kind == "conv":
-            a = _grouped_conv_a(name, a, original, source)
-        ours[f"{name}.matrix_A.weight"] = a.contiguous()
-        ours[f"{name}.matrix_B.weight"] = b.contiguous()
-        if use_dora:
-            magnitude = tensors.get(f"{key}.lora_magnitude_vector")
-            if magnitude is None:
-                raise ValueError(f"{source} sets use_dora=true but has no lora_magnitude_vector for module '{name}'")
-            ours[f"{name}.magnitude"] = magnitude.reshape(-1).contiguous()
-        if bias:
-            assert lora_bias is not None
-            ours[f"{name}.matrix_A.bias"] = torch.zeros(a.shape[0], dtype=a.dtype)
-            ours[f"{name}.matrix_B.bias"] = lora_bias.contiguous()
-        specs[name] = AdapterSpec(
-            kind=kind,
+        if rank != r:
+            raise ValueError(f"{source}: module '{name}' has rank {rank} in its tensors but r={r} in its config")
+        spec = AdapterSpec(
+            kind=kind.kind,
             r=int(r),
             alpha=float(alpha),
             bias=bias,
             dropout=float(config.get("lora_dropout") or 0.0),
             use_rslora=bool(config.get("use_rslora", False)),
-            adapter_dtype=dtype_name(a.dtype),
-            use_dora=use_dora,
+            adapter_dtype=dtype_name(next(iter(converted.values())).dtype),
+            variant=None if variant is None else variant.name,
         )
-    others = []
-    for key in names:
-        if ".lora_" in key:
-            continue
+        if variant is not None:
+            shapes = variant.param_shapes(kind, original, spec)
+            for mine, theirs in variant.peft_tensors.items():
+                if theirs not in own:
+                    raise ValueError(f"{source} sets {_flags(variant)} but has no {theirs} for module '{name}'")
+                converted[mine] = own[theirs].reshape(shapes[mine])
+        ours.update({f"{name}.{key}": tensor.contiguous() for key, tensor in converted.items()})
+        specs[name] = spec
+    rest = []
+    for key in others:
         if ".base_layer." in key:  # PEFT saves targeted embeddings' own weights too ("save_embedding_layers")
             _check_base_layer_copy(model, absolute(key.replace(".base_layer.", "."), prefix), tensors[PREFIX + key], source)
             continue
-        others.append(key)
+        rest.append(key)
+    saved = [str(name) for name in (config.get("modules_to_save") or [])]
     trainable: list[str] = []  # PEFT matches modules_to_save by name suffix
     for module_name in found:
         inner = relative(module_name, prefix)
-        if inner and any(inner == s or inner.endswith("." + s) for s in saved) and any(k.startswith(inner + ".") for k in others):
+        if inner and any(inner == s or inner.endswith("." + s) for s in saved) and any(k.startswith(inner + ".") for k in rest):
             trainable.append(inner)
-    for key in others:
+    for key in rest:
         if not any(key.startswith(name + ".") for name in trainable):
             raise ValueError(f"{source} has tensor '{key}' that belongs to no adapter and no module to save")
         ours[key] = tensors[PREFIX + key]
@@ -418,7 +371,7 @@ def _from_peft(model: nn.Module, prefix: str, config: Mapping[str, Any], tensors
         targets=list(specs),
         dropout=_most_common(spec.dropout for spec in specs.values()),
         use_rslora=bool(config.get("use_rslora", False)),
-        use_dora=use_dora,
+        use_dora=variant is not None and variant.name == "dora",
         trainable=trainable,
     )
     return AdapterFile(
@@ -433,6 +386,32 @@ def _from_peft(model: nn.Module, prefix: str, config: Mapping[str, Any], tensors
     )
 
 
+def _peft_suffixes() -> list[str]:
+    """Every key suffix of PEFT's LoRA tensors that a kind or variant knows, longest first."""
+    found = {"lora_B.bias"}
+    for kind in kinds():
+        found |= {kind.peft_a[0], kind.peft_b[0]}
+    for variant in variants():
+        found |= set(variant.peft_tensors.values())
+    return sorted(found, key=len, reverse=True)
+
+
+def _peft_variant(config: Mapping[str, Any], source: str) -> type[Variant] | None:
+    """The variant whose PEFT fields the config sets (DoRA: ``use_dora: true``), or None."""
+    matching = [
+        variant
+        for variant in variants()
+        if variant.peft_config and all(config.get(key) == value for key, value in variant.peft_config.items())
+    ]
+    if len(matching) > 1:
+        raise ValueError(f"{source} sets the fields of several LoRA variants: {[v.name for v in matching]}")
+    return matching[0] if matching else None
+
+
+def _flags(variant: type[Variant]) -> str:
+    return ", ".join(f"{key}={json.dumps(value)}" for key, value in (variant.peft_config or {}).items())
+
+
 def _check_base_layer_copy(model: nn.Module, key: str, tensor: torch.Tensor, source: str) -> None:
     """A base weight PEFT saved beside the adapter must be the model's own (else the vocabulary was resized)."""
     own = dict(model.named_parameters()).get(key)
@@ -444,24 +423,3 @@ def _check_base_layer_copy(model: nn.Module, key: str, tensor: torch.Tensor, sou
             f"{source} holds base weights '{key}' that differ from this model's (e.g. a resized vocabulary); "
             f"load the base model those weights belong to"
         )
-
-
-def _grouped_conv_a(name: str, a: torch.Tensor, conv: nn.Module, source: str) -> torch.Tensor:
-    """PEFT's dense ``lora_A`` (r, in, *k) as our grouped one (r, in / groups, *k), if it is block-diagonal."""
-    groups = int(getattr(conv, "groups", 1))
-    if any(d != 1 for d in getattr(conv, "dilation", (1,))) or getattr(conv, "padding_mode", "zeros") != "zeros":
-        raise ValueError(f"{source}: PEFT's adapter of conv '{name}' ignores its dilation or padding mode; it cannot be imported exactly")
-    if groups == 1:
-        return a
-    r, in_channels = a.shape[0], a.shape[1]
-    per_group, in_per_group = r // groups, in_channels // groups
-    grouped = a.new_empty((r, in_per_group, *a.shape[2:]))
-    for group in range(groups):
-        rows = slice(group * per_group, (group + 1) * per_group)
-        block = slice(group * in_per_group, (group + 1) * in_per_group)
-        outside = a[rows].clone()
-        outside[:, block] = 0
-        if outside.any():
-            raise ValueError(f"{source}: the adapter of grouped conv '{name}' mixes groups, which this package's conv adapter cannot hold")
-        grouped[rows] = a[rows, block]
-    return grouped

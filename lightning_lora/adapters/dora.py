@@ -1,4 +1,4 @@
-"""DoRA (weight-decomposed LoRA): the weight norm, and one autograd node for a DoRA linear layer.
+"""DoRA (weight-decomposed LoRA): the :class:`DoRA` variant, its weight norm, and its autograd node.
 
 DoRA (Liu et al., 2024) writes the adapted weight as a magnitude times a direction::
 
@@ -23,6 +23,10 @@ output (``addmm`` with the bias, as ``F.linear`` computes it), the adapter accum
 one more pass ``out += (f - 1) * (out - bias)``; backward scales the output gradient by ``f`` once,
 reads the saved ``W x + s B A x`` once for the magnitude's gradient, and otherwise runs LoRA's
 products. No weight-sized tensor is created in backward.
+
+:class:`DoRA` is the variant (see :mod:`lightning_lora.adapters.variants`) that puts this into the
+linear kinds: a ``magnitude`` parameter per output row, its forward, merge and unmerge, its rules
+(no adapter bias, no quantized base) and its PEFT fields (``use_dora``, ``lora_magnitude_vector``).
 """
 
 from __future__ import annotations
@@ -31,6 +35,14 @@ import weakref
 from typing import Any
 
 import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_lora.adapters.base import LoRABase, base_bias, base_weight, cast, compute_dtype, fused_dtype, in_dtype
+from lightning_lora.adapters.linear import LoRA
+from lightning_lora.adapters.spec import AdapterSpec
+from lightning_lora.adapters.variants import Variant, register_variant
+from lightning_lora.quantize import quantized_format
 
 
 def sum_of_squares(weight: torch.Tensor, rows_first: bool) -> torch.Tensor:
@@ -220,3 +232,140 @@ def dora_linear(
     if torch.is_grad_enabled():
         return _DoRALinearFunction.apply(x, weight, bias, a_weight, b_weight, magnitude, norm, scaling)
     return _forward(x, weight, bias, a_weight, b_weight, magnitude, norm, scaling)[0]
+
+
+class DoRA(Variant):
+    """DoRA on a linear kind (``nn.Linear``, transformers' ``Conv1D``): ``m * (W + s B A) / ||W + s B A||``.
+
+    Adds ``magnitude`` (one value per output row, initialised to the row norms of the weight, so a
+    fresh adapter is the identity bit for bit) and computes what PEFT's DoRA computes, the norm a
+    constant in backward. Around a plain ``nn.Linear`` without dropout, forward and backward are one
+    node (:func:`dora_linear`); the norm is kept while the weights are unchanged (:class:`NormCache`).
+    """
+
+    name = "dora"
+    kinds = ("linear", "transformers_conv1d")
+    peft_config = {"use_dora": True}
+    peft_tensors = {"magnitude": "lora_magnitude_vector"}
+    allows_bias = False
+
+    def __init__(self, layer: LoRABase) -> None:
+        super().__init__(layer)
+        assert isinstance(layer, LoRA), "check_layer admits the linear kinds only"
+        self.linear = layer
+        _, out_features = layer.features(layer.original_module)
+        layer.register_parameter("magnitude", nn.Parameter(torch.empty(out_features, **layer.factory)))
+        self.norms = NormCache()
+        self.merge_factor: torch.Tensor | None = None
+
+    @classmethod
+    def check_settings(cls, bias: bool, quantize: str | None) -> None:
+        if bias:
+            raise ValueError("use_dora=True needs bias=False or 'auto': DoRA's update has no bias (as in PEFT), got bias=True")
+        if quantize is not None:
+            raise ValueError(
+                f"use_dora=True cannot be combined with quantize={quantize!r}: DoRA's weight norm needs the "
+                f"base weights in floating point; set use_dora=False or quantize=None"
+            )
+
+    @classmethod
+    def check_layer(cls, kind: type[LoRABase], original_module: nn.Module) -> None:
+        if not issubclass(kind, LoRA):
+            raise ValueError(
+                f"use_dora=True is supported on nn.Linear and transformers' Conv1D layers only, not on "
+                f"{type(original_module).__name__}; leave this layer out of the targets or set use_dora=False"
+            )
+        stored = quantized_format(base_weight(original_module))
+        if stored is not None:
+            raise ValueError(
+                f"use_dora=True needs a floating-point base weight, got one quantized ({stored}); set "
+                f"use_dora=False or adapt the unquantized model"
+            )
+
+    @classmethod
+    def param_shapes(cls, kind: type[LoRABase], original_module: nn.Module, spec: AdapterSpec) -> dict[str, tuple[int, ...]]:
+        assert issubclass(kind, LoRA), "check_layer admits the linear kinds only"
+        return {"magnitude": (kind.features(original_module)[1],)}
+
+    @property
+    def magnitude(self) -> nn.Parameter:
+        """The layer's ``magnitude`` (read from the layer each time: FSDP and ``to_empty`` replace parameters)."""
+        magnitude = self.linear.magnitude
+        assert isinstance(magnitude, nn.Parameter), "DoRA layers hold their magnitude as a parameter"
+        return magnitude
+
+    def params(self) -> dict[str, nn.Parameter]:
+        return {"magnitude": self.magnitude}
+
+    def reset(self) -> None:
+        """``magnitude`` set to the weight's row norms (B is zero: the identity)."""
+        self.norms.clear()
+        with torch.no_grad():
+            self.magnitude.copy_(self.weight_norm())
+
+    def weight_norm(self) -> torch.Tensor:
+        """``||W + scaling * B @ A||`` per output row (detached), rounded to ``magnitude``'s dtype.
+
+        Computed as :func:`weight_norm` does, and kept while the weights are unchanged. The rounding
+        makes a fresh adapter's ``magnitude / norm`` exactly 1.
+        """
+        layer = self.linear
+        norm = self.norms.norm(
+            base_weight(layer.original_module), base_weight(layer.matrix_A), base_weight(layer.matrix_B),
+            layer.scaling, layer.rows_first,
+        )
+        return norm.to(self.magnitude.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """DoRA as PEFT computes it: ``base(x) + (f - 1) * W d + f * scaling * B A d``, ``f = m / norm``.
+
+        ``d`` is ``x``, or its dropout while training with dropout (then ``W d`` is one more product).
+        Around a plain ``nn.Linear`` without dropout this runs as one autograd node (:func:`dora_linear`).
+        """
+        layer = self.linear
+        norm = self.weight_norm()  # (out,)
+        dropping = isinstance(layer.dropout, nn.Dropout) and layer.dropout.training
+        dtype = fused_dtype(layer.original_module, x)
+        if dtype is not None and not dropping:
+            x = in_dtype(x, dtype)
+            linear, a, b = layer.original_module, layer.matrix_A, layer.matrix_B
+            return dora_linear(
+                x,
+                in_dtype(base_weight(linear), dtype),
+                in_dtype(base_bias(linear), dtype),
+                in_dtype(base_weight(a), dtype),
+                in_dtype(base_weight(b), dtype),
+                in_dtype(self.magnitude, dtype),
+                norm.to(dtype),
+                layer.scaling,
+            )
+        result = layer.original_module(x)
+        dtype = compute_dtype(x)
+        factor = (self.magnitude / norm).to(result.dtype)  # (out,)
+        if dropping:
+            x = layer.dropout(x)
+            directed = F.linear(x, layer.linear_weight().to(dtype))
+        else:
+            bias = base_bias(layer.original_module)
+            directed = result if bias is None else result - bias
+        hidden = F.linear(x, *cast(layer.matrix_A, dtype))  # (..., r)
+        update = F.linear(hidden, *cast(layer.matrix_B, dtype))  # (..., out_features)
+        return result + (factor - 1) * directed + factor * update * layer.scaling
+
+    def merged(self, weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        self.merge_factor = (self.magnitude.detach() / self.weight_norm()).float()
+        return self._rows(self.merge_factor) * (weight + delta)
+
+    def unmerged(self, merged: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        assert self.merge_factor is not None, "a merged DoRA layer keeps its factor"
+        return merged / self._rows(self.merge_factor) - delta
+
+    def merge_done(self) -> None:
+        self.merge_factor = None
+
+    def _rows(self, factor: torch.Tensor) -> torch.Tensor:
+        """A per-output-row ``factor`` (out,) shaped to scale the original weight."""
+        return factor[:, None] if self.linear.rows_first else factor[None, :]
+
+
+register_variant(DoRA)

@@ -18,10 +18,12 @@ under clean module names, and string metadata:
                      other metadata) and of the tensor data, so any change is detected on load
 ==================== ==========================================================================
 
-This module owns the format: :func:`adapter_bytes` (model -> bytes), :func:`parse_adapter`
-(bytes -> :class:`AdapterFile`) and :func:`check_fits` (does a file fit a model). Reading and
-writing go through :mod:`lightning_lora.files`; loading installs the stored specs with
-:func:`lightning_lora.surgery.install`. Nothing is ever unpickled.
+This module owns the format: :func:`adapter_contents` (model -> tensors and metadata, read once),
+:func:`serialize` (-> bytes, written once: the digest goes into a placeholder of the same length),
+:func:`parse_adapter` (bytes -> :class:`AdapterFile`) and :func:`check_fits` (does a file fit a
+model). Reading and writing go through :mod:`lightning_lora.formats.files`; loading installs the
+stored specs with :func:`lightning_lora.surgery.install`. Nothing is ever unpickled. Tensor names
+inside an adapted module belong to its kind (:mod:`lightning_lora.adapters`).
 """
 
 from __future__ import annotations
@@ -41,22 +43,24 @@ from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 from torch import nn
 
+from lightning_lora.adapters.base import base_layer
+from lightning_lora.adapters.registry import kind_named
+from lightning_lora.adapters.spec import AdapterSpec
 from lightning_lora.config import LoRAConfig
-from lightning_lora.files import read_bytes, write_on_rank_zero
-from lightning_lora.fingerprint import dtype_note, dtypes_of, fingerprint_matches, fingerprint_tensors
-from lightning_lora.layers import LoRABase, adapter_class
+from lightning_lora.formats.files import read_bytes, write_on_rank_zero
+from lightning_lora.formats.fingerprint import Samples, dtype_note, dtypes_of, fingerprint_matches, fingerprint_tensors
 from lightning_lora.naming import absolute, relative, resolve_root, sites
-from lightning_lora.plan import AdapterPlan, check_fits as check_specs_fit
 from lightning_lora.sharding import copy_into, full_tensor
-from lightning_lora.spec import AdapterSpec
-from lightning_lora.surgery import (
-    Installation,
+from lightning_lora.surgery.apply import Installation, install
+from lightning_lora.surgery.plan import AdapterPlan
+from lightning_lora.surgery.plan import check_fits as check_specs_fit
+from lightning_lora.surgery.state import (
+    adapted,
     base_named_parameters,
-    install,
     lora_config,
     lora_modules,
-    lora_tensors,
     merged_modules,
+    tensors_of,
     trainable_modules,
 )
 
@@ -114,22 +118,25 @@ def library_version() -> str:
         return "unknown"
 
 
-def default_root(model: nn.Module) -> str:
+def default_root(model: nn.Module, held: Iterable[str] | None = None) -> str:
     """The submodule whose names an adapter file uses by default: the base model inside a wrapper.
 
     A direct child that is a transformers model (it has ``get_output_embeddings`` and ``config``) and
-    holds every adapter and trainable module, as in a LightningModule with ``self.model =
-    AutoModelForCausalLM...``; else ``model`` itself (``""``). Names relative to it load into the bare
-    transformers model as well as into the wrapper.
+    holds every adapter and trainable module (``held``: their names, if known), as in a
+    LightningModule with ``self.model = AutoModelForCausalLM...``; else ``model`` itself (``""``).
+    Names relative to it load into the bare transformers model as well as into the wrapper.
     """
     if callable(getattr(model, "get_output_embeddings", None)):
         return ""
-    held = [*lora_modules(model), *trainable_modules(model)]
-    for name, child in model.named_children():
-        if callable(getattr(child, "get_output_embeddings", None)) and hasattr(child, "config"):
-            if held and all(relative(item, name) for item in held):
-                return name
-    return ""
+    children = [
+        name
+        for name, child in model.named_children()
+        if callable(getattr(child, "get_output_embeddings", None)) and hasattr(child, "config")
+    ]
+    if not children:
+        return ""
+    names = [*lora_modules(model), *trainable_modules(model)] if held is None else list(held)
+    return next((name for name in children if names and all(relative(item, name) for item in names)), "")
 
 
 def adapter_bytes(
@@ -147,47 +154,80 @@ def adapter_bytes(
         ValueError: if the model has no adapters, or some lie outside ``root``. RuntimeError: if an
             adapter is merged.
     """
-    merged = merged_modules(model)
+    return serialize(*adapter_contents(model, checkpoint, root))
+
+
+def adapter_contents(
+    model: nn.Module,
+    checkpoint: Mapping[str, int] | None = None,
+    root: str | nn.Module | None = None,
+    samples: Samples | None = None,
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors (CPU copies, gathered whole) and the metadata of an adapter file for ``model``.
+
+    Arguments as for :func:`adapter_bytes`; ``samples``: base-weight values read before (see
+    :func:`~lightning_lora.formats.fingerprint.fingerprint_tensors`), reused and filled.
+
+    Raises:
+        ValueError: if the model has no adapters, or some lie outside ``root``. RuntimeError: if an
+            adapter is merged.
+    """
+    adapters, trainable = adapted(model)
+    merged = [name for name, adapter in adapters.items() if adapter.merged]
     if merged:  # the weights hold the update too: neither they nor the fingerprint are the base's
         raise RuntimeError(f"cannot fingerprint base weights while modules {merged[:5]!r} are merged; unmerge first")
-    prefix = resolve_root(model, root) if root is not None else default_root(model)
-    adapters = _inside(lora_modules(model), prefix, "adapted module")
-    if not adapters:
+    prefix = resolve_root(model, root) if root is not None else default_root(model, [*adapters, *trainable])
+    inner = _inside(adapters, prefix, "adapted module")
+    if not inner:
         raise ValueError("model has no LoRA adapters to save; call apply_lora(model, config) first")
     modules = {
         name: {**adapter.spec.to_dict(), "shapes": {k: list(p.shape) for k, p in adapter.adapter_params().items()}}
-        for name, adapter in adapters.items()
+        for name, adapter in inner.items()
     }
-    trainable = _inside(trainable_modules(model), prefix, "trainable module")
-    base = _base_inside(model, prefix)
+    base = _base_inside(model, prefix, trainable)
     metadata = {
         "format": FORMAT,
         "format_version": str(FORMAT_VERSION),
         "library_version": library_version(),
         "config": json.dumps((lora_config(model) or LoRAConfig()).to_dict()),
         "modules": json.dumps(modules),
-        "trainable": json.dumps(list(trainable)),
-        "base_fingerprint": fingerprint_tensors(base),
+        "trainable": json.dumps(list(_inside(trainable, prefix, "trainable module"))),
+        "base_fingerprint": fingerprint_tensors(base, samples=samples),
         "base_dtypes": json.dumps(dtypes_of(base)),
         "root": prefix,
     }
     if checkpoint is not None:
         metadata["checkpoint"] = json.dumps(dict(checkpoint))
-    tensors = adapter_tensors(model, prefix)
-    draft = save_tensors(tensors, metadata={**metadata, _DIGEST_KEY: "0" * 64})
-    metadata[_DIGEST_KEY] = _digest(_header(draft, "draft"), draft)
-    return save_tensors(tensors, metadata=metadata)
+    return _copies(_inside(tensors_of(adapters, trainable), prefix, "adapter tensor")), metadata
+
+
+def serialize(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> bytes:
+    """The adapter file of ``tensors`` and ``metadata``, with the SHA-256 of both in its metadata.
+
+    The tensors are serialised once: with a placeholder digest of the same length, which the digest
+    (computed without the digest itself) then replaces in the header.
+    """
+    placeholder = "0" * 64
+    data = save_tensors(dict(tensors), metadata={**metadata, _DIGEST_KEY: placeholder})
+    field = f'"{_DIGEST_KEY}":"{placeholder}"'.encode()
+    length = int.from_bytes(data[:8], "little")
+    start = data.index(field, 8, 8 + length)  # quotes inside other metadata values are escaped: this is the key
+    digest = _digest(_header(data, "the new adapter file"), data)
+    return data[:start] + f'"{_DIGEST_KEY}":"{digest}"'.encode() + data[start + len(field):]
 
 
 def adapter_tensors(model: nn.Module, root: str | nn.Module | None = None) -> dict[str, torch.Tensor]:
     """The tensors an adapter file of ``model`` holds: CPU copies, named relative to ``root``
     (default: :func:`default_root`), as :func:`tensors_digest` of a companion file sees them. Sharded
     tensors are gathered whole (every rank must call this then)."""
-    prefix = resolve_root(model, root) if root is not None else default_root(model)
-    return {
-        key: full_tensor(tensor.detach()).to("cpu", copy=True).contiguous()
-        for key, tensor in _inside(lora_tensors(model), prefix, "adapter tensor").items()
-    }
+    adapters, trainable = adapted(model)
+    prefix = resolve_root(model, root) if root is not None else default_root(model, [*adapters, *trainable])
+    return _copies(_inside(tensors_of(adapters, trainable), prefix, "adapter tensor"))
+
+
+def _copies(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Whole (gathered), contiguous CPU copies of ``tensors``."""
+    return {key: full_tensor(tensor.detach()).to("cpu", copy=True).contiguous() for key, tensor in tensors.items()}
 
 
 def parse_adapter(data: bytes, source: str) -> AdapterFile:
@@ -270,12 +310,10 @@ def check_fits(model: nn.Module, adapter: AdapterFile, source: str, check_base: 
     merged = merged_modules(model)
     if merged:
         raise ValueError(f"cannot load {source} into a model with merged adapters {merged[:5]!r}; call unmerge_lora() first")
-    check_specs_fit(model, adapter.modules, source)
-    found = sites(model)
+    found = check_specs_fit(model, adapter.modules, source)
     for name, spec in adapter.modules.items():  # before anything is allocated for the claimed settings
-        module = found[name].module
-        original = module.original_module if isinstance(module, LoRABase) else module
-        for key, shape in adapter_class(spec.kind).param_shapes(original, spec).items():
+        original = base_layer(found[name].module)
+        for key, shape in kind_named(spec.kind).shapes(original, spec).items():
             tensor = adapter.tensors.get(f"{name}.{key}")
             if tensor is not None and tuple(tensor.shape) != shape:
                 raise ValueError(
@@ -358,9 +396,15 @@ def install_adapter(
 ) -> Installation:
     """:func:`load_adapter`, returning the :class:`~lightning_lora.surgery.Installation` (to undo it)."""
     source = _path("path", path)
-    stored = read_adapter(source)
-    prefix = resolve_root(model, root) if root is not None else _locate(model, stored, source)
-    return install_parsed(model, stored.under(prefix), source, check_base, prefix)
+    return install_file(model, read_adapter(source), source, check_base, root)
+
+
+def install_file(
+    model: nn.Module, adapter: AdapterFile, source: str, check_base: bool = True, root: str | nn.Module | None = None
+) -> Installation:
+    """:func:`install_adapter` of an adapter file already read (``source`` names it in errors)."""
+    prefix = resolve_root(model, root) if root is not None else _locate(model, adapter, source)
+    return install_parsed(model, adapter.under(prefix), source, check_base, prefix)
 
 
 def install_parsed(model: nn.Module, adapter: AdapterFile, source: str, check_base: bool, prefix: str) -> Installation:
@@ -371,8 +415,8 @@ def install_parsed(model: nn.Module, adapter: AdapterFile, source: str, check_ba
     check_fits(model, adapter, source, check_base, prefix)
     installed = install(model, AdapterPlan(adapter.modules, adapter.config, tuple(adapter.trainable)))
     try:
-        expected = lora_tensors(model)
-        _check_tensors(source, expected, adapter.tensors, set(lora_tensors(model, include_trainable=False)))
+        expected = tensors_of(installed.adapters, installed.trainable)
+        _check_tensors(source, expected, adapter.tensors, set(tensors_of(installed.adapters, {})))
     except ValueError:
         installed.undo()
         raise

@@ -24,10 +24,10 @@ from collections.abc import Callable, Iterable, Mapping
 import torch
 from torch import nn
 
+from lightning_lora.adapters.spec import ADAPTER_DTYPES, dtype_name
 from lightning_lora.quantize import METHODS, quantized_format, stored_parts
 from lightning_lora.sharding import sample_flat
-from lightning_lora.spec import ADAPTER_DTYPES, dtype_name
-from lightning_lora.surgery import base_named_parameters, merged_modules
+from lightning_lora.surgery.state import base_named_parameters, merged_modules
 
 #: Values sampled from each tensor.
 SAMPLES_PER_TENSOR = 256
@@ -47,6 +47,11 @@ def base_fingerprint(model: nn.Module, trainable: Iterable[str] | None = None) -
     return fingerprint_tensors(_base(model, trainable))
 
 
+#: Sampled values of tensors already read, by ``id`` of the tensor: one save reads each tensor once,
+#: however many fingerprints it computes (a checkpoint's and its companion's name the tensors differently).
+Samples = dict[int, "torch.Tensor | None"]
+
+
 def fingerprint_matches(named: Iterable[tuple[str, torch.Tensor]], digest: str, dtypes: Mapping[str, str] | None) -> bool:
     """Whether named tensors match a recorded digest, taken in the recorded ``dtypes``.
 
@@ -56,50 +61,61 @@ def fingerprint_matches(named: Iterable[tuple[str, torch.Tensor]], digest: str, 
     return (fingerprint_tensors(named, dtypes) if dtypes is not None else legacy_fingerprint(named)) == digest
 
 
-def fingerprint_tensors(named: Iterable[tuple[str, torch.Tensor]], dtypes: Mapping[str, str] | None = None) -> str:
+def fingerprint_tensors(
+    named: Iterable[tuple[str, torch.Tensor]], dtypes: Mapping[str, str] | None = None, samples: Samples | None = None
+) -> str:
     """Hex digest of named tensors: each name and shape, and a fixed sample of values.
 
     Args:
         named: (name, tensor) pairs.
         dtypes: cast the sampled values of each tensor to these dtypes first (a map from
             :func:`dtypes_of`); default: each tensor's own dtype.
+        samples: values sampled before (reused, and filled with those read now).
     """
     return _fingerprint(
         named,
         lambda name, tensor: f"{name}|{tuple(tensor.shape)}",
         lambda name, tensor: _dtype_for(dtypes, name) if dtypes is not None else tensor.dtype,
+        {} if samples is None else samples,
     )
 
 
 def legacy_fingerprint(named: Iterable[tuple[str, torch.Tensor]]) -> str:
     """The digest files and checkpoints of format version 1 hold: the dtype was part of the hash."""
-    return _fingerprint(named, lambda name, tensor: f"{name}|{tuple(tensor.shape)}|{tensor.dtype}", lambda _, tensor: tensor.dtype)
+    return _fingerprint(named, lambda name, tensor: f"{name}|{tuple(tensor.shape)}|{tensor.dtype}", lambda _, tensor: tensor.dtype, {})
 
 
 def _fingerprint(
     named: Iterable[tuple[str, torch.Tensor]],
     line: Callable[[str, torch.Tensor], str],
     dtype: Callable[[str, torch.Tensor], torch.dtype],
+    samples: Samples,
 ) -> str:
     """SHA-256 of ``line`` of each tensor (in name order), then of its sampled values cast to ``dtype``
     (those of a quantized tensor's stored parts as they are)."""
     digest = hashlib.sha256()
-    samples = []
+    values: list[torch.Tensor] = []
     for name, tensor in sorted(named, key=lambda item: item[0]):
         parts = stored_parts(tensor)
         stored = f"|{quantized_format(tensor)}" if parts else ""
         digest.update(f"{line(name, tensor)}{stored}\n".encode())
         if parts:
-            samples += [sample.to(torch.float64) for sample in map(_sample, parts.values()) if sample is not None]
+            values += [sample for part in parts.values() if (sample := _sampled(part, samples)) is not None]
             continue
-        sample = _sample(tensor)
+        sample = _sampled(tensor, samples)
         if sample is not None:
-            samples.append(sample.to(dtype(name, tensor)).to(torch.float64))
-    if samples:
-        device = samples[0].device
-        values = torch.cat([s.to(device) for s in samples]).cpu()  # one small transfer
-        digest.update(values.numpy().tobytes())
+            values.append(sample.to(dtype(name, tensor)).to(torch.float64))
+    if values:
+        device = values[0].device
+        digest.update(torch.cat([v.to(device) for v in values]).cpu().numpy().tobytes())  # one small transfer
     return digest.hexdigest()
+
+
+def _sampled(tensor: torch.Tensor, samples: Samples) -> torch.Tensor | None:
+    """:func:`_sample` of ``tensor``, read once per ``samples``."""
+    if id(tensor) not in samples:
+        samples[id(tensor)] = _sample(tensor)
+    return samples[id(tensor)]
 
 
 def dtypes_of(named: Iterable[tuple[str, torch.Tensor]]) -> dict[str, str]:

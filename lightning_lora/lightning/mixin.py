@@ -24,9 +24,10 @@ import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 
-from lightning_lora import adapter_file, surgery
-from lightning_lora.checkpoint import LoRACheckpointIO, restore_checkpoint, slim_checkpoint
 from lightning_lora.config import LoRAConfig
+from lightning_lora.formats import adapter_file
+from lightning_lora.lightning.checkpoint import LoRACheckpointIO, restore_checkpoint, slim_checkpoint
+from lightning_lora.surgery import apply, merge, state
 
 if TYPE_CHECKING:
     from lightning.pytorch import LightningModule as _Module
@@ -61,15 +62,15 @@ class LoRAMixin(_Module):
         ``lora_targets``). Returns the adapted module names."""
         if config is not None and kwargs:
             raise ValueError(f"pass either config or LoRAConfig fields, not both (got {sorted(kwargs)!r})")
-        return surgery.apply_lora(self, config or LoRAConfig(**kwargs))
+        return apply.apply_lora(self, config or LoRAConfig(**kwargs))
 
     def lora_parameters(self) -> Iterator[nn.Parameter]:
         """Adapter parameters and those of ``trainable`` modules: what the optimizer should hold."""
-        return surgery.lora_parameters(self)
+        return state.lora_parameters(self)
 
     def lora_state_dict(self) -> dict[str, torch.Tensor]:
         """Adapter (and ``trainable`` module) tensors under clean names."""
-        return surgery.lora_state_dict(self)
+        return state.lora_state_dict(self)
 
     def save_adapter(self, path: str | os.PathLike) -> str:
         """Write the adapter file (see :func:`lightning_lora.save_adapter`)."""
@@ -81,11 +82,11 @@ class LoRAMixin(_Module):
 
     def merge_lora(self) -> None:
         """Merge every adapter into its original weights."""
-        surgery.merge_lora(self)
+        merge.merge_lora(self)
 
     def unmerge_lora(self) -> None:
         """Take every merged adapter's update out of the original weights again."""
-        surgery.unmerge_lora(self)
+        merge.unmerge_lora(self)
 
     @classmethod
     def load_from_checkpoint(

@@ -1,0 +1,145 @@
+"""What an adapted model holds: its adapters, trainable modules, LoRA tensors and base weights.
+
+Adapters are found by type (:class:`~lightning_lora.adapters.LoRABase`), never by name. An adapted
+model remembers, on itself, the config it was adapted with (:data:`CONFIG_ATTR`) and the names of its
+fully trainable modules (:data:`TRAINABLE_ATTR`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from lightning_lora.adapters.base import LoRABase
+from lightning_lora.config import LoRAConfig
+from lightning_lora.naming import is_inside, sites, walk
+from lightning_lora.sharding import full_tensor
+
+#: Attribute under which an adapted model keeps the names of its fully trainable modules.
+TRAINABLE_ATTR = "_lora_trainable"
+#: Attribute under which an adapted model keeps the config it was adapted with.
+CONFIG_ATTR = "_lora_config"
+
+
+def lora_config(model: nn.Module) -> LoRAConfig | None:
+    """The config of the last adaptation of ``model``, or None if it was never adapted."""
+    return getattr(model, CONFIG_ATTR, None)
+
+
+def lora_modules(model: nn.Module) -> dict[str, LoRABase]:
+    """Clean name -> adapter layer, for every adapter in ``model`` (selected by type)."""
+    return {name: site.module for name, site in sites(model).items() if isinstance(site.module, LoRABase)}
+
+
+def merged_modules(model: nn.Module) -> list[str]:
+    """The clean names of the adapters in ``model`` that are merged into their original weights."""
+    return [name for name, adapter in lora_modules(model).items() if adapter.merged]
+
+
+def trainable_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Clean name -> module, for the modules an adapted ``model`` keeps fully trainable."""
+    if not getattr(model, TRAINABLE_ATTR, []):
+        return {}
+    return adapted(model)[1]
+
+
+def adapted(model: nn.Module) -> tuple[dict[str, LoRABase], dict[str, nn.Module]]:
+    """:func:`lora_modules` and :func:`trainable_modules` of ``model``, from one walk."""
+    found = sites(model)
+    adapters = {name: site.module for name, site in found.items() if isinstance(site.module, LoRABase)}
+    trainable = {name: found[name].module for name in getattr(model, TRAINABLE_ATTR, []) if name in found}
+    return adapters, trainable
+
+
+def lora_parameters(model: nn.Module) -> Iterator[nn.Parameter]:
+    """What LoRA training updates: adapter parameters, then those of ``trainable`` modules."""
+    for adapter in lora_modules(model).values():
+        yield from adapter.adapter_params().values()
+    for module in trainable_modules(model).values():
+        yield from module.parameters()
+
+
+def lora_tensors(model: nn.Module, include_trainable: bool = True) -> dict[str, torch.Tensor]:
+    """Key -> the live parameter or buffer behind each entry of :func:`lora_state_dict`."""
+    adapters, trainable = adapted(model)
+    return tensors_of(adapters, trainable if include_trainable else {})
+
+
+def tensors_of(adapters: dict[str, LoRABase], trainable: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
+    """:func:`lora_tensors` of the given adapters and trainable modules (clean name -> module)."""
+    tensors: dict[str, torch.Tensor] = {}
+    for name, adapter in adapters.items():
+        for key, param in adapter.adapter_params().items():
+            tensors[f"{name}.{key}"] = param
+    for name, module in trainable.items():
+        named: dict[str, torch.Tensor] = dict(module.named_parameters())
+        named.update(dict(module.named_buffers()))
+        for key in module.state_dict():
+            tensors[f"{name}.{key}"] = named[key]
+    return tensors
+
+
+def lora_state_dict(model: nn.Module, include_trainable: bool = True) -> dict[str, torch.Tensor]:
+    """Adapter tensors (and, by default, the ``trainable`` modules' tensors) under clean names.
+
+    Keys are ``<module>.matrix_A.weight`` and so on, free of ``module.``, ``_orig_mod.`` and FSDP
+    prefixes; tensors are selected by module type, never by name. Base weights are never included.
+    Tensors of a sharded model are gathered whole (every rank must call this then).
+    """
+    return {key: full_tensor(tensor.detach()) for key, tensor in lora_tensors(model, include_trainable).items()}
+
+
+def base_named_parameters(
+    model: nn.Module, trainable: Iterable[str] | None = None
+) -> Iterator[tuple[str, nn.Parameter]]:
+    """The frozen base weights under the names they had before adaptation.
+
+    Adapter parameters and those of ``trainable`` modules (default: the model's own) are left out;
+    ``<m>.original_module.weight`` is named ``<m>.weight``, so a model gives the same names before
+    and after :func:`~lightning_lora.apply_lora`.
+    """
+    left_out = tuple(trainable_modules(model) if trainable is None else trainable)
+    seen: set[int] = set()
+    for site in walk(model, base_view=True):
+        if is_inside(site.name, left_out) or isinstance(site.module, LoRABase):  # an adapter's own: DoRA's magnitude
+            continue
+        for key, param in site.module.named_parameters(recurse=False):
+            if id(param) not in seen:
+                seen.add(id(param))
+                yield (f"{site.name}.{key}" if site.name else key), param
+
+
+@dataclass(frozen=True)
+class LoRASummary:
+    """Adapted modules and parameter counts of a model."""
+
+    modules: list[str]
+    trainable: int
+    total: int
+
+    @property
+    def percent(self) -> float:
+        return 100.0 * self.trainable / self.total if self.total else 0.0
+
+    def __str__(self) -> str:
+        return (
+            f"LoRA: {len(self.modules)} adapted modules, trainable params {self.trainable:,} "
+            f"of {self.total:,} ({self.percent:.2f}%)"
+        )
+
+
+def lora_summary(model: nn.Module) -> LoRASummary:
+    """Adapted module names, trainable and total parameter counts (each tensor counted once)."""
+    return summary_of(list(lora_modules(model)), list(model.parameters()))
+
+
+def summary_of(modules: list[str], params: list[nn.Parameter]) -> LoRASummary:
+    """The :class:`LoRASummary` of adapted ``modules`` and a model's parameters (each listed once)."""
+    return LoRASummary(
+        modules=modules,
+        trainable=sum(p.numel() for p in params if p.requires_grad),
+        total=sum(p.numel() for p in params),
+    )
