@@ -20,7 +20,7 @@ from typing import Any
 
 START, END = "<!-- perf:start -->", "<!-- perf:end -->"
 RESULTS = Path(__file__).resolve().parent / "results"
-_ORDER = {"step": 0, "inference": 1, "callback": 2}
+_ORDER = {"step": 0, "inference": 1, "callback": 2, "callback_setup": 3}
 
 
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
@@ -142,7 +142,29 @@ def render_callback(payload: dict[str, Any]) -> str:
     )
 
 
-RENDERERS = {"step": render_step, "inference": render_inference, "callback": render_callback}
+def render_setup(payload: dict[str, Any]) -> str:
+    """Setup and checkpoint-save times with ``LoRACallback`` on a deep model (this version, and a baseline)."""
+    s = payload["setting"]
+    ms = payload["ms"]
+    lines = [
+        f"Setup and save, preset `{s['preset']}` at {s['layers']} layers ({', '.join(s['target_sets'])}): median of "
+        f"{s['repeats']} fresh processes per version ({_machine(payload)})",
+        "",
+        "| version | fit until training, LoRACallback | apply_lora + fit until training | save_checkpoint |",
+        "|---|---|---|---|",
+    ]
+    for side, values in ms.items():
+        version = f"{side} ({payload['commits'][side]})" if "commits" in payload else side
+        lines.append(f"| {version} | {values['with']:.0f} ms | {values['without']:.0f} ms | {values['save']:.1f} ms |")
+    if "baseline" in ms:
+        ratio = {key: ms["this"][key] / ms["baseline"][key] for key in ("with", "without", "save")}
+        lines.append(
+            f"| this / baseline | **{ratio['with']:.3f}** | **{ratio['without']:.3f}** | **{ratio['save']:.3f}** |"
+        )
+    return "\n".join(lines)
+
+
+RENDERERS = {"step": render_step, "inference": render_inference, "callback": render_callback, "callback_setup": render_setup}
 
 
 def render(payloads: Sequence[dict[str, Any]]) -> str:

@@ -118,6 +118,21 @@ def test_callback_overhead_times_steps_and_hooks(tmp_path, capsys):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown without a GPU")
 @pytest.mark.skipif(importlib.util.find_spec("torchao") is None, reason="needs the qlora extra (torchao)")
+def test_callback_setup_times_this_version_against_a_baseline_side_by_side(tmp_path, capsys):
+    callback_overhead = _load("callback_overhead")
+    path = tmp_path / "setup.json"
+    root = Path(__file__).resolve().parents[1]
+    callback_overhead.main([*TINY, "--setup", "--setup-layers", "2", "--repeats", "1", "--saves", "1",
+                            "--baseline", str(root), "--json", str(path)])
+    payload = json.loads(path.read_text())
+    assert payload["benchmark"] == "callback_setup" and payload["setting"]["layers"] == 2
+    assert set(payload["ms"]) == {"baseline", "this"} and all(v > 0 for side in payload["ms"].values() for v in side.values())
+    assert set(payload["packages"].values()) == {str(root / "lightning_lora")}
+    assert "| this / baseline |" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        callback_overhead.main([*TINY, "--setup", "--baseline", str(tmp_path)])
+
+
 def test_qlora_prints_memory_and_step_time_side_by_side(tmp_path, capsys):
     qlora = _load("qlora")
     path = tmp_path / "qlora.json"

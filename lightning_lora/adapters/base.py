@@ -259,9 +259,10 @@ def register_adapter_kind(layer_type: type[nn.Module], kind: str | type[LoRABase
     if isinstance(kind, str):
         cls = registry.kind_named(kind)
     elif isinstance(kind, type) and issubclass(kind, LoRABase) and kind is not LoRABase:
-        missing = [hook for hook in ("create", "param_shapes", "update", "delta_weight") if getattr(kind, hook) is getattr(LoRABase, hook)]
+        own = [klass for klass in kind.__mro__ if issubclass(klass, LoRABase) and klass is not LoRABase]
+        missing = [hook for hook in ("create", "param_shapes", "update", "delta_weight") if not any(hook in vars(k) for k in own)]
         if missing:
-            raise ValueError(f"kind {kind.__name__} must implement {missing} (see lightning_lora.adapters.base)")
+            raise ValueError(f"kind {kind.__name__} must implement {missing} (see lightning_lora.adapters.kind.AdapterKind)")
         cls = kind
     else:
         raise TypeError(f"kind must be a kind's name or a subclass of LoRABase, got {kind!r} ({type(kind).__name__})")

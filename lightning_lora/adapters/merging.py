@@ -73,6 +73,8 @@ def merge_into_base(layer: LoRABase, tolerance: float) -> MergeRecord:
         )
     residual = _bit_difference(weight, _unmerged(layer, merged_weight.float(), delta).to(weight.dtype))
     bias_delta = layer.delta_bias()
+    if bias_delta is not None and variant is not None:
+        bias_delta = variant.merged_bias(bias_delta)
     weight.copy_(merged_weight)
     record = MergeRecord(residual, None, False)
     if bias_delta is not None:

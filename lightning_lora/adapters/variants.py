@@ -84,6 +84,10 @@ class Variant:
         """The merged weight in float32, from the float32 original ``weight`` and the layer's ``delta_weight()``."""
         return weight + delta
 
+    def merged_bias(self, delta: torch.Tensor) -> torch.Tensor:
+        """What merging adds to the base's bias, from the layer's ``delta_bias()`` (float32)."""
+        return delta
+
     def unmerged(self, merged: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         """The inverse of :meth:`merged` (before rounding), from the float32 merged weight."""
         return merged - delta
