@@ -24,3 +24,15 @@ def gpt2():
     config = transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=32,
                                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     return transformers.GPT2LMHeadModel(config).eval()
+
+
+# model factory, targets for DoRA's tests (llama: plain nn.Linear, fused; bert: base biases; gpt2: transformers' Conv1D)
+DORA_MODELS = {
+    "llama": (llama, ["q_proj", "v_proj", "down_proj"]),
+    "bert": (bert, ["query", "value"]),
+    "gpt2": (gpt2, ["c_attn", "c_fc"]),
+}
+
+
+def logits(model, tokens):
+    return model(input_ids=tokens).logits

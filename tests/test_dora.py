@@ -3,7 +3,8 @@
 import lightning as L
 import pytest
 import torch
-from hf_models import bert, gpt2, llama
+from hf_models import DORA_MODELS, gpt2, llama
+from hf_models import logits as hf_logits
 from lightning_models import Classifier, data
 from safetensors.torch import load_file
 from torch import nn
@@ -30,16 +31,11 @@ TOLERANCE = 1e-5
 TOKENS = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(0))
 
 
-# model factory, targets (llama: plain nn.Linear, fused; bert: base biases; gpt2: transformers' Conv1D)
-MODELS = {
-    "llama": (llama, ["q_proj", "v_proj", "down_proj"]),
-    "bert": (bert, ["query", "value"]),
-    "gpt2": (gpt2, ["c_attn", "c_fc"]),
-}
+MODELS = DORA_MODELS
 
 
 def logits(model, tokens=TOKENS):
-    return model(input_ids=tokens).logits
+    return hf_logits(model, tokens)
 
 
 def trained(name, dropout=0.0):

@@ -20,6 +20,7 @@ from torch import nn
 
 from lightning_lora.adapters import registry
 from lightning_lora.adapters.base import LoRABase, ZeroInit, base_bias, base_weight, cast, check_dims, compute_dtype, holding
+from lightning_lora.adapters.kind import biases_from_peft, peft_bias
 from lightning_lora.adapters.spec import AdapterSpec
 
 _CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -119,21 +120,15 @@ class LoRAConv(LoRABase):
         a, b = tensors["matrix_A.weight"], tensors["matrix_B.weight"]
         out = {"lora_A.weight": _dense_a(a, groups=a.shape[0] // b.shape[1]), "lora_B.weight": b}
         if with_bias:
-            if spec.bias:
-                folded = _fold_bias(b.double(), tensors["matrix_A.bias"].double()) + tensors["matrix_B.bias"].double()
-                out["lora_B.bias"] = folded.to(b.dtype)
-            else:
-                out["lora_B.bias"] = torch.zeros(b.shape[0], dtype=b.dtype)
+            out["lora_B.bias"] = peft_bias(tensors, spec, _fold_bias)
         return out
 
     @classmethod
     def from_peft(cls, tensors: Mapping[str, torch.Tensor], base: nn.Module, name: str, source: str) -> dict[str, torch.Tensor]:
         _check_peft_geometry(base, f"conv '{name}' of {source}", "so it cannot be imported exactly")
-        a, b = tensors["lora_A.weight"], tensors["lora_B.weight"]
-        ours = {"matrix_A.weight": _grouped_a(a, int(getattr(base, "groups", 1)), name, source), "matrix_B.weight": b}
-        if "lora_B.bias" in tensors:
-            ours.update({"matrix_A.bias": torch.zeros(a.shape[0], dtype=a.dtype), "matrix_B.bias": tensors["lora_B.bias"]})
-        return ours
+        a = tensors["lora_A.weight"]
+        grouped = _grouped_a(a, int(getattr(base, "groups", 1)), name, source)
+        return {"matrix_A.weight": grouped, "matrix_B.weight": tensors["lora_B.weight"], **biases_from_peft(tensors, a.shape[0], a.dtype)}
 
     @classmethod
     def rebuild_base(

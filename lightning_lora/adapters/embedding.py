@@ -47,10 +47,8 @@ class LoRAEmbedding(LoRABase):
         if self.matrix_A.padding_idx is not None:
             with torch.no_grad():
                 base_weight(self.matrix_A)[self.matrix_A.padding_idx].zero_()
-        nn.init.zeros_(base_weight(self.matrix_B))
-        b_bias = base_bias(self.matrix_B)
-        if b_bias is not None:
-            nn.init.zeros_(b_bias)
+        for param in self.matrix_B.parameters(recurse=False):
+            nn.init.zeros_(param)
 
     @classmethod
     def param_shapes(cls, original_module: nn.Module, spec: AdapterSpec) -> dict[str, tuple[int, ...]]:

@@ -13,7 +13,7 @@ formats, and how a plain base layer is rebuilt around a state dict's tensors. Th
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import ClassVar
 
 import torch
@@ -53,10 +53,8 @@ class AdapterKind(nn.Module):
     def reset_matrices(self) -> None:
         """Kaiming-uniform ``matrix_A`` (a=sqrt(5)); zero ``matrix_B`` weight and bias."""
         nn.init.kaiming_uniform_(base_weight(self.matrix_A), a=math.sqrt(5))
-        nn.init.zeros_(base_weight(self.matrix_B))
-        b_bias = base_bias(self.matrix_B)
-        if b_bias is not None:
-            nn.init.zeros_(b_bias)
+        for param in self.matrix_B.parameters(recurse=False):
+            nn.init.zeros_(param)
 
     @classmethod
     def param_shapes(cls, original_module: nn.Module, spec: AdapterSpec) -> dict[str, tuple[int, ...]]:
@@ -137,3 +135,22 @@ def base_bias(module: nn.Module) -> torch.Tensor | None:
     bias = getattr(module, "bias", None)
     assert bias is None or isinstance(bias, torch.Tensor), f"{type(module).__name__}.bias is not a tensor"
     return bias
+
+
+def peft_bias(
+    tensors: Mapping[str, torch.Tensor], spec: AdapterSpec, fold: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+) -> torch.Tensor:
+    """PEFT's ``lora_B.bias`` of one adapter: ``B a + b`` (A's bias folded in: ``B(Ax + a) + b = BAx + (Ba + b)``),
+    computed in float64 with ``fold(B, a)``, or zeros for an adapter without biases."""
+    b = tensors["matrix_B.weight"]
+    if not spec.bias:
+        return torch.zeros(b.shape[0], dtype=b.dtype)
+    folded = fold(b.double(), tensors["matrix_A.bias"].double()) + tensors["matrix_B.bias"].double()
+    return folded.to(b.dtype)
+
+
+def biases_from_peft(tensors: Mapping[str, torch.Tensor], rank: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The adapter's biases for PEFT's ``lora_B.bias`` (A's bias zero), or {} without one."""
+    if "lora_B.bias" not in tensors:
+        return {}
+    return {"matrix_A.bias": torch.zeros(rank, dtype=dtype), "matrix_B.bias": tensors["lora_B.bias"]}

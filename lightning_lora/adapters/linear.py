@@ -32,6 +32,7 @@ from lightning_lora.adapters.base import (
     in_dtype,
 )
 from lightning_lora.adapters.fused import lora_linear
+from lightning_lora.adapters.kind import biases_from_peft, peft_bias
 from lightning_lora.adapters.spec import AdapterSpec
 
 
@@ -134,23 +135,15 @@ class LoRA(LoRABase):
     def to_peft(
         cls, tensors: Mapping[str, torch.Tensor], spec: AdapterSpec, base: nn.Module | None, with_bias: bool, name: str
     ) -> dict[str, torch.Tensor]:
-        a, b = tensors["matrix_A.weight"], tensors["matrix_B.weight"]
-        out = {"lora_A.weight": a, "lora_B.weight": b}
+        out = {"lora_A.weight": tensors["matrix_A.weight"], "lora_B.weight": tensors["matrix_B.weight"]}
         if with_bias:
-            if spec.bias:  # B(Ax + a) + b = BAx + (Ba + b)
-                folded = b.double() @ tensors["matrix_A.bias"].double() + tensors["matrix_B.bias"].double()
-                out["lora_B.bias"] = folded.to(b.dtype)
-            else:
-                out["lora_B.bias"] = torch.zeros(b.shape[0], dtype=b.dtype)
+            out["lora_B.bias"] = peft_bias(tensors, spec, torch.mv)
         return out
 
     @classmethod
     def from_peft(cls, tensors: Mapping[str, torch.Tensor], base: nn.Module, name: str, source: str) -> dict[str, torch.Tensor]:
-        a, b = tensors["lora_A.weight"], tensors["lora_B.weight"]
-        ours = {"matrix_A.weight": a, "matrix_B.weight": b}
-        if "lora_B.bias" in tensors:
-            ours.update({"matrix_A.bias": torch.zeros(a.shape[0], dtype=a.dtype), "matrix_B.bias": tensors["lora_B.bias"]})
-        return ours
+        a = tensors["lora_A.weight"]
+        return {"matrix_A.weight": a, "matrix_B.weight": tensors["lora_B.weight"], **biases_from_peft(tensors, a.shape[0], a.dtype)}
 
     @classmethod
     def rebuild_base(
