@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from lightning_lora.adapters.base import LoRABase
+from lightning_lora.adapters.base import AdapterContainer, LoRABase
 
 # Attributes by which wrappers hold the wrapped module; they never appear in clean names.
 _WRAPPER_ATTRIBUTES = ("_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module")
@@ -22,12 +22,17 @@ _MODULE_WRAPPERS = ("DistributedDataParallel", "DataParallel", "_LightningModule
 
 @dataclass(frozen=True)
 class Site:
-    """Where a module lives: its clean name, the module, and how its parent holds it."""
+    """Where a module lives: its clean name, the module, and how its parent holds it.
+
+    A parameter's site (``parameter`` set) names the parameter (``mlp.experts.gate_up_proj``); its
+    ``module`` is the module that holds it, placed as that module's own site says.
+    """
 
     name: str
     module: nn.Module
     parent: nn.Module | None
     attribute: str
+    parameter: str = ""
 
     def replace(self, module: nn.Module) -> None:
         """Put ``module`` where this site's module is, in place."""
@@ -40,7 +45,8 @@ def walk(model: nn.Module, base_view: bool = False, into_adapters: bool = True) 
 
     With ``base_view`` an adapter's ``original_module`` takes the adapter's name and the adapter's
     own modules are left out: the model as it was before adaptation. Without ``into_adapters`` an
-    adapter is yielded but nothing inside it.
+    adapter is yielded but nothing inside it. The module an
+    :class:`~lightning_lora.adapters.base.AdapterContainer` holds takes the container's name.
     """
     seen: set[int] = set()
     stack: list[Site] = [Site("", model, None, "")]
@@ -53,13 +59,17 @@ def walk(model: nn.Module, base_view: bool = False, into_adapters: bool = True) 
         current, name = site.module, site.name
         if not into_adapters and isinstance(current, LoRABase):
             continue
-        if base_view and isinstance(current, LoRABase):
+        if base_view and isinstance(current, (LoRABase, AdapterContainer)):
             stack.append(Site(name, current.original_module, current, "original_module"))
             continue
         wrapper = any(base.__name__ in _MODULE_WRAPPERS for base in type(current).__mro__)
         children = []
         for attribute, child in current.named_children():
-            transparent = attribute in _WRAPPER_ATTRIBUTES or (wrapper and attribute in ("module", "_forward_module"))
+            transparent = (
+                attribute in _WRAPPER_ATTRIBUTES
+                or (wrapper and attribute in ("module", "_forward_module"))
+                or (isinstance(current, AdapterContainer) and attribute == "original_module")
+            )
             child_name = name if transparent else (f"{name}.{attribute}" if name else attribute)
             children.append(Site(child_name, child, current, attribute))
         stack.extend(reversed(children))

@@ -47,6 +47,31 @@ class ZeroLinear(ZeroInit, nn.Linear):
     """The ``nn.Linear`` of a ``matrix_B``: zero after ``reset_parameters``."""
 
 
+class AdapterContainer(nn.Module):
+    """Stands in for a base module some of whose *parameters* (not the module) are adapted.
+
+    It holds the module as ``original_module`` and each parameter's adapter (a :class:`LoRABase`
+    whose base is that parameter) as a child named after the parameter, and computes the module's
+    forward with the adapters (see :class:`~lightning_lora.adapters.experts.ExpertsContainer`). Clean
+    names see through it: the module keeps its name, an adapter is named after its parameter
+    (``mlp.experts.gate_up_proj``).
+    """
+
+    original_module: nn.Module
+
+    def adapters(self) -> dict[str, LoRABase]:
+        """Parameter name -> its adapter."""
+        return {name: child for name, child in self.named_children() if isinstance(child, LoRABase)}
+
+    def attach(self, parameter: str, adapter: LoRABase) -> None:
+        """Hold ``adapter`` as the adapter of ``original_module``'s ``parameter``."""
+        self._modules[parameter] = adapter  # not add_module: the name is also the held module's parameter's
+
+    def detach(self, parameter: str) -> None:
+        """Drop the adapter of ``parameter``."""
+        del self._modules[parameter]
+
+
 class LoRABase(AdapterKind):
     """The adapter layer of one kind around ``original_module``: settings, forward, merge and unmerge.
 
@@ -269,14 +294,17 @@ def register_adapter_kind(layer_type: type[nn.Module], kind: str | type[LoRABase
     registry.add_type(layer_type, cls)
 
 
-def build_adapter(module: nn.Module, spec: AdapterSpec, name: str) -> LoRABase:
+def build_adapter(module: nn.Module, spec: AdapterSpec, name: str, kind: type[LoRABase] | None = None) -> LoRABase:
     """A new adapter layer with settings ``spec`` around ``module`` (named ``name`` in errors).
+
+    ``kind``: the kind that adapts ``module`` where its type does not say (the view of a parameter
+    that a kind adapts); default: the kind registered for its type.
 
     Raises:
         TypeError: if ``module`` cannot take an adapter of ``spec.kind``.
         ValueError: if the settings do not fit the module (e.g. a conv's groups).
     """
-    cls = registry.kind_of(module, name)
+    cls = kind or registry.kind_of(module, name)
     if cls.kind != spec.kind:
         raise TypeError(f"cannot put a {spec.kind!r} adapter on module '{name}' of type {type(module).__name__}")
     try:

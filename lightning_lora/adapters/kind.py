@@ -111,6 +111,45 @@ class AdapterKind(nn.Module):
         raise ValueError(f"{source}: adapters of kind {cls.kind!r} (module '{name}') have no PEFT format")
 
     @classmethod
+    def parameter_base(cls, module: nn.Module, parameter: str) -> nn.Module:
+        """For kinds that adapt a parameter: the base layer of the adapter of ``module``'s ``parameter``."""
+        raise TypeError(f"kind {cls.kind!r} adapts modules, not parameters")
+
+    @classmethod
+    def container(cls, module: nn.Module) -> nn.Module:
+        """For kinds that adapt a parameter: a new container that stands in for ``module`` and computes it
+        with its parameters' adapters (see :class:`~lightning_lora.adapters.base.AdapterContainer`)."""
+        raise TypeError(f"kind {cls.kind!r} adapts modules, not parameters")
+
+    @classmethod
+    def peft_rank(cls, tensors: Mapping[str, torch.Tensor], base: nn.Module) -> int:
+        """The rank of PEFT's tensors of one adapter (by key suffix) of this kind around ``base``."""
+        key, dim = cls.peft_a
+        return int(tensors[key].shape[dim])
+
+    @classmethod
+    def pad_rank(cls, tensors: Mapping[str, torch.Tensor], r: int, rank: int) -> dict[str, torch.Tensor]:
+        """PEFT's tensors of one adapter of rank ``r`` as tensors of rank ``rank`` (zeros added: the same update)."""
+        padded = dict(tensors)
+        for key, dim in (cls.peft_a, cls.peft_b):
+            tensor = tensors[key]
+            shape = list(tensor.shape)
+            shape[dim] = rank - r
+            padded[key] = torch.cat([tensor, tensor.new_zeros(shape)], dim=dim)
+        return padded
+
+    @classmethod
+    def peft_module(cls, name: str, siblings: list[str]) -> str:
+        """The module path PEFT gives the adapter of module ``name`` (``siblings``: the adapters of the same
+        base module, for kinds that adapt its parameters)."""
+        return name
+
+    @classmethod
+    def base_keys(cls, name: str) -> tuple[str, str | None]:
+        """The state-dict keys of the base weight and bias that the adapter of ``name`` merges into."""
+        return f"{name}.weight", f"{name}.bias"
+
+    @classmethod
     def rebuild_base(
         cls, weight: torch.Tensor, bias: torch.Tensor | None, tensors: Mapping[str, torch.Tensor], spec: AdapterSpec
     ) -> nn.Module:

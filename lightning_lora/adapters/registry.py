@@ -7,8 +7,10 @@ with the kind that adapts it, and subclasses of a registered type take its kind 
 registration wins). :func:`~lightning_lora.register_adapter_kind` adds a user's layer type, with a
 built-in kind or one of the user's own; this module only stores and looks up.
 
-A *variant* (:class:`~lightning_lora.adapters.Variant`, DoRA the first) changes how adapters of some
-kinds compute; an adapter's spec names its variant.
+A kind may adapt a module's *parameter* instead of the module (the fused expert weights of an MoE
+layer, :mod:`~lightning_lora.adapters.experts`): a parameter finder names the parameters of a module
+that it adapts. A *variant* (:class:`~lightning_lora.adapters.Variant`, DoRA the first) changes how
+adapters of some kinds compute; an adapter's spec names its variant.
 
 Layer types of libraries this package never imports (transformers' ``Conv1D``) are registered by
 module and class name and recognised once that module is imported.
@@ -17,6 +19,7 @@ module and class name and recognised once that module is imported.
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from torch import nn
@@ -30,6 +33,8 @@ _KINDS: dict[str, type[LoRABase]] = {}  # kind name -> adapter layer class
 _TYPES: dict[type[nn.Module], type[LoRABase]] = {}  # base layer type -> adapter layer class
 _BY_NAME: dict[tuple[str, str], str] = {}  # (module, class) of a layer type not imported here -> kind name
 _VARIANTS: dict[str, type[Variant]] = {}  # variant name -> variant class
+# Functions that name the parameters of a module that a kind adapts (parameter -> kind), {} for other modules.
+_PARAMETER_FINDERS: list[Callable[[nn.Module], dict[str, type[LoRABase]]]] = []
 # Layer types that look adaptable (subclasses of nn.Linear) but are refused, by module and class name.
 _REFUSED: dict[tuple[str, str], str] = {
     ("bitsandbytes.nn", "Linear4bit"): (
@@ -85,6 +90,21 @@ def add_variant(variant: type[Variant]) -> None:
     if other is not None and other is not variant:
         raise ValueError(f"variant name {variant.name!r} is taken by {other.__name__}, got {variant.__name__}")
     _VARIANTS[variant.name] = variant
+
+
+def add_parameter_finder(finder: Callable[[nn.Module], dict[str, type[LoRABase]]]) -> None:
+    """Register a function that names the parameters of a module its kinds adapt (for targets that name a
+    parameter, such as ``mlp.experts.gate_up_proj``); their kinds must be known by name already."""
+    if finder not in _PARAMETER_FINDERS:
+        _PARAMETER_FINDERS.append(finder)
+
+
+def parameter_kinds(module: nn.Module) -> dict[str, type[LoRABase]]:
+    """Parameter name -> the kind that adapts it, for the parameters of ``module`` (not of its children)."""
+    found: dict[str, type[LoRABase]] = {}
+    for finder in _PARAMETER_FINDERS:
+        found.update(finder(module))
+    return found
 
 
 def kind_named(name: str) -> type[LoRABase]:

@@ -43,7 +43,6 @@ from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 from torch import nn
 
-from lightning_lora.adapters.base import base_layer
 from lightning_lora.adapters.registry import kind_named
 from lightning_lora.adapters.spec import AdapterSpec
 from lightning_lora.config import LoRAConfig
@@ -54,6 +53,7 @@ from lightning_lora.sharding import copy_into, full_tensor
 from lightning_lora.surgery.apply import Installation, install
 from lightning_lora.surgery.plan import AdapterPlan
 from lightning_lora.surgery.plan import check_fits as check_specs_fit
+from lightning_lora.surgery.plan import target_base
 from lightning_lora.surgery.state import (
     adapted,
     base_named_parameters,
@@ -312,7 +312,7 @@ def check_fits(model: nn.Module, adapter: AdapterFile, source: str, check_base: 
         raise ValueError(f"cannot load {source} into a model with merged adapters {merged[:5]!r}; call unmerge_lora() first")
     found = check_specs_fit(model, adapter.modules, source)
     for name, spec in adapter.modules.items():  # before anything is allocated for the claimed settings
-        original = base_layer(found[name].module)
+        original = target_base(found[name])
         for key, shape in kind_named(spec.kind).shapes(original, spec).items():
             tensor = adapter.tensors.get(f"{name}.{key}")
             if tensor is not None and tuple(tensor.shape) != shape:

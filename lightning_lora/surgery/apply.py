@@ -14,12 +14,13 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from lightning_lora.adapters.base import LoRABase, base_layer, base_weight, build_adapter
+from lightning_lora.adapters.base import AdapterContainer, LoRABase, base_layer, base_weight, build_adapter
+from lightning_lora.adapters.registry import parameter_kinds
 from lightning_lora.config import LoRAConfig
 from lightning_lora.naming import Site, sites
 from lightning_lora.quantize import METHODS, quantize_weight, quantized_format
 from lightning_lora.sharding import is_dtensor
-from lightning_lora.surgery.plan import AdapterPlan, plan_adapters, quantizable
+from lightning_lora.surgery.plan import AdapterPlan, plan_adapters, quantizable, survey, target_base
 from lightning_lora.surgery.state import CONFIG_ATTR, TRAINABLE_ATTR, LoRASummary, summary_of, trainable_modules
 
 
@@ -68,14 +69,15 @@ def install(model: nn.Module, plan: AdapterPlan) -> Installation:
     found = _current_sites(model, plan)
     created: dict[str, LoRABase] = {}
     for name, spec in plan.specs.items():
-        module = found[name].module
-        if isinstance(module, LoRABase):
-            differences = module.spec.differences(spec)
+        site = found[name]
+        if isinstance(site.module, LoRABase):
+            differences = site.module.spec.differences(spec)
             if differences:
                 raise ValueError(f"module '{name}' is already adapted with other settings: {differences!r}")
             continue
-        created[name] = build_adapter(module, spec, name)
-        created[name].train(module.training)
+        kind = parameter_kinds(site.module).get(site.parameter) if site.parameter else None
+        created[name] = build_adapter(target_base(site), spec, name, kind)
+        created[name].train(site.module.training)
     params = list(model.parameters())  # the one walk of the model
     if created and any(is_dtensor(param) for param in params):
         raise ValueError(
@@ -91,8 +93,14 @@ def install(model: nn.Module, plan: AdapterPlan) -> Installation:
     def undo() -> None:
         for layer, (original, _) in quantized.items():
             layer.weight = original
-        for name in created:
-            found[name].replace(found[name].module)
+        for name in reversed(list(created)):
+            site = found[name]
+            if site.parameter and name not in contained:
+                holders[id(site.module)].detach(site.parameter)  # from a container that was there before
+            elif not site.parameter:
+                site.replace(site.module)
+        for site, _ in reversed(contained.values()):
+            site.replace(site.module)
         for param, flag in requires_grad:
             param.requires_grad_(flag)
         for attr, value in previous.items():
@@ -101,8 +109,7 @@ def install(model: nn.Module, plan: AdapterPlan) -> Installation:
             else:
                 object.__setattr__(model, attr, value)
 
-    for name, adapter in created.items():
-        found[name].replace(adapter)
+    holders, contained = _place(found, created)
     for layer, (_, weight) in quantized.items():
         layer.weight = weight
     object.__setattr__(model, CONFIG_ATTR, plan.config)
@@ -174,6 +181,39 @@ def quantize_base(model: nn.Module, method: str = "nf4", trainable: Iterable[str
     return names
 
 
+def _place(
+    found: Mapping[str, Site], created: Mapping[str, LoRABase]
+) -> tuple[dict[int, AdapterContainer], dict[str, tuple[Site, AdapterContainer]]]:
+    """Put the new adapters in place: a module's adapter where the module was, a parameter's adapter into
+    the container of its module (one is put where the module was if it has none yet).
+
+    Returns:
+        ``id`` of each module whose parameters are adapted -> its container, and the first adapter's
+        name -> (the module's site, the container) for each container put in place here.
+    """
+    holders: dict[int, AdapterContainer] = {}
+    contained: dict[str, tuple[Site, AdapterContainer]] = {}
+    for name, adapter in created.items():
+        site = found[name]
+        if not site.parameter:
+            site.replace(adapter)
+            continue
+        holder = holders.get(id(site.module))
+        if holder is None:
+            if isinstance(site.parent, AdapterContainer) and site.attribute == "original_module":
+                holder = site.parent
+            else:
+                container = type(adapter).container(site.module)
+                assert isinstance(container, AdapterContainer), "a kind that adapts parameters has an AdapterContainer"
+                container.train(site.module.training)
+                site.replace(container)
+                contained[name] = (site, container)
+                holder = container
+            holders[id(site.module)] = holder
+        holder.attach(site.parameter, adapter)
+    return holders, contained
+
+
 def _current_sites(model: nn.Module, plan: AdapterPlan) -> Mapping[str, Site]:
     """The plan's sites while each planned module still sits there, else the model's sites now."""
     planned = plan.sites
@@ -183,7 +223,7 @@ def _current_sites(model: nn.Module, plan: AdapterPlan) -> Mapping[str, Site]:
         for name in wanted
     ):
         return planned
-    found = sites(model)
+    found = survey(model).targets
     missing = [name for name in plan.specs if name not in found]
     if missing:
         raise ValueError(f"the plan does not fit the model: it has no modules named {missing[:5]!r}")

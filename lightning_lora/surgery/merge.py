@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from lightning_lora.adapters.base import MERGE_TOLERANCE, LoRABase, base_weight
-from lightning_lora.naming import sites
+from lightning_lora.adapters.base import MERGE_TOLERANCE, AdapterContainer, LoRABase, base_weight
+from lightning_lora.naming import sites, walk
 from lightning_lora.quantize import dequantize, quantized_format
 from lightning_lora.surgery.state import CONFIG_ATTR, TRAINABLE_ATTR, lora_modules, merged_modules
 
@@ -95,7 +95,12 @@ def merge_and_unload(model: nn.Module, tolerance: float = MERGE_TOLERANCE) -> nn
                 setattr(module, key, param)
             raise
     for name, adapter in adapters.items():
-        found[name].replace(adapter.original_module)
+        if not isinstance(found[name].parent, AdapterContainer):  # those go with their container, below
+            found[name].replace(adapter.original_module)
+    containers = [(site, site.module) for site in walk(model, into_adapters=False)]
+    for site, container in containers:
+        if isinstance(container, AdapterContainer):
+            site.replace(container.original_module)
     for attr in (CONFIG_ATTR, TRAINABLE_ATTR):
         vars(model).pop(attr, None)
     return model

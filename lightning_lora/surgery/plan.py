@@ -19,11 +19,11 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from lightning_lora.adapters.base import LoRABase, base_bias, base_layer, base_weight
-from lightning_lora.adapters.registry import find_kind, kind_of
+from lightning_lora.adapters.registry import find_kind, kind_of, parameter_kinds
 from lightning_lora.adapters.spec import AdapterSpec
 from lightning_lora.config import LoRAConfig
-from lightning_lora.naming import Site, is_inside, sites, walk
-from lightning_lora.patterns import select
+from lightning_lora.naming import Site, is_inside, walk
+from lightning_lora.patterns import ALL_LINEAR, select
 from lightning_lora.quantize import BLOCK_SIZE, fits
 from lightning_lora.surgery.state import TRAINABLE_ATTR
 
@@ -56,11 +56,21 @@ class Survey:
         sites: clean name -> site of every module outside adapters (adapters included).
         outputs: the names of the output layers (see :func:`output_layers`).
         users: ``id`` of each parameter -> how many modules hold it (more than one: tied).
+        targets: every name a target pattern may select, in model order: the modules of ``sites`` and
+            the parameters a kind adapts (their sites name the parameter, see :class:`Site`).
+        sizes: element count of each of those parameters, and of all parameters (key ``""``).
     """
 
     sites: dict[str, Site]
     outputs: set[str]
     users: dict[int, int]
+    targets: dict[str, Site] = field(default_factory=dict)
+    sizes: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def parameters(self) -> dict[str, Site]:
+        """The parameter targets not adapted yet (adapted ones are adapter modules in ``sites``)."""
+        return {name: site for name, site in self.targets.items() if site.parameter}
 
     def linear_layers(self) -> list[str]:
         """The names of the layers ``all-linear`` may target (adapted or not), in model order."""
@@ -79,7 +89,9 @@ class Survey:
 def survey(model: nn.Module) -> Survey:
     """Walk ``model`` once and collect what planning needs: sites, output layers, tied weights."""
     found: dict[str, Site] = {}
+    parameters: dict[str, Site] = {}
     users: dict[int, int] = {}
+    sizes: dict[str, int] = {"": 0}
     names: dict[int, str] = {}
     heads: list[object] = []
     for site in walk(model, into_adapters=False):
@@ -88,13 +100,22 @@ def survey(model: nn.Module) -> Survey:
         names.setdefault(id(layer), site.name)
         for param in layer.parameters(recurse=False):
             users[id(param)] = users.get(id(param), 0) + 1
+            sizes[""] += param.numel() if users[id(param)] == 1 else 0
         get_output_embeddings = getattr(module, "get_output_embeddings", None)
         if callable(get_output_embeddings) and hasattr(module, "config"):
             heads.append(get_output_embeddings())
             heads += [getattr(module, attribute, None) for attribute in ("score", "classifier")]
         if site.name:
             found[site.name] = site  # where wrappers stack under one name, the innermost wins
-    partial = Survey(found, set(), users)
+            for parameter in parameter_kinds(module):
+                name = f"{site.name}.{parameter}"
+                parameters[name] = Site(name, module, site.parent, site.attribute, parameter)
+                sizes[name] = getattr(module, parameter).numel()
+    targets: dict[str, Site] = {}
+    for name, site in found.items():
+        targets[name] = site
+        targets.update({p: parameters[p] for p in parameters if p.rpartition(".")[0] == name and p not in found})
+    partial = Survey(found, set(), users, targets, sizes)
     linear = partial.linear_layers()
     return dataclasses.replace(partial, outputs=_outputs(linear, heads, names))
 
@@ -114,13 +135,15 @@ def plan_adapters(model: nn.Module, config: LoRAConfig) -> AdapterPlan:
     if not isinstance(config, LoRAConfig):
         raise TypeError(f"config must be a LoRAConfig, got {type(config).__name__}")
     found = survey(model)
-    names = list(found.sites)
-    trainable = select("trainable", config.trainable, names)
+    modules = list(found.sites)
+    names = list(found.targets)  # modules, and the parameters a kind adapts (expert weights)
+    trainable = select("trainable", config.trainable, modules)
     inside_trainable = {name for name in names if is_inside(name, trainable)}
     linear = [name for name in found.linear_layers() if name not in inside_trainable and name not in found.outputs]
     targets_used = config.targets_for(getattr(model, "lora_targets", None))
     chosen = select("targets", targets_used, names, linear)
     _warn_if_only_output_or_tied(found, chosen)
+    _warn_if_experts_are_left_out(found, chosen, targets_used)
     excluded = set(select("exclude", config.exclude, names))
     targets = [name for name in chosen if name not in excluded]
     if not targets:
@@ -131,8 +154,14 @@ def plan_adapters(model: nn.Module, config: LoRAConfig) -> AdapterPlan:
     select("rank_pattern", config.rank_pattern, targets)
     select("alpha_pattern", config.alpha_pattern, targets)
 
-    specs = {name: _spec(found.sites[name], config) for name in targets}
+    specs = {name: _spec(found.targets[name], config) for name in targets}
     _check_untied(found, targets)
+    experts = [name for name in targets if found.targets[name].parameter]
+    if config.quantize is not None and experts:
+        raise ValueError(
+            f"quantize={config.quantize!r} holds linear layers in 4 bits, not expert weights: targets {experts[:3]!r} "
+            f"are expert weights, which a quantized base cannot adapt here; set quantize=None to adapt them"
+        )
     known = list(getattr(model, TRAINABLE_ATTR, []))
     kept_trainable = tuple(known + [name for name in trainable if name not in known])
     return AdapterPlan(
@@ -140,7 +169,7 @@ def plan_adapters(model: nn.Module, config: LoRAConfig) -> AdapterPlan:
         config=dataclasses.replace(config, targets=targets_used),
         trainable=kept_trainable,
         quantize=tuple(_quantizable(found, kept_trainable)) if config.quantize else (),
-        sites=found.sites,
+        sites=found.targets,
     )
 
 
@@ -199,17 +228,17 @@ def _outputs(linear: list[str], heads: list[object], names: dict[int, str]) -> s
 def check_fits(model: nn.Module, specs: Mapping[str, AdapterSpec], source: str) -> dict[str, Site]:
     """Check that adapters with ``specs`` can be installed in ``model`` as it is.
 
-    Every named module must exist and take an adapter of its spec's kind; a module already adapted
-    must have exactly that spec (equal settings), and a model that has adapters must have adapters
-    on exactly these modules.
+    Every named module (or parameter) must exist and take an adapter of its spec's kind; a module
+    already adapted must have exactly that spec (equal settings), and a model that has adapters must
+    have adapters on exactly these modules.
 
     Returns:
-        The model's sites (clean name -> site), as :func:`~lightning_lora.naming.sites` gives them.
+        The model's targets (clean name -> site), as :func:`survey` gives them.
 
     Raises:
         ValueError: naming the module, the setting and both values; ``source`` starts the message.
     """
-    found = sites(model)
+    found = survey(model).targets
     adapted = {name for name, site in found.items() if isinstance(site.module, LoRABase)}
     missing = [name for name in specs if name not in found]
     if missing:
@@ -221,27 +250,36 @@ def check_fits(model: nn.Module, specs: Mapping[str, AdapterSpec], source: str) 
             f"{sorted(adapted - set(specs))[:5]!r}"
         )
     for name, spec in specs.items():
-        module = found[name].module
-        if isinstance(module, LoRABase):
-            differences = module.spec.differences(spec)
+        site = found[name]
+        if isinstance(site.module, LoRABase):
+            differences = site.module.spec.differences(spec)
             if differences:
                 detail = ", ".join(f"{key}={new!r} in the file, {old!r} in the model" for key, (old, new) in differences.items())
                 raise ValueError(f"{source} does not fit module '{name}': {detail}")
             continue
         try:
-            kind = kind_of(module, name)
+            kind = parameter_kinds(site.module)[site.parameter] if site.parameter else kind_of(site.module, name)
         except TypeError as err:
             raise ValueError(f"{source} does not fit the model: {err}") from err
         if kind.kind != spec.kind:
-            raise ValueError(
-                f"{source} does not fit module '{name}': a {spec.kind!r} adapter in the file, "
-                f"a {type(module).__name__} in the model"
-            )
+            held = f"a {spec.kind!r} adapter in the file, a {type(site.module).__name__}"
+            raise ValueError(f"{source} does not fit module '{name}': {held} in the model{' (its ' + kind.kind + ' weight)' if site.parameter else ''}")
     return found
+
+
+def target_base(site: Site) -> nn.Module:
+    """The base layer an adapter at ``site`` wraps: the module (inside an adapter, its original), or for a
+    parameter, the kind's view of it."""
+    if site.parameter:
+        return parameter_kinds(site.module)[site.parameter].parameter_base(site.module, site.parameter)
+    return base_layer(site.module)
 
 
 def _spec(site: Site, config: LoRAConfig) -> AdapterSpec:
     module, name = site.module, site.name
+    if site.parameter:  # a weight a kind adapts as a parameter: it has no adapter bias ("auto")
+        kind = parameter_kinds(module)[site.parameter]
+        return config.spec_for(name, kind.kind, getattr(module, site.parameter).dtype, has_bias=False)
     if _is_attention_out_proj(site):
         raise TypeError(
             f"cannot adapt module '{name}': nn.MultiheadAttention reads out_proj's weight directly, "
@@ -264,7 +302,8 @@ def _spec(site: Site, config: LoRAConfig) -> AdapterSpec:
 def _check_untied(found: Survey, targets: list[str]) -> None:
     owners: dict[int, str] = {}
     for name in targets:
-        weight = base_weight(base_layer(found.sites[name].module))
+        site = found.targets[name]
+        weight = getattr(site.module, site.parameter) if site.parameter else base_weight(base_layer(site.module))
         if id(weight) in owners:
             raise ValueError(
                 f"modules '{owners[id(weight)]}' and '{name}' share one weight (tied weights); "
@@ -274,11 +313,28 @@ def _check_untied(found: Survey, targets: list[str]) -> None:
 
 
 def _warn_if_only_output_or_tied(found: Survey, chosen: list[str]) -> None:
-    if chosen and all(name in found.outputs or found.tied(found.sites[name].module) for name in chosen):
+    modules = [name for name in chosen if name in found.sites]
+    if modules == chosen and chosen and all(name in found.outputs or found.tied(found.sites[name].module) for name in chosen):
         warnings.warn(
             f"targets select only output or tied layers {chosen[:5]!r}: the adapters then change the output "
             f"head (or a weight shared with the input embeddings) and none of the layers inside the model; "
             f"if that is not intended, target the inner layers (e.g. 'all-linear')",
+            UserWarning,
+            stacklevel=4,
+        )
+
+
+def _warn_if_experts_are_left_out(found: Survey, chosen: list[str], targets: list[str]) -> None:
+    """``all-linear`` means what it means in PEFT, linear layers: warn when that leaves most weights frozen in
+    expert parameters, naming them and the patterns that adapt them."""
+    left = [name for name in found.parameters if name not in chosen]
+    held = sum(found.sizes[name] for name in left)
+    if ALL_LINEAR in targets and left and held > found.sizes[""] / 2:
+        patterns = sorted({".".join(name.split(".")[-2:]) for name in left})
+        warnings.warn(
+            f"targets 'all-linear' adapt linear layers only (as PEFT's), and leave {len(left)} expert weights frozen "
+            f"({left[:2]!r}...), {held / found.sizes[''] :.0%} of the model's weights; add {patterns!r} to targets to "
+            f"adapt them too",
             UserWarning,
             stacklevel=4,
         )
