@@ -263,7 +263,7 @@ def test_every_adapter_lists_its_own_parameters():
 @pytest.mark.parametrize(
     ("values", "message"),
     [
-        ({"kind": "lstm"}, r"kind must be one of \['linear', 'transformers_conv1d', 'conv', 'embedding'\], got 'lstm'"),
+        ({"kind": "lstm"}, r"kind must be one of \['linear', 'transformers_conv1d', 'conv', 'embedding', 'experts', 'experts_transposed'\], got 'lstm'"),
         ({"r": 0}, "r must be a positive integer, got 0"),
         ({"alpha": "8"}, r"alpha must be a positive number, got '8' \(str\)"),
         ({"adapter_dtype": "int8"}, r"adapter_dtype must be one of .*got 'int8'"),

@@ -248,7 +248,7 @@ def test_a_kind_of_ones_own_for_a_new_layout(tmp_path):
 def test_registration_errors_name_what_is_wrong():
     with pytest.raises(TypeError, match=r"layer_type must be an nn.Module subclass, got 3 \(int\)"):
         register_adapter_kind(3, "linear")
-    with pytest.raises(ValueError, match=r"kind must be one of \['linear', 'transformers_conv1d', 'conv', 'embedding'\], got 'linaer'"):
+    with pytest.raises(ValueError, match=r"kind must be one of \['linear', 'transformers_conv1d', 'conv', 'embedding', 'experts', 'experts_transposed'\], got 'linaer'"):
         register_adapter_kind(MyLinear, "linaer")
     with pytest.raises(TypeError, match=r"kind must be a kind's name or a subclass of LoRABase, got <class 'int'>"):
         register_adapter_kind(MyLinear, int)

@@ -87,6 +87,7 @@ class LoRAExperts(LoRABase):
     transposed = False  # the weight is (experts, out, in)
     served_by_vllm = True
     peft_bias = False
+    adapts_parameter = True
     original_module: ExpertsWeight
     matrix_A: nn.Linear
     matrix_B: nn.Linear

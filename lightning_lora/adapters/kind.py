@@ -31,6 +31,8 @@ class AdapterKind(nn.Module):
         peft_a, peft_b: PEFT's keys of A and of B, each with the dimension that holds the rank.
         served_by_vllm: whether vLLM serves adapters of this kind.
         peft_bias: whether PEFT holds a ``lora_B.bias`` (``lora_bias``) for this kind.
+        adapts_parameter: whether it adapts a module's parameter (PEFT's ``target_parameters``) rather
+            than the module (``target_modules``).
     """
 
     kind: ClassVar[str] = ""
@@ -39,6 +41,7 @@ class AdapterKind(nn.Module):
     peft_b: ClassVar[tuple[str, int]] = ("lora_B.weight", 1)
     served_by_vllm: ClassVar[bool] = False
     peft_bias: ClassVar[bool] = True
+    adapts_parameter: ClassVar[bool] = False
     original_module: nn.Module
     matrix_A: nn.Module
     matrix_B: nn.Module

@@ -18,6 +18,7 @@ and ``lora_B.weight`` for linear layers; each kind converts its own tensors, see
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -31,13 +32,14 @@ from safetensors.torch import save as save_tensors
 from torch import nn
 
 from lightning_lora.adapters.base import base_layer
-from lightning_lora.adapters.registry import kind_named, kind_of, kinds, variant_named, variants
+from lightning_lora.adapters.registry import kind_named, kind_of, kinds, parameter_kinds, variant_named, variants
 from lightning_lora.adapters.spec import AdapterSpec, dtype_name
 from lightning_lora.adapters.variants import Variant
 from lightning_lora.config import LoRAConfig
 from lightning_lora.formats.adapter_file import AdapterFile, adapter_bytes, install_parsed, parse_adapter, read_adapter
 from lightning_lora.formats.files import read_bytes, write_atomic
-from lightning_lora.naming import absolute, relative, resolve_root, sites
+from lightning_lora.naming import Site, absolute, relative, resolve_root, sites
+from lightning_lora.surgery.plan import survey, target_base
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -49,7 +51,6 @@ VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 _UNSUPPORTED: dict[str, Any] = {
     "layers_to_transform": None,
     "layers_pattern": None,
-    "target_parameters": None,
     "megatron_config": None,
     "loftq_config": {},
     "use_qalora": False,
@@ -96,9 +97,14 @@ def export_peft(
     else:
         adapter = read_adapter(model_or_adapter_file)
         bases = {}
-    tensors, config = _to_peft(adapter, bases, base_model_name_or_path)
+    converted, config = _to_peft(adapter, bases, base_model_name_or_path)
+    specs = dict(adapter.modules)
     if target == "vllm":
-        tensors, config = _for_vllm(adapter, tensors, config)
+        converted, specs, config = _for_vllm(adapter, converted, config)
+    paths = peft_paths(specs)
+    tensors = {f"{PREFIX}{paths[name]}.{suffix}": t.contiguous() for name, own in converted.items() for suffix, t in own.items()}
+    for name in adapter.trainable:  # modules to save, under their own keys
+        tensors.update({PREFIX + key: t.contiguous() for key, t in adapter.tensors.items() if key.startswith(name + ".")})
     folder = str(out_dir)  # write_atomic creates a local folder; object stores need none
     write_atomic(os.path.join(folder, WEIGHTS_FILE), save_tensors(tensors, metadata={"format": "pt"}))
     write_atomic(os.path.join(folder, CONFIG_FILE), (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
@@ -137,7 +143,8 @@ def import_peft(model: nn.Module, peft_dir: str | os.PathLike, *, root: str | nn
 
 def _to_peft(
     adapter: AdapterFile, bases: Mapping[str, nn.Module], base_model_name_or_path: str | None
-) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any]]:
+    """Each adapter's tensors by PEFT's key suffix, and PEFT's config."""
     specs = adapter.modules
     if not specs:
         raise ValueError("the adapter has no adapted modules to export")
@@ -163,24 +170,20 @@ def _to_peft(
             f"PEFT cannot combine adapter biases (lora_bias) with {kind} adapters {no_bias[:5]!r}; "
             f"adapt with bias=False, or leave those modules out"
         )
-    tensors: dict[str, torch.Tensor] = {}
+    converted: dict[str, dict[str, torch.Tensor]] = {}
     for name, spec in specs.items():
         own = {key[len(name) + 1 :]: tensor for key, tensor in adapter.tensors.items() if key.startswith(name + ".")}
-        converted = kind_named(spec.kind).to_peft(own, spec, bases.get(name), with_bias, name)
+        converted[name] = kind_named(spec.kind).to_peft(own, spec, bases.get(name), with_bias, name)
         if variant is not None:
-            converted.update({theirs: own[ours] for ours, theirs in variant.peft_tensors.items()})
-        tensors.update({f"{PREFIX}{name}.{suffix}": tensor.contiguous() for suffix, tensor in converted.items()})
-    for name in adapter.trainable:
-        for key, tensor in adapter.tensors.items():
-            if key.startswith(name + "."):
-                tensors[PREFIX + key] = tensor.contiguous()
+            converted[name].update({theirs: own[ours] for ours, theirs in variant.peft_tensors.items()})
     r = _most_common(spec.r for spec in specs.values())
     alpha = _most_common(spec.alpha for spec in specs.values())
     config = {
         "peft_type": "LORA",
         "r": r,
         "lora_alpha": alpha,
-        "target_modules": sorted(specs),
+        "target_modules": sorted(name for name in specs if not kind_named(specs[name].kind).adapts_parameter),
+        "target_parameters": sorted(name for name in specs if kind_named(specs[name].kind).adapts_parameter) or None,
         "rank_pattern": {_anchored(name): spec.r for name, spec in specs.items() if spec.r != r},
         "alpha_pattern": {_anchored(name): spec.alpha for name, spec in specs.items() if spec.alpha != alpha},
         "use_rslora": rslora.pop(),
@@ -200,13 +203,14 @@ def _to_peft(
         "layers_pattern": None,
         "exclude_modules": None,
     }
-    return tensors, config
+    return converted, config
 
 
 def _for_vllm(
-    adapter: AdapterFile, tensors: dict[str, torch.Tensor], config: dict[str, Any]
-) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    specs = adapter.modules
+    adapter: AdapterFile, converted: dict[str, dict[str, torch.Tensor]], config: dict[str, Any]
+) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, AdapterSpec], dict[str, Any]]:
+    """What vLLM serves: one rank, the scaling in B, no biases or modules to save; expert weights in pairs."""
+    specs = dict(adapter.modules)
     unserved = [name for name, spec in specs.items() if spec.variant is not None and not variant_named(spec.variant).served_by_vllm]
     if unserved:
         if all(specs[name].use_dora for name in unserved):
@@ -222,21 +226,21 @@ def _for_vllm(
         if all(specs[name].kind == "conv" for name in kinds):
             raise ValueError(f"vLLM serves linear and embedding adapters only, got convolutions {kinds[:5]!r}")
         raise ValueError(f"vLLM serves no adapters of kind {specs[kinds[0]].kind!r}: modules {kinds[:5]!r}")
-    biased = [name for name in specs if f"{PREFIX}{name}.lora_B.bias" in tensors and tensors[f"{PREFIX}{name}.lora_B.bias"].any()]
+    biased = [name for name, own in converted.items() if "lora_B.bias" in own and own["lora_B.bias"].any()]
     if biased:
         raise ValueError(f"vLLM serves no LoRA biases, but modules {biased[:5]!r} have non-zero ones; adapt with bias=False")
     largest = max(spec.r for spec in specs.values())
     rank = next((allowed for allowed in VLLM_RANKS if allowed >= largest), None)
     if rank is None:
         raise ValueError(f"vLLM serves ranks up to {VLLM_RANKS[-1]}, got r={largest}")
-    out: dict[str, torch.Tensor] = {}
+    served: dict[str, dict[str, torch.Tensor]] = {}
     for name, spec in specs.items():
         kind = kind_named(spec.kind)
-        (a_suffix, a_dim), (b_suffix, b_dim) = kind.peft_a, kind.peft_b
-        a, b = tensors[f"{PREFIX}{name}.{a_suffix}"], tensors[f"{PREFIX}{name}.{b_suffix}"]
-        scaled = (b.double() * spec.scaling).to(b.dtype)  # the global scaling is lora_alpha / rank = 1
-        out[f"{PREFIX}{name}.{a_suffix}"] = _padded(a, a_dim, rank)
-        out[f"{PREFIX}{name}.{b_suffix}"] = _padded(scaled, b_dim, rank)
+        own = {key: tensor for key, tensor in converted[name].items() if key != "lora_B.bias"}
+        b_key = kind.peft_b[0]
+        own[b_key] = (own[b_key].double() * spec.scaling).to(own[b_key].dtype)  # the global scaling is lora_alpha / rank = 1
+        served[name] = kind.pad_rank(own, spec.r, rank)
+    served, specs = _expert_pairs(served, specs, rank)
     vllm = {
         **config,
         "r": rank,
@@ -246,15 +250,53 @@ def _for_vllm(
         "use_rslora": False,
         "lora_bias": False,
         "modules_to_save": None,
+        "target_parameters": sorted(name for name, spec in specs.items() if kind_named(spec.kind).adapts_parameter) or None,
     }
-    return out, vllm
+    return served, specs, vllm
 
 
-def _padded(tensor: torch.Tensor, dim: int, size: int) -> torch.Tensor:
-    """``tensor`` with zeros appended along ``dim`` up to ``size`` (padding a rank changes nothing)."""
-    shape = list(tensor.shape)
-    shape[dim] = size - shape[dim]
-    return torch.cat([tensor, tensor.new_zeros(shape)], dim=dim)
+def _expert_pairs(
+    served: dict[str, dict[str, torch.Tensor]], specs: dict[str, AdapterSpec], rank: int
+) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, AdapterSpec]]:
+    """vLLM reads the adapters of a fused experts module as a pair, ``gate_up_proj`` (under ``base_layer``) and
+    ``down_proj``: the one of a pair that was not trained is added with zeros, which changes nothing."""
+    owners: dict[str, dict[str, str]] = {}
+    for name, spec in specs.items():
+        if kind_named(spec.kind).adapts_parameter:
+            owner, _, parameter = name.rpartition(".")
+            owners.setdefault(owner, {})[parameter] = name
+    served, specs = dict(served), dict(specs)
+    for owner, adapted in owners.items():
+        if set(adapted) - {"gate_up_proj", "down_proj"}:
+            raise ValueError(
+                f"vLLM serves the fused experts of a gated MoE layer (gate_up_proj, down_proj), got expert weights "
+                f"{sorted(adapted)} of '{owner}'"
+            )
+        if len(adapted) == 2:
+            continue
+        (parameter, name), = adapted.items()
+        a, b = served[name]["lora_A.weight"], served[name]["lora_B.weight"]  # (experts * rank, in), (out, experts * rank)
+        if parameter == "gate_up_proj":  # the missing down_proj reads the intermediate size, writes the hidden size
+            zeros = {"lora_A.weight": a.new_zeros(a.shape[0], b.shape[0] // 2), "lora_B.weight": b.new_zeros(a.shape[1], b.shape[1])}
+            other = f"{owner}.down_proj"
+        else:
+            zeros = {"lora_A.weight": a.new_zeros(a.shape[0], b.shape[0]), "lora_B.weight": b.new_zeros(2 * a.shape[1], b.shape[1])}
+            other = f"{owner}.gate_up_proj"
+        served[other] = zeros
+        specs[other] = dataclasses.replace(specs[name], r=rank)
+    return served, specs
+
+
+def peft_paths(specs: Mapping[str, AdapterSpec]) -> dict[str, str]:
+    """Adapter name -> the module path PEFT gives it (for an expert weight, its nesting under its module)."""
+    owners: dict[str, list[str]] = {}
+    for name, spec in specs.items():
+        if kind_named(spec.kind).adapts_parameter:
+            owners.setdefault(name.rpartition(".")[0], []).append(name)
+    return {
+        name: kind_named(spec.kind).peft_module(name, owners.get(name.rpartition(".")[0], [name]))
+        for name, spec in specs.items()
+    }
 
 
 def _anchored(name: str) -> str:
@@ -306,22 +348,25 @@ def _from_peft(model: nn.Module, prefix: str, config: Mapping[str, Any], tensors
         else:
             by_module.setdefault(key[: -len(suffix) - 1], {})[suffix] = tensors[PREFIX + key]
     variant = _peft_variant(config, source)
-    found = sites(model)
+    targets = survey(model).targets
+    found = {inner: site for name, site in targets.items() if (inner := relative(name, prefix))}
+    parameters = _parameter_paths(found, config, source)
     ours: dict[str, torch.Tensor] = {}
     specs: dict[str, AdapterSpec] = {}
-    for name in sorted(by_module):
-        full = absolute(name, prefix)
-        if full not in found:
+    for path in sorted(by_module):
+        name = parameters.get(path, path)
+        if name not in found:
             raise ValueError(f"{source} adapts module '{name}', which the model does not have")
-        original = base_layer(found[full].module)
-        kind = kind_of(original, full)
-        own = dict(by_module[name])
+        site = found[name]
+        original = target_base(site)
+        kind = parameter_kinds(site.module)[site.parameter] if site.parameter else kind_of(original, absolute(name, prefix))
+        own = dict(by_module[path])
         bias = "lora_B.bias" in own and bool(config.get("lora_bias"))
         if not bias:
             own.pop("lora_B.bias", None)
         try:
             converted = kind.from_peft(own, original, name, source)
-            rank = own[kind.peft_a[0]].shape[kind.peft_a[1]]
+            rank = kind.peft_rank(own, original)
         except KeyError as err:
             raise ValueError(f"{source}: module '{name}' has no PEFT tensor {err}") from err
         r = _pattern_value(config.get("rank_pattern") or {}, name, config.get("r", 8))
@@ -354,9 +399,10 @@ def _from_peft(model: nn.Module, prefix: str, config: Mapping[str, Any], tensors
         rest.append(key)
     saved = [str(name) for name in (config.get("modules_to_save") or [])]
     trainable: list[str] = []  # PEFT matches modules_to_save by name suffix
-    for module_name in found:
-        inner = relative(module_name, prefix)
-        if inner and any(inner == s or inner.endswith("." + s) for s in saved) and any(k.startswith(inner + ".") for k in rest):
+    for inner, site in found.items():
+        if site.parameter:
+            continue
+        if any(inner == s or inner.endswith("." + s) for s in saved) and any(k.startswith(inner + ".") for k in rest):
             trainable.append(inner)
     for key in rest:
         if not any(key.startswith(name + ".") for name in trainable):
@@ -384,6 +430,27 @@ def _from_peft(model: nn.Module, prefix: str, config: Mapping[str, Any], tensors
         base_dtypes=None,
         root="",
     )
+
+
+def _parameter_paths(found: Mapping[str, Site], config: Mapping[str, Any], source: str) -> dict[str, str]:
+    """PEFT's module path of each parameter its ``target_parameters`` adapt in the model -> the parameter's name.
+
+    PEFT matches a parameter when its qualified name is, or ends with ``.`` and, a target; the wrappers of
+    one module's parameters are nested (see the kind's ``peft_module``).
+    """
+    wanted = config.get("target_parameters") or []
+    if not isinstance(wanted, list) or not all(isinstance(item, str) and item for item in wanted):
+        raise ValueError(f"{source}: target_parameters must be a list of parameter names, got {wanted!r}")
+    chosen = {
+        name: site
+        for name, site in found.items()
+        if site.parameter and any(name == target or name.endswith("." + target) for target in wanted)
+    }
+    kinds = {name: parameter_kinds(site.module)[site.parameter] for name, site in chosen.items()}
+    owners: dict[str, list[str]] = {}
+    for name in chosen:
+        owners.setdefault(name.rpartition(".")[0], []).append(name)
+    return {kinds[name].peft_module(name, owners[name.rpartition(".")[0]]): name for name in chosen}
 
 
 def _peft_suffixes() -> list[str]:

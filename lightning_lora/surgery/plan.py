@@ -100,7 +100,8 @@ def survey(model: nn.Module) -> Survey:
         names.setdefault(id(layer), site.name)
         for param in layer.parameters(recurse=False):
             users[id(param)] = users.get(id(param), 0) + 1
-            sizes[""] += param.numel() if users[id(param)] == 1 else 0
+            if users[id(param)] == 1 and not isinstance(param, nn.parameter.UninitializedParameter):
+                sizes[""] += param.numel()
         get_output_embeddings = getattr(module, "get_output_embeddings", None)
         if callable(get_output_embeddings) and hasattr(module, "config"):
             heads.append(get_output_embeddings())
