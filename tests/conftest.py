@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 SEED = 0
-collect_ignore = ["fsdp2_run.py"]  # a script that test_distributed.py runs in its own processes
+collect_ignore = ["fsdp2_run.py", "fsdp2_moe_run.py"]  # scripts that test_distributed.py runs in their own processes
 
 
 @pytest.fixture(autouse=True)

@@ -306,3 +306,43 @@ def test_fsdp2_unsynchronised_adapters_and_wrong_bases_are_refused(fsdp2, attemp
 
     errors = json.loads((fsdp2[0] / "errors.json").read_text())
     assert re.search(message, errors[attempt]), errors[attempt]
+
+
+# --- FSDP2 with expert adapters (mixture of experts) ---------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def fsdp2_moe(tmp_path_factory):
+    """tests/fsdp2_moe_run.py on 2 processes, and the same training on one, unsharded, in this process."""
+    from pathlib import Path
+
+    from fsdp2_moe_run import TARGETS, MoELM, tokens
+    from torch.utils.data import DataLoader
+
+    folder = tmp_path_factory.mktemp("fsdp2_moe")
+    _run(Path(__file__).parent / "fsdp2_moe_run.py", str(folder))
+    reference = MoELM(shard=False)
+    L.Trainer(max_epochs=2, logger=False, enable_progress_bar=False, enable_model_summary=False, deterministic=True,
+              default_root_dir=folder / "reference", callbacks=[LoRACallback(r=4, alpha=8, bias=False, targets=TARGETS)]).fit(
+        reference, DataLoader(tokens(), batch_size=16)
+    )
+    return folder, reference
+
+
+def test_fsdp2_expert_adapters_are_identical_on_both_ranks_and_equal_one_process(fsdp2_moe):
+    folder, reference = fsdp2_moe
+    rank0, rank1 = (torch.load(folder / f"sharded.rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert rank0.keys() == rank1.keys() and all(torch.equal(rank0[k], rank1[k]) for k in rank0)
+    assert any("experts.gate_up_proj.matrix_A" in key for key in rank0)
+    _assert_equal_to(reference, rank0, atol=1e-5)
+
+
+def test_fsdp2_expert_adapters_resume_exactly_from_whole_companions(fsdp2_moe):
+    from lightning_lora import read_adapter
+
+    folder, _ = fsdp2_moe
+    straight, resumed = (torch.load(folder / f"{run}.rank0.pt", weights_only=True) for run in ("sharded", "sharded_resume"))
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+    companion = read_adapter(folder / "sharded" / "epoch=1-step=4.lora.safetensors")
+    for key, tensor in straight.items():  # whole tensors, not one rank's shard
+        assert torch.equal(companion.tensors[key.removeprefix("model.")], tensor), key

@@ -48,12 +48,12 @@ from lightning_lora.adapters.spec import AdapterSpec
 from lightning_lora.config import LoRAConfig
 from lightning_lora.formats.files import read_bytes, write_on_rank_zero
 from lightning_lora.formats.fingerprint import Samples, dtype_note, dtypes_of, fingerprint_matches, fingerprint_tensors
-from lightning_lora.naming import absolute, relative, resolve_root, sites
+from lightning_lora.naming import absolute, relative, resolve_root
 from lightning_lora.sharding import copy_into, full_tensor
 from lightning_lora.surgery.apply import Installation, install
 from lightning_lora.surgery.plan import AdapterPlan
 from lightning_lora.surgery.plan import check_fits as check_specs_fit
-from lightning_lora.surgery.plan import target_base
+from lightning_lora.surgery.plan import survey, target_base
 from lightning_lora.surgery.state import (
     adapted,
     base_named_parameters,
@@ -428,7 +428,7 @@ def install_parsed(model: nn.Module, adapter: AdapterFile, source: str, check_ba
 
 def _locate(model: nn.Module, adapter: AdapterFile, source: str) -> str:
     """Where in ``model`` the file's names fit: as they are, or under the root the file records."""
-    names = set(sites(model))
+    names = set(survey(model).targets)  # modules, and the parameters a kind adapts
     candidates = dict.fromkeys(["", adapter.root])
     fits = [prefix for prefix in candidates if all(absolute(name, prefix) in names for name in adapter.modules)]
     if len(fits) > 1:

@@ -410,6 +410,7 @@ def _from_peft(model: nn.Module, prefix: str, config: Mapping[str, Any], tensors
         ours[key] = tensors[PREFIX + key]
     if not specs:
         raise ValueError(f"{source} has no LoRA tensors")
+    specs = {name: specs[name] for name in found if name in specs}  # in model order
     config_fields = LoRAConfig(
         r=_most_common(spec.r for spec in specs.values()),
         alpha=_most_common(spec.alpha for spec in specs.values()),

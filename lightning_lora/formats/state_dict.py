@@ -53,15 +53,17 @@ def merge_state_dict(
     merged = {key: float32(tensor) for key, tensor in tensors.items()}
     for name, spec in adapter.modules.items():
         full = absolute(name, prefix)
-        weight = merged[f"{full}.weight"].clone()  # merged in place: the caller's tensors stay as they are
-        bias = merged.get(f"{full}.bias")
+        kind = kind_named(spec.kind)
+        weight_key, bias_key = kind.base_keys(full)
+        weight = merged[weight_key].clone()  # merged in place: the caller's tensors stay as they are
+        bias = merged.get(bias_key) if bias_key is not None else None
         bias = None if bias is None else bias.clone()
         file_tensors = {key[len(name) + 1 :]: tensor for key, tensor in adapter.tensors.items() if key.startswith(f"{name}.")}
         try:
-            layer = kind_named(spec.kind).rebuild_base(weight, bias, file_tensors, spec)
+            layer = kind.rebuild_base(weight, bias, file_tensors, spec)
         except ValueError as err:
-            raise ValueError(f"{base} does not fit the adapter: '{name}.weight': {err}") from err
-        lora = build_adapter(layer, spec, name)
+            raise ValueError(f"{base} does not fit the adapter: '{relative(weight_key, prefix)}': {err}") from err
+        lora = build_adapter(layer, spec, name, kind)
         _fill(lora, file_tensors, name, source)
         owned.update(f"{name}.{key}" for key in lora.adapter_params())
         if lora.merge_creates_bias:
@@ -70,10 +72,11 @@ def merge_state_dict(
                 f"base, so the merged model would not fit the base's architecture; adapt it with bias=False (or bias='auto')"
             )
         lora.merge()
-        merged[f"{full}.weight"] = base_weight(layer).detach()
+        merged[weight_key] = base_weight(layer).detach()
         merged_bias = base_bias(layer)
         if merged_bias is not None:
-            merged[f"{full}.bias"] = merged_bias.detach()
+            assert bias_key is not None, "only a layer with a bias key merges a bias"
+            merged[bias_key] = merged_bias.detach()
     for name in adapter.trainable:
         stored = {key for key in adapter.tensors if is_inside(key, [name])}
         present = {str(relative(key, prefix)) for key in tensors if is_inside(key, [absolute(name, prefix)])}
@@ -103,9 +106,10 @@ def _locate(tensors: Mapping[str, torch.Tensor], adapter: AdapterFile, base: str
     """The prefix under which the adapter's module names are found in the state dict."""
     root = adapter.root  # the module the names are relative to in the model the file was saved from
     candidates = list(dict.fromkeys(["", root]))
-    fits = [prefix for prefix in candidates if all(f"{absolute(name, prefix)}.weight" in tensors for name in adapter.modules)]
+    weights = {name: kind_named(spec.kind).base_keys(name)[0] for name, spec in adapter.modules.items()}
+    fits = [prefix for prefix in candidates if all(absolute(key, prefix) in tensors for key in weights.values())]
     if not fits:
-        missing = [f"{name}.weight" for name in adapter.modules if f"{name}.weight" not in tensors]
+        missing = [key for key in weights.values() if key not in tensors]
         where = f" (nor under its root {root!r})" if root else ""
         raise ValueError(
             f"{base} does not fit {source}: expected the weights of its adapted modules, but the state dict has no "
