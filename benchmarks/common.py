@@ -77,6 +77,26 @@ PRESETS: dict[str, dict[str, Any]] = {
         "warmup": 5,
         "steps": 20,
     },
+    # A Llama-shaped decoder whose MLPs are transformers' Qwen3-MoE blocks (8 experts, top 2): adapters on
+    # the attention's query and value projections and on the fused expert weights (PEFT: target_parameters).
+    "moe": {
+        "model": "moe",
+        "layers": 4,
+        "hidden": 384,
+        "ffn": 512,  # each expert's intermediate size
+        "heads": 12,
+        "vocab": 8192,
+        "batch": 8,
+        "seq_len": 128,
+        "dtype": "float32",
+        "r": 8,
+        "alpha": 16.0,
+        "target_sets": {"attention+experts": ["q_proj", "v_proj", "experts.gate_up_proj", "experts.down_proj"]},
+        "device": "cpu",
+        "warmup": 2,
+        "steps": 10,
+        "extra": {"experts": 8, "top_k": 2},
+    },
 }
 
 
@@ -85,7 +105,7 @@ class Setting:
     """One benchmark configuration (a preset with command-line overrides)."""
 
     preset: str
-    model: str  # "bert" (post-norm encoder) or "llama" (pre-norm decoder with RoPE and SwiGLU)
+    model: str  # "bert" (post-norm encoder), "llama" (pre-norm decoder with RoPE and SwiGLU) or "moe" (its MLPs MoE)
     layers: int
     hidden: int
     ffn: int
@@ -115,7 +135,7 @@ class Setting:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options every benchmark takes: a preset and overrides of its fields."""
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu", help="model and settings (default: cpu)")
-    parser.add_argument("--model", choices=["bert", "llama"], help="model family")
+    parser.add_argument("--model", choices=["bert", "llama", "moe"], help="model family")
     for name in ("layers", "hidden", "ffn", "heads", "vocab", "batch", "seq-len", "r", "steps", "warmup"):
         parser.add_argument(f"--{name}", type=int, help=f"override the preset's {name}")
     parser.add_argument("--alpha", type=float, help="override the preset's alpha")
@@ -127,6 +147,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--adapter-dtype", choices=sorted(DTYPES), help="this project's adapter_dtype")
     parser.add_argument("--device", help="override the preset's device (cpu, cuda)")
+    parser.add_argument("--experts", type=int, help="for --model moe: experts per layer (default 8)")
+    parser.add_argument("--top-k", type=int, help="for --model moe: experts per token (default 2)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
 
@@ -138,6 +160,12 @@ def setting_from_args(args: argparse.Namespace) -> Setting:
                  "steps", "warmup", "device"):
         if getattr(args, name) is not None:
             values[name] = getattr(args, name)
+    if values["model"] == "moe":
+        extra = {"experts": 8, "top_k": 2, **values.get("extra", {})}
+        extra.update({key: value for key, value in (("experts", args.experts), ("top_k", args.top_k)) if value is not None})
+        values["extra"] = extra
+        if values["model"] != PRESETS[args.preset]["model"] and not args.targets:
+            values["target_sets"] = PRESETS["moe"]["target_sets"]
     if args.targets:
         values["target_sets"] = {spec: [t for t in spec.split(",") if t] for spec in args.targets}
     setting = Setting(preset=args.preset, adapter_dtype=args.adapter_dtype, seed=args.seed, **values)
@@ -255,6 +283,30 @@ class LlamaLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+class MoELayer(nn.Module):
+    """A pre-norm decoder layer whose MLP is transformers' Qwen3-MoE block: a router and fused 3-D experts."""
+
+    def __init__(self, hidden: int, ffn: int, heads: int, max_len: int, experts: int, top_k: int) -> None:
+        super().__init__()
+        from transformers import Qwen3MoeConfig
+        from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
+
+        config = Qwen3MoeConfig(hidden_size=hidden, moe_intermediate_size=ffn, num_experts=experts,
+                                num_experts_per_tok=top_k, norm_topk_prob=True)
+        config._experts_implementation = "grouped_mm"  # what from_pretrained chooses by default
+        self.input_layernorm = nn.RMSNorm(hidden, eps=1e-5)
+        self.self_attn = LlamaAttention(hidden, heads, max_len)
+        self.post_attention_layernorm = nn.RMSNorm(hidden, eps=1e-5)
+        self.mlp = Qwen3MoeSparseMoeBlock(config)
+        with torch.no_grad():  # its weights are created empty; transformers' own init would be normal(0, 0.02)
+            for param in self.mlp.parameters():
+                param.normal_(0, 0.02)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, C)
+        x = x + self.self_attn(self.input_layernorm(x))
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
 class Encoder(nn.Module):
     """Token embeddings and a stack of layers, without an output head.
 
@@ -271,6 +323,10 @@ class Encoder(nn.Module):
             self.embed_norm = nn.LayerNorm(s.hidden)
             self.layers = nn.ModuleList(BertLayer(s.hidden, s.ffn, s.heads) for _ in range(s.layers))
             self.norm: nn.Module = nn.Identity()
+        elif s.model == "moe":
+            experts, top_k = s.extra["experts"], s.extra["top_k"]
+            self.layers = nn.ModuleList(MoELayer(s.hidden, s.ffn, s.heads, s.seq_len, experts, top_k) for _ in range(s.layers))
+            self.norm = nn.RMSNorm(s.hidden, eps=1e-5)
         else:
             self.layers = nn.ModuleList(LlamaLayer(s.hidden, s.ffn, s.heads, s.seq_len) for _ in range(s.layers))
             self.norm = nn.RMSNorm(s.hidden, eps=1e-5)
@@ -374,19 +430,25 @@ def add_peft_lora(model: nn.Module, targets: Sequence[str], r: int, alpha: float
     """
     from peft import LoraConfig, get_peft_model
 
-    config = LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets), lora_dropout=0.0, use_dora=use_dora)
+    parameters = [t for t in targets if t.startswith("experts.")]  # expert weights: PEFT's target_parameters
+    modules = [t for t in targets if t not in parameters]
+    config = LoraConfig(r=r, lora_alpha=alpha, target_modules=modules, target_parameters=parameters or None,
+                        lora_dropout=0.0, use_dora=use_dora)
     return get_peft_model(model, config).get_base_model()
 
 
 def peft_adapters(model: nn.Module) -> dict[str, tuple[nn.Linear, nn.Linear]]:
-    """Module name -> (lora_A, lora_B) of PEFT's default adapter, for every PEFT LoRA layer."""
+    """Adapter name -> (lora_A, lora_B) of PEFT's default adapter, for every PEFT LoRA layer; the wrapper of an
+    expert weight is named after the weight (``...experts.gate_up_proj``), as this project names it."""
     from peft.tuners.lora import LoraLayer
 
-    return {
-        name: (module.lora_A["default"], module.lora_B["default"])
-        for name, module in model.named_modules()
-        if isinstance(module, LoraLayer)
-    }
+    found = {}
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer):
+            parameter = getattr(module, "parameter_name", None)
+            key = f"{name.split('.base_layer')[0]}.{parameter}" if parameter else name
+            found[key] = (module.lora_A["default"], module.lora_B["default"])
+    return found
 
 
 def peft_magnitudes(model: nn.Module) -> dict[str, nn.Parameter]:

@@ -54,8 +54,10 @@ def _numerics(label: str, compared: str, grads: str, n: dict[str, Any]) -> str:
 
 
 def _shape(s: dict[str, Any]) -> str:
+    extra = s.get("extra") or {}
+    experts = f" ({extra['experts']} experts, top {extra['top_k']})" if s["model"] == "moe" and extra else ""
     return (
-        f"{s['model']} {s['layers']} layers, hidden {s['hidden']}, FFN {s['ffn']}, batch {s['batch']} x "
+        f"{s['model']} {s['layers']} layers{experts}, hidden {s['hidden']}, FFN {s['ffn']}, batch {s['batch']} x "
         f"{s['seq_len']}, {s['dtype']}, r={s['r']}, alpha={s['alpha']:g}"
     )
 
@@ -94,8 +96,9 @@ def render_step(payload: dict[str, Any]) -> str:
         table,
         "",
     ]
+    reference = "PEFT" if s["model"] == "moe" else "the reference"  # no plain reference adapts expert weights
     for label, n in payload["numerics"].items():
-        lines.append(_numerics(label, "lightning-lora vs the reference", "adapter grads", n))
+        lines.append(_numerics(label, f"lightning-lora vs {reference}", "adapter grads", n))
     for label, n in payload.get("dora_numerics", {}).items():
         lines.append(_numerics(label, "lightning-lora DoRA vs PEFT DoRA", "adapter grads (A, B, magnitude)", n))
     for label, costs in payload.get("dora", {}).items():
@@ -104,7 +107,14 @@ def render_step(payload: dict[str, Any]) -> str:
             for name, cost in (("lightning-lora", costs.get("lightning_lora")), ("PEFT", costs.get("peft")))
             if cost is not None
         ]
-        lines.append(f"DoRA step / LoRA step [{label}]: " + "; ".join(parts))
+        if parts:
+            lines.append(f"DoRA step / LoRA step [{label}]: " + "; ".join(parts))
+    rows = {row["key"]: row for row in payload["rows"]}
+    for label in s["target_sets"]:
+        ours, peft = rows.get(f"lightning_lora[{label}]"), rows.get(f"peft[{label}]")
+        if s["model"] == "moe" and ours is not None and peft is not None:
+            memory = f", peak memory **{ours['peak_mib'] / peft['peak_mib']:.3f}**" if ours["peak_mib"] and peft["peak_mib"] else ""
+            lines.append(f"lightning-lora / PEFT [{label}]: step time **{ours['ms'] / peft['ms']:.3f}**{memory}")
     return "\n".join(lines + _disturbed(payload))
 
 

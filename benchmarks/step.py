@@ -10,6 +10,10 @@ Variants (same model, batch, sequence length, dtype and seed):
 - the plain reference ``original(x) + scaling * B(A(x))``;
 - full fine-tuning.
 
+With ``--model moe`` (or ``--preset moe``) the layers' MLPs are transformers' Qwen3-MoE blocks and the
+adapters include the fused expert weights; the variants are then the floor, lightning-lora, PEFT
+(``target_parameters``) and full fine-tuning, and lightning-lora's numerics are checked against PEFT's.
+
 Each timed step includes the AdamW step of the trainable variants. Before timing, the outputs and
 gradients of lightning-lora are compared with the reference's (same adapter weights, non-zero B),
 and those of lightning-lora DoRA with PEFT DoRA's (same A, B and magnitudes); a mismatch stops the
@@ -20,6 +24,7 @@ variant (CPU: peak RSS, ``VmHWM``; GPU: ``torch.cuda.max_memory_allocated``; see
 Usage::
 
     python benchmarks/step.py                      # the CPU preset
+    python benchmarks/step.py --model moe          # mixture of experts: attention and expert weights, against PEFT
     python benchmarks/step.py --preset gpu --json benchmarks/results/gpu-step.json
 """
 
@@ -70,8 +75,14 @@ from lightning_lora import lora_modules  # noqa: E402
 
 
 def variant_specs(s: Setting, with_peft: bool) -> list[tuple[str, str | None]]:
-    """(kind, target set) of every variant: floor and full fine-tuning once, adapters per target set."""
-    kinds = ["lightning_lora", "lightning_lora_dora"] + (["peft", "peft_dora"] if with_peft else []) + ["reference"]
+    """(kind, target set) of every variant: floor and full fine-tuning once, adapters per target set.
+
+    On the MoE model: lightning-lora and PEFT only (DoRA and the plain reference adapt no expert weights).
+    """
+    if s.model == "moe":
+        kinds = ["lightning_lora"] + (["peft"] if with_peft else [])
+    else:
+        kinds = ["lightning_lora", "lightning_lora_dora"] + (["peft", "peft_dora"] if with_peft else []) + ["reference"]
     return [("floor", None), ("full_ft", None)] + [(kind, label) for label in s.target_sets for kind in kinds]
 
 
@@ -154,6 +165,36 @@ def check_dora_numerics(s: Setting, ours: Variant, peft: Variant, batch: tuple[t
     expected = [p.grad for name, (a, b) in pairs.items() for p in (a.weight, b.weight, magnitudes[name])]
     out, h = forward_backward(ours.model, batch)
     grads = [p.grad for layer in our_layers.values() for p in (layer.matrix_A.weight, layer.matrix_B.weight, layer.magnitude)]
+    errors = {
+        "output": relative_error(out, expected_out),
+        "input_grad": relative_error(h.grad, expected_h.grad),
+        "adapter_grads": max(relative_error(g, e) for g, e in zip(grads, expected)),
+    }
+    for variant in (ours, peft):
+        variant.model.zero_grad(set_to_none=True)
+    return {"tolerance": TOLERANCE[s.dtype], "lightning_lora": errors, "ok": max(errors.values()) <= TOLERANCE[s.dtype]}
+
+
+def check_peft_numerics(s: Setting, ours: Variant, peft: Variant, batch: tuple[torch.Tensor, torch.Tensor]) -> dict[str, Any]:
+    """Compare lightning-lora with PEFT on the same non-zero adapters: output, input gradient, A and B gradients
+    (on the MoE model, where expert weights are adapted as PEFT's ``target_parameters``).
+
+    Returns:
+        The largest relative errors, the tolerance, and whether lightning-lora passed.
+    """
+    our_layers = lora_modules(ours.model)
+    pairs = peft_adapters(peft.model)
+    if sorted(our_layers) != sorted(pairs):
+        raise SystemExit(f"lightning-lora adapted {sorted(our_layers)} but PEFT adapted {sorted(pairs)}")
+    randomize_pairs([(m.matrix_A, m.matrix_B) for m in our_layers.values()], s.seed)
+    with torch.no_grad():
+        for name, layer in our_layers.items():
+            pairs[name][0].weight.copy_(layer.matrix_A.weight)
+            pairs[name][1].weight.copy_(layer.matrix_B.weight)
+    expected_out, expected_h = forward_backward(peft.model, batch)
+    out, h = forward_backward(ours.model, batch)
+    expected = [p.grad for name in our_layers for p in (pairs[name][0].weight, pairs[name][1].weight)]
+    grads = [p.grad for layer in our_layers.values() for p in (layer.matrix_A.weight, layer.matrix_B.weight)]
     errors = {
         "output": relative_error(out, expected_out),
         "input_grad": relative_error(h.grad, expected_h.grad),
@@ -312,14 +353,18 @@ def _run(s: Setting, memory_runs: MemoryRuns | None, with_peft: bool) -> dict[st
     numerics = {}
     for label in s.target_sets:
         ours = by_key[f"lightning_lora[{label}]"]
-        numerics[label] = check_numerics(
-            s, ours, by_key[f"reference[{label}]"], batch, by_key.get(f"peft[{label}]")
-        )
+        if s.model == "moe":  # no plain reference of expert weights: PEFT's target_parameters are the reference
+            if f"peft[{label}]" not in by_key:
+                raise SystemExit("--model moe checks lightning-lora's numerics against PEFT's: install peft, or drop --no-peft")
+            numerics[label] = check_peft_numerics(s, ours, by_key[f"peft[{label}]"], batch)
+        else:
+            numerics[label] = check_numerics(s, ours, by_key[f"reference[{label}]"], batch, by_key.get(f"peft[{label}]"))
         numerics[label]["adapted"] = adapted_names(ours.model)
     failed = {label: n for label, n in numerics.items() if not n["ok"]}
     if failed:
         print(json.dumps(failed, indent=2), file=sys.stderr)
-        raise SystemExit("lightning-lora's outputs or gradients differ from the reference LoRA beyond tolerance")
+        reference = "PEFT's" if s.model == "moe" else "the reference LoRA"
+        raise SystemExit(f"lightning-lora's outputs or gradients differ from {reference} beyond tolerance")
     dora_numerics = {
         label: check_dora_numerics(s, by_key[f"lightning_lora_dora[{label}]"], by_key[f"peft_dora[{label}]"], batch)
         for label in s.target_sets

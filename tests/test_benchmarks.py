@@ -14,7 +14,6 @@ import torch
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 TINY = ["--layers", "1", "--hidden", "32", "--ffn", "64", "--heads", "4", "--vocab", "50", "--batch", "2",
         "--seq-len", "8", "--r", "4", "--steps", "2", "--warmup", "1"]
-HAS_PEFT = importlib.util.find_spec("peft") is not None
 
 
 def _load(name: str):
@@ -37,22 +36,44 @@ def test_step_prints_the_table_and_writes_json(tmp_path, capsys):
     printed = capsys.readouterr().out
     payload = json.loads(path.read_text())
     kinds = [row["variant"] for row in payload["rows"]]
-    peft_kinds = ["peft", "peft_dora"] if HAS_PEFT else []
-    assert kinds == ["floor", "full_ft", "lightning_lora", "lightning_lora_dora", *peft_kinds, "reference"]
+    assert kinds == ["floor", "full_ft", "lightning_lora", "lightning_lora_dora", "peft", "peft_dora", "reference"]
     assert payload["rows"][0]["vs_floor"] == 1.0
     assert all(row["ms"] > 0 and len(row["times_ms"]) == 2 for row in payload["rows"])
     numerics = payload["numerics"]["query,value"]
     assert numerics["ok"] and len(numerics["adapted"]) == 2
     assert "| floor (frozen, input grads only) |" in printed and "lightning-lora vs the reference" in printed
-    if HAS_PEFT:
-        ours = next(row for row in payload["rows"] if row["variant"] == "lightning_lora")
-        assert ours["vs_peft"] > 0 and "numerics" in printed.lower()
-        assert payload["dora_numerics"]["query,value"]["ok"] and "lightning-lora DoRA vs PEFT DoRA" in printed
-        costs = payload["dora"]["query,value"]
-        dora = {row["variant"]: row["ms"] for row in payload["rows"]}
-        assert costs["lightning_lora"]["ratio"] == dora["lightning_lora_dora"] / dora["lightning_lora"]
-        assert costs["peft"]["ratio"] == dora["peft_dora"] / dora["peft"]
-        assert "DoRA step / LoRA step [query,value]: lightning-lora **" in printed
+    ours = next(row for row in payload["rows"] if row["variant"] == "lightning_lora")
+    assert ours["vs_peft"] > 0 and "numerics" in printed.lower()
+    assert payload["dora_numerics"]["query,value"]["ok"] and "lightning-lora DoRA vs PEFT DoRA" in printed
+    costs = payload["dora"]["query,value"]
+    dora = {row["variant"]: row["ms"] for row in payload["rows"]}
+    assert costs["lightning_lora"]["ratio"] == dora["lightning_lora_dora"] / dora["lightning_lora"]
+    assert costs["peft"]["ratio"] == dora["peft_dora"] / dora["peft"]
+    assert "DoRA step / LoRA step [query,value]: lightning-lora **" in printed
+
+
+def test_step_on_the_moe_model_times_expert_adapters_against_peft(tmp_path, capsys):
+    step = _load("step")
+    path = tmp_path / "moe.json"
+    step.main([*TINY, "--model", "moe", "--experts", "4", "--no-memory", "--json", str(path)])
+    printed = capsys.readouterr().out
+    payload = json.loads(path.read_text())
+    assert [row["variant"] for row in payload["rows"]] == ["floor", "full_ft", "lightning_lora", "peft"]
+    numerics = payload["numerics"]["attention+experts"]
+    assert numerics["ok"] and len(numerics["adapted"]) == 4 and "lightning-lora vs PEFT" in printed
+    rows = {row["variant"]: row for row in payload["rows"]}
+    ratio = rows["lightning_lora"]["ms"] / rows["peft"]["ms"]
+    assert f"lightning-lora / PEFT [attention+experts]: step time **{ratio:.3f}**" in printed
+
+
+def test_step_on_the_moe_model_stops_when_the_experts_compute_something_else(monkeypatch):
+    import lightning_lora.adapters.experts as experts_module
+
+    step = _load("step")
+    grouped = experts_module._grouped
+    monkeypatch.setattr(experts_module, "_grouped", lambda x, w, offsets: 1.01 * grouped(x, w, offsets))
+    with pytest.raises(SystemExit, match="lightning-lora's outputs or gradients differ from PEFT's beyond tolerance"):
+        step.main([*TINY, "--model", "moe", "--experts", "4", "--no-memory"])
 
 
 @pytest.mark.parametrize("fork", [True, False], ids=["forked", "fresh_interpreter"])
@@ -84,7 +105,6 @@ def test_step_stops_when_the_adapter_computes_something_else(monkeypatch):
         step.main([*TINY, "--no-memory", "--no-peft"])
 
 
-@pytest.mark.skipif(not HAS_PEFT, reason="the DoRA check compares with PEFT")
 def test_step_stops_when_dora_computes_something_else(monkeypatch):
     step = _load("step")
     import lightning_lora.adapters.dora as layers
