@@ -12,6 +12,7 @@ import pytest
 import torch
 from hf_models import MOE_MODELS, qwen3_moe
 from safetensors.torch import load_file
+from vllm_loader import read_with_vllm
 
 from lightning_lora import (
     LoRAConfig,
@@ -234,30 +235,21 @@ def test_vllm_export_pairs_expert_weights_and_pads_each_experts_rank(tmp_path):
 
 
 def test_vllm_reads_the_expert_export_with_its_own_loader(tmp_path, monkeypatch):
-    """vLLM's adapter parsing (PEFTHelper, LoRAModel.from_local_checkpoint) is plain Python: CI installs vLLM
-    without its dependencies to run it; it is skipped where vLLM is not installed."""
-    lora_model = pytest.importorskip("vllm.lora.lora_model", reason="vLLM is not installed (CI installs it)")
-    from vllm.lora.peft_helper import PEFTHelper
-
-    monkeypatch.setattr(lora_model, "PIN_MEMORY", False)  # no accelerator here
     torch.manual_seed(0)
     model = qwen3_moe()
     apply_lora(model, LoRAConfig(r=4, alpha=8, bias=False, targets=TARGETS, rank_pattern={"layers.1.mlp.experts.down_proj": 2}))
     randomize(model)
     export_peft(model, tmp_path, target="vllm")
-    helper = PEFTHelper.from_local_dir(str(tmp_path), max_position_embeddings=32)
-    expected = {"q_proj", "k_proj", "v_proj", "o_proj", "experts"}
-    loaded = lora_model.LoRAModel.from_local_checkpoint(str(tmp_path), expected, helper, lora_model_id=1, device="cpu")
+    loaded = read_with_vllm(tmp_path, {"q_proj", "k_proj", "v_proj", "o_proj", "experts"}, monkeypatch)
     for name, adapter in lora_modules(model).items():
         owner, _, parameter = name.rpartition(".")
-        weights = loaded.loras[f"{owner}.base_layer" if parameter == "gate_up_proj" else owner if parameter == "down_proj" else name]
+        a, b, scaling = loaded[f"{owner}.base_layer" if parameter == "gate_up_proj" else owner if parameter == "down_proj" else name]
         if isinstance(adapter, LoRAExperts):  # vLLM reads A as (experts, rank, in) and B as (out, rank, experts)
-            a = weights.lora_a.reshape(adapter.num_experts, -1, weights.lora_a.shape[-1]).float()
-            b = weights.lora_b.reshape(weights.lora_b.shape[0], -1, adapter.num_experts).float()
-            delta = weights.scaling * torch.einsum("ore,eri->eoi", b, a)
-            torch.testing.assert_close(delta, adapter.delta_weight(), rtol=TOLERANCE, atol=TOLERANCE)
+            a = a.reshape(adapter.num_experts, -1, a.shape[-1])
+            b = b.reshape(b.shape[0], -1, adapter.num_experts)
+            torch.testing.assert_close(scaling * torch.einsum("ore,eri->eoi", b, a), adapter.delta_weight(), rtol=TOLERANCE, atol=TOLERANCE)
         else:
-            torch.testing.assert_close(weights.scaling * weights.lora_b.float() @ weights.lora_a.float(), adapter.delta_weight())
+            torch.testing.assert_close(scaling * b @ a, adapter.delta_weight(), rtol=TOLERANCE, atol=TOLERANCE)
 
 
 def test_all_linear_warns_once_when_most_weights_stay_frozen_in_experts():

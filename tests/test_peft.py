@@ -11,6 +11,7 @@ import peft
 import pytest
 import torch
 from hf_models import bert, gpt2, llama
+from vllm_loader import read_with_vllm
 
 from lightning_lora import (
     LoRAConfig,
@@ -176,6 +177,20 @@ def test_vllm_target_folds_scales_and_pads_ranks_exactly(tmp_path):
     _, _, with_head = trained("bert")
     with pytest.raises(ValueError, match=r"vLLM serves no modules_to_save, but the adapter trains \['classifier'\]"):
         export_peft(with_head, tmp_path / "bad", target="vllm")
+
+
+def test_vllm_reads_dense_exports_with_its_own_loader(tmp_path, monkeypatch):
+    _, _, model = trained("llama")
+    export_peft(model, tmp_path, target="vllm")
+    expected = {"embed_tokens", "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    loaded = read_with_vllm(tmp_path, expected, monkeypatch)
+    adapters = lora_modules(model)
+    assert set(loaded) == set(adapters) and any(a.kind == "embedding" for a in adapters.values())
+    for name, adapter in adapters.items():
+        a, b, scaling = loaded[name]
+        delta = scaling * b @ a  # (out, in); an embedding's is (dim, vocab), the transpose of its table's
+        torch.testing.assert_close(delta.T if adapter.kind == "embedding" else delta, adapter.delta_weight(),
+                                   rtol=TOLERANCE, atol=TOLERANCE)
 
 
 def test_refusals(tmp_path):
