@@ -7,8 +7,9 @@ The package, by subpackage (each module's docstring says what it owns):
 - ``surgery``: plan adapters for a model, install them, merge them, switch them off and on;
 - ``formats``: adapter files, PEFT and vLLM folders, merged state dicts, base fingerprints;
 - ``lightning``: ``LoRACallback``, ``LoRAMixin``, slim checkpoints and the Hydra ``lora`` group;
-- ``config`` (``LoRAConfig``), ``patterns``, ``naming``, ``quantize``, ``sharding``: what they all
-  use; ``cli``: the ``lightning-lora`` command.
+- ``config`` (``LoRAConfig``), ``patterns``, ``naming``, ``quantize``, ``sharding``, ``tasks`` (what a
+  transformers model's class says: PEFT's task type, the new task head): what they all use; ``cli``:
+  the ``lightning-lora`` command.
 
 This module is the public surface; everything else is in the documented subpackages.
 """

@@ -47,11 +47,11 @@ class LoRAConfig:
         2.0
     """
 
-    r: int = 4  # rank of the update B @ A
-    alpha: float = 1.0  # the update is scaled by alpha / r (alpha / sqrt(r) with use_rslora)
-    # Give matrix_A and matrix_B biases (B's starts at zero); "auto": where the original layer has one,
-    # so that a bias-free model (Llama, Mistral, Qwen) merges back into its own architecture.
-    bias: bool | str = "auto"
+    r: int = 8  # rank of the update B @ A (PEFT's default)
+    alpha: float = 16.0  # the update is scaled by alpha / r (alpha / sqrt(r) with use_rslora): 2, as litgpt's
+    # Give matrix_A and matrix_B biases (B's starts at zero): False, as PEFT (its exports then serve in vLLM);
+    # True for all layers; "auto": where the original layer has one.
+    bias: bool | str = False
     # Module name patterns; None: the model's ``lora_targets`` attribute if it has one, else all-linear.
     targets: Sequence[str] | None = None
     exclude: Sequence[str] = ()  # patterns removed from the matches
@@ -62,7 +62,9 @@ class LoRAConfig:
     # DoRA: W' = m * (W + s B A) / ||W + s B A|| with a trained magnitude m per output row (Linear and
     # transformers' Conv1D). Its update has no bias: bias must be False or "auto" (which then gives none).
     use_dora: bool = False
-    trainable: Sequence[str] = ()  # modules left fully trainable (new heads)
+    # Modules left fully trainable (new heads); None: the new task head of a transformers model
+    # (*ForSequenceClassification's classifier or score, ...), as PEFT's task_type; [] for none.
+    trainable: Sequence[str] | None = None
     adapter_dtype: str | None = None  # None: the original weight's dtype; e.g. "float32"
     # "nf4": hold the frozen linear base weights in 4-bit NF4 while training (QLoRA; needs torchao)
     quantize: str | None = None
@@ -78,7 +80,7 @@ class LoRAConfig:
         self.alpha_pattern = _pattern_map("alpha_pattern", self.alpha_pattern, positive_number)
         self.use_rslora = boolean("use_rslora", self.use_rslora)
         self.use_dora = boolean("use_dora", self.use_dora)
-        self.trainable = _patterns("trainable", self.trainable)
+        self.trainable = None if self.trainable is None else _patterns("trainable", self.trainable)
         self.adapter_dtype = dtype_setting("adapter_dtype", self.adapter_dtype, optional=True)
         self.quantize = check_method("quantize", self.quantize)
         if self.variant is not None:
@@ -207,14 +209,13 @@ def _plain(value: Any) -> Any:
 
 
 def _same(a: Any, b: Any) -> bool:
-    """Equality that tells True from 1 and None from an empty collection."""
+    """Equality that tells True from 1 and None from an empty list (``trainable``: automatic or none),
+    but takes None for an empty mapping (``rank_pattern=None`` means no patterns)."""
     if isinstance(a, bool) or isinstance(b, bool):
         return type(a) is type(b) and a == b
-    return (_empty(a) and _empty(b)) or a == b
-
-
-def _empty(value: Any) -> bool:
-    return value is None or (isinstance(value, (list, dict)) and not value)
+    if a is None or b is None:
+        return (a if b is None else b) in (None, {})
+    return a == b
 
 
 def _bias_setting(value: Any) -> bool | str:

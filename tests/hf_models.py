@@ -26,6 +26,14 @@ def gpt2():
     return transformers.GPT2LMHeadModel(config).eval()
 
 
+def qwen2():
+    import transformers
+
+    config = transformers.Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+    return transformers.Qwen2ForCausalLM(config).eval()  # q, k and v projections with a bias
+
+
 # model factory, targets for DoRA's tests (llama: plain nn.Linear, fused; bert: base biases; gpt2: transformers' Conv1D)
 DORA_MODELS = {
     "llama": (llama, ["q_proj", "v_proj", "down_proj"]),

@@ -13,7 +13,7 @@ from lightning_lora.formats import base_fingerprint
 from lightning_lora.formats.adapter_file import adapter_bytes
 from lightning_lora.formats.fingerprint import SAMPLES_PER_TENSOR
 
-CONFIG = LoRAConfig(r=4, alpha=8, targets=["qkv", "fc1", "embed"], trainable=["head"], rank_pattern={"fc1": 2})
+CONFIG = LoRAConfig(r=4, alpha=8, bias="auto", targets=["qkv", "fc1", "embed"], trainable=["head"], rank_pattern={"fc1": 2})
 
 
 @pytest.fixture

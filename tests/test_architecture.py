@@ -29,7 +29,7 @@ def _module_name(path: Path) -> str:
 
 MODULES = {_module_name(path): path for path in sorted(PACKAGE.rglob("*.py"))}
 # Values the default preset chooses on purpose (the example's task); everything else is the default.
-PRESET_CHOICES = {"alpha": 8.0, "trainable": ["model.head"]}
+PRESET_CHOICES = {"trainable": ["model.head"]}
 MAX_MODULE_LINES = 600
 MAX_CLASS_LINES = 250
 MAX_PUBLIC_NAMES = 25
@@ -192,8 +192,9 @@ def test_config_defaults_are_normalised_on_construction():
         [],
         {},
         {},
-        [],
+        None,  # automatic: a transformers model's new task head
     )
+    assert LoRAConfig(trainable=()).trainable == []  # none
 
 
 def test_modules_and_classes_stay_small():

@@ -215,7 +215,7 @@ case("unmerge-unmerged", "layers", "unmerge_lora(model) on an unmerged model", R
 @case("unload-new-bias", "layers", "merge_and_unload of bias=True adapters on bias-free layers", ValueError, r"cannot unload modules \['0'\]: their adapters have a bias")
 def _(ws):
     ws.plain = nn.Sequential(nn.Linear(4, 4, bias=False))
-    apply_lora(ws.plain, LoRAConfig(bias=True))
+    apply_lora(ws.plain, LoRAConfig(r=2, bias=True))
     ws.snapshot()
     merge_and_unload(ws.plain)
 
@@ -265,6 +265,14 @@ def _(ws):
     torch.save({"w": torch.zeros(2)}, ws.root / "model.safetensors")
     ws.snapshot()
     load_adapter(ws.plain, ws.root / "model.safetensors")
+
+
+@case("file-folder", "adapter file", "load_adapter of a folder (a PEFT adapter)", ValueError, r"path must be an adapter file, got the folder .*; a PEFT adapter folder loads with import_peft")
+def _(ws):
+    (ws.root / "peft").mkdir()
+    (ws.root / "peft" / "adapter_config.json").write_text("{}")
+    ws.snapshot()
+    load_adapter(ws.plain, ws.root / "peft")
 
 
 @case("file-foreign", "adapter file", "a safetensors file of plain weights", ValueError, r"is not a lightning_lora adapter file")
@@ -354,11 +362,11 @@ def _(ws):
     _trainer(ws.root, LoRACallback(targets=["qkv"]), max_epochs=2).fit(ws.plain, data(), ckpt_path=_last(ws))
 
 
-@case("ckpt-other-rank", "checkpoint", "resume last.ckpt (r=4) with LoRACallback(r=8)", ValueError, r"checkpoint does not fit module 'net.blocks.0.attn.qkv': r=4 in the file, 8 in the model")
+@case("ckpt-other-rank", "checkpoint", "resume last.ckpt (r=8) with LoRACallback(r=4)", ValueError, r"checkpoint does not fit module 'net.blocks.0.attn.qkv': r=8 in the file, 4 in the model")
 def _(ws):
     ws.plain = ws.classifier()
     ws.snapshot()
-    _trainer(ws.root, LoRACallback(targets=["qkv"], r=8), max_epochs=2).fit(ws.plain, data(), ckpt_path=_last(ws))
+    _trainer(ws.root, LoRACallback(targets=["qkv"], r=4), max_epochs=2).fit(ws.plain, data(), ckpt_path=_last(ws))
 
 
 @case("ckpt-newer-record", "checkpoint", "a LoRA record of version 99", ValueError, r"checkpoint LoRA record has version 99, newer than this lightning_lora supports")
@@ -407,8 +415,12 @@ for _id, _kwargs, _error, _message in [
     ("callback-merge-flag", {"merge_on_end": 1}, TypeError, r"merge_on_end must be True or False, got 1"),
     ("callback-adapter-path-type", {"adapter_path": 3}, TypeError, r"adapter_path must be a path or None, got 3"),
     ("callback-config-type", {"config": {"r": 2}}, TypeError, r"config must be a LoRAConfig, got dict"),
-    ("callback-config-and-arguments", {"config": LoRAConfig(), "r": 8}, ValueError, r"pass either config or the separate arguments, not both \(also got \['r'\]\)"),
+    ("callback-config-and-arguments", {"config": LoRAConfig(), "r": 16}, ValueError, r"pass either config or the separate arguments, not both \(also got \['r'\]\)"),
     ("callback-empty-targets", {"targets": []}, ValueError, r"targets must name at least one module pattern"),
+    ("callback-adapter-root-alone", {"adapter_root": "model"}, ValueError, r"adapter_root='model' names where adapter_path's modules are, but adapter_path is None"),
+    ("callback-adapter-root-type", {"adapter_path": "a.lora.safetensors", "adapter_root": 1}, TypeError, r"adapter_root must be a module name \(e.g. 'model'\) or None, got 1"),
+    ("callback-vllm-dora", {"use_dora": True, "export_peft": "vllm"}, ValueError, r"export_peft='vllm' cannot serve adapters made with use_dora=True: vLLM serves no DoRA adapters"),
+    ("callback-vllm-bias", {"bias": True, "export_peft": "vllm"}, ValueError, r"export_peft='vllm' cannot serve adapters made with bias=True: vLLM serves no LoRA biases"),
 ]:
     case(_id, "callback", f"LoRACallback(**{_kwargs!r})", _error, _message)(lambda ws, kwargs=_kwargs: LoRACallback(**kwargs))
 
@@ -420,11 +432,18 @@ def _(ws):
     _trainer(ws.root, LoRACallback(targets=["qkv"]), LoRACallback(targets=["fc1"])).fit(ws.plain, data())
 
 
-@case("callback-adapter-path-contradicts", "callback", "LoRACallback(r=8, adapter_path=<file trained with r=4>)", ValueError, r"was trained with other settings: r=8 \(file: 4\)")
+@case("callback-adapter-path-contradicts", "callback", "LoRACallback(r=4, adapter_path=<file trained with r=8>)", ValueError, r"was trained with other settings: r=4 \(file: 8\)")
 def _(ws):
     ws.plain = ws.classifier()
     ws.snapshot()
-    _trainer(ws.root, LoRACallback(r=8, adapter_path=ws.lightning[0] / "last.lora.safetensors")).validate(ws.plain, data(), verbose=False)
+    _trainer(ws.root, LoRACallback(r=4, adapter_path=ws.lightning[0] / "last.lora.safetensors")).validate(ws.plain, data(), verbose=False)
+
+
+@case("callback-vllm-auto-bias", "callback", "LoRACallback(bias='auto', export_peft='vllm') on layers with biases", MisconfigurationException, r"export_peft='vllm' would fail at the first checkpoint: vLLM serves no LoRA biases")
+def _(ws):
+    ws.plain = ws.classifier()
+    ws.snapshot()  # refused as the model is adapted, before training: the adapters are taken out again
+    _trainer(ws.root, LoRACallback(targets=["qkv"], bias="auto", export_peft="vllm"), max_epochs=1).fit(ws.plain, data())
 
 
 @case("callback-adapter-path-missing", "callback", "LoRACallback(adapter_path='missing.lora.safetensors')", FileNotFoundError, r"missing.lora.safetensors")
@@ -434,7 +453,7 @@ def _(ws):
     _trainer(ws.root, LoRACallback(adapter_path=ws.root / "missing.lora.safetensors")).fit(ws.plain, data())
 
 
-@case("callback-optimizer-misses-adapters", "callback", "configure_optimizers over the head only", MisconfigurationException, r"the optimizer does not hold 8 of the 8 LoRA parameters")
+@case("callback-optimizer-misses-adapters", "callback", "configure_optimizers over the head only", MisconfigurationException, r"the optimizer does not hold 4 of the 4 LoRA parameters")
 def _(ws):
     class HeadOnly(Classifier):
         def configure_optimizers(self):

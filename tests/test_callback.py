@@ -83,14 +83,14 @@ def test_grad_norm_only_on_logging_steps_and_per_layer(tmp_path, monkeypatch):
     calls = []
     original = metrics_module._grad_norm
     monkeypatch.setattr(metrics_module, "_grad_norm", lambda layer: calls.append(1) or original(layer))
-    callback = LoRACallback(targets=["qkv"], log_per_layer=True, rank_pattern={"blocks.0.attn.qkv": 8})
+    callback = LoRACallback(targets=["qkv"], log_per_layer=True, rank_pattern={"blocks.0.attn.qkv": 16})
     run = trainer(tmp_path, callback, max_epochs=1, log_every_n_steps=4)
     run.fit(Classifier(), data())
     assert len(calls) == 2 * 2  # two logging steps of eight, two adapted layers
     row = [row for row in csv_rows(run) if row.get("lora/grad_norm")][0]
     assert row["lora/grad_norm/net.blocks.0.attn.qkv"] and row["lora/grad_norm/net.blocks.1.attn.qkv"]
-    assert float(row["lora/scaling/net.blocks.0.attn.qkv"]) == 1 / 8
-    assert float(row["lora/scaling/net.blocks.1.attn.qkv"]) == 1 / 4
+    assert float(row["lora/scaling/net.blocks.0.attn.qkv"]) == 16 / 16
+    assert float(row["lora/scaling/net.blocks.1.attn.qkv"]) == 16 / 8
 
 
 def test_grad_norm_once_per_accumulation_window_with_clipping(tmp_path):
@@ -235,9 +235,9 @@ def test_adapter_path_contradicting_arguments(tmp_path):
     model = Classifier()
     trainer(tmp_path, LoRACallback(r=2, targets=["qkv"]), max_epochs=1).fit(model, data())
     save_adapter(model, tmp_path / "a.lora.safetensors")
-    contradicting = LoRACallback(r=8, adapter_path=tmp_path / "a.lora.safetensors")  # the constructor reads no file
-    with pytest.raises(ValueError, match=r"was trained with other settings: r=8 \(file: 2\)"):
-        trainer(tmp_path, contradicting).validate(Classifier(), data(), verbose=False)
+    contradicting = LoRACallback(r=16, adapter_path=tmp_path / "a.lora.safetensors")  # the constructor reads no file
+    with pytest.raises(ValueError, match=r"was trained with other settings: r=16 \(file: 2\)"):
+        trainer(tmp_path, contradicting).validate(_base_of(model), data(), verbose=False)
     agreeing = LoRACallback(r=2, adapter_path=tmp_path / "a.lora.safetensors")
     trainer(tmp_path, agreeing).validate(_base_of(model), data(), verbose=False)
     assert agreeing.config.r == 2
@@ -296,7 +296,7 @@ def test_optimizer_without_adapters_is_an_error(tmp_path):
         def configure_optimizers(self):
             return torch.optim.SGD(self.net.head.parameters(), lr=0.1)
 
-    with pytest.raises(MisconfigurationException, match="the optimizer does not hold 8 of the 8 LoRA parameters"):
+    with pytest.raises(MisconfigurationException, match="the optimizer does not hold 4 of the 4 LoRA parameters"):
         trainer(tmp_path, LoRACallback(targets=["qkv"]), max_epochs=1).fit(Stale(), data())
 
 
@@ -328,7 +328,7 @@ def test_repeated_fit_is_idempotent(tmp_path):
         ({"log_grad_norm": "yes"}, TypeError, "log_grad_norm must be True or False, got 'yes'"),
         ({"adapter_path": 3}, TypeError, "adapter_path must be a path or None, got 3"),
         ({"config": {"r": 2}}, TypeError, "config must be a LoRAConfig, got dict"),
-        ({"config": LoRAConfig(), "r": 8}, ValueError, r"pass either config or the separate arguments.*\['r'\]"),
+        ({"config": LoRAConfig(), "r": 16}, ValueError, r"pass either config or the separate arguments.*\['r'\]"),
     ],
 )
 def test_constructor_validation(kwargs, error, message):

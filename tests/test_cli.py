@@ -101,7 +101,7 @@ def adapt_and_save(model, folder, config):
 @pytest.fixture
 def plain(tmp_path):
     model = sequential()
-    config = LoRAConfig(r=4, alpha=8, targets=["0", "1", "2", "3"], rank_pattern={"2": 2}, trainable=["4"])
+    config = LoRAConfig(r=4, alpha=8, bias="auto", targets=["0", "1", "2", "3"], rank_pattern={"2": 2}, trainable=["4"])
     base, adapter = adapt_and_save(model, tmp_path, config)
     return model, base, adapter
 

@@ -162,7 +162,7 @@ def test_state_dict_keys_are_clean_and_selected_by_type(tiny_model):
     apply_lora(tiny_model, LoRAConfig(targets=["qkv"]))
     compiled = torch.compile(tiny_model)
     keys = set(lora_state_dict(compiled))
-    assert keys == {f"blocks.{i}.attn.qkv.{m}.{p}" for i in range(2) for m in ("matrix_A", "matrix_B") for p in ("weight", "bias")}
+    assert keys == {f"blocks.{i}.attn.qkv.{m}.weight" for i in range(2) for m in ("matrix_A", "matrix_B")}  # no bias by default
     assert set(lora_modules(compiled)) == {"blocks.0.attn.qkv", "blocks.1.attn.qkv"}
 
 
@@ -184,7 +184,7 @@ def test_merge_and_unload_round_trip_strict(bias, tokens):
 
 def test_merge_and_unload_refuses_a_bias_the_original_lacks():
     model = nn.Sequential(nn.Linear(4, 4, bias=False))
-    apply_lora(model, LoRAConfig(bias=True))
+    apply_lora(model, LoRAConfig(r=2, bias=True))
     with pytest.raises(ValueError, match=r"cannot unload modules \['0'\]: their adapters have a bias"):
         merge_and_unload(model)
     assert isinstance(model[0], LoRA) and not model[0].merged
@@ -287,8 +287,8 @@ def test_explicit_settings_and_reconcile_without_lightning():
     from lightning_lora.config import explicit_settings, reconcile
 
     stored = LoRAConfig(r=2, alpha=8, targets=["qkv"])
-    assert explicit_settings({"r": 4, "alpha": 1.0, "exclude": (), "rank_pattern": None, "use_rslora": 1}) == {"use_rslora": 1}
-    assert explicit_settings({"exclude": [], "rank_pattern": {}, "bias": "auto"}) == {}
+    assert explicit_settings({"r": 8, "alpha": 16.0, "exclude": (), "rank_pattern": None, "use_rslora": 1}) == {"use_rslora": 1}
+    assert explicit_settings({"exclude": [], "rank_pattern": {}, "bias": False}) == {}
     assert explicit_settings({"bias": True}) == {"bias": True}
     assert reconcile(stored, {}, "adapter_path 'a'") is stored
     assert reconcile(stored, {"r": 2, "targets": ("qkv",)}, "adapter_path 'a'") is stored
@@ -317,7 +317,7 @@ def test_param_shapes_are_known_before_allocation(bias):
 def test_all_linear_leaves_out_the_output_layer_and_warns_on_output_only_targets(tiny_model):
     assert "head" not in apply_lora(tiny_model, LoRAConfig(targets=["all-linear"]))
     lone = nn.Sequential(nn.Linear(4, 4))
-    assert apply_lora(lone, LoRAConfig(targets=["all-linear"])) == ["0"]  # a lone linear layer is the model
+    assert apply_lora(lone, LoRAConfig(r=2, targets=["all-linear"])) == ["0"]  # a lone linear layer is the model
     with pytest.warns(UserWarning, match=r"targets select only output or tied layers \['head'\]"):
         apply_lora(TinyModel(), LoRAConfig(targets=["head"]))
     tied = nn.ModuleDict({"embed": nn.Embedding(10, 4), "mid": nn.Linear(4, 4), "out": nn.Linear(4, 10, bias=False)})

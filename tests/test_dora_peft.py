@@ -10,6 +10,7 @@ from hf_models import logits as hf_logits
 from safetensors.torch import load_file, save_file
 
 from lightning_lora import LoRAConfig, apply_lora, export_peft, import_peft, lora_modules, merge_and_unload
+from lightning_lora.tasks import task_type
 
 TOLERANCE = 1e-5
 TOKENS = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(0))
@@ -29,7 +30,8 @@ def pair(name, dropout=0.0):
     ours = factory()
     ours.load_state_dict(state)
     apply_lora(ours, LoRAConfig(r=4, alpha=8, targets=targets, use_dora=True, dropout=dropout))
-    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, use_dora=True, lora_dropout=dropout)
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, use_dora=True, lora_dropout=dropout,
+                             task_type=task_type(base))  # both train BERT's new classifier
     theirs = peft.get_peft_model(base, config)
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():

@@ -22,7 +22,7 @@ def test_train_then_evaluate_through_hydra_api(backbone, tmp_path):
     result = run(composed([*QUICK, f"model.pretrained_path={backbone}"], tmp_path))
     assert (tmp_path / "result.json").exists()
     assert json.loads((tmp_path / "result.json").read_text()) == result
-    assert result["trainable_params"] < result["total_params"] * 0.05
+    assert result["trainable_params"] < result["total_params"] * 0.1
     adapter = tmp_path / "checkpoints" / "final.lora.safetensors"
     assert result["adapter_bytes"] == adapter.stat().st_size < result["full_weights_bytes"]
     assert result["checkpoint_bytes"] < result["full_weights_bytes"]
@@ -36,8 +36,8 @@ def test_evaluate_takes_the_files_settings_unless_typed_otherwise(backbone, tmp_
     adapter = tmp_path / "checkpoints" / "final.lora.safetensors"
     evaluate = [*QUICK, "mode=evaluate", f"model.pretrained_path={backbone}", f"lora.adapter_path={adapter}"]
     assert run(composed(evaluate, tmp_path / "a"))["val_acc"] == result["val_acc_after"]  # preset values differ: fine
-    with pytest.raises(ValueError, match=r"was trained with other settings: r=4 \(file: 2\)"):
-        run(composed([*evaluate, "lora.r=4"], tmp_path / "b"))  # typed, even though 4 is the default
+    with pytest.raises(ValueError, match=r"was trained with other settings: r=8 \(file: 2\)"):
+        run(composed([*evaluate, "lora.r=8"], tmp_path / "b"))  # typed, even though 8 is the default
 
 
 def test_full_fine_tuning_baseline(backbone, tmp_path):

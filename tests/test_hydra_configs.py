@@ -54,7 +54,7 @@ def test_preset_values(tmp_path):
     with pytest.raises(InstantiationException, match=r"quantize must be None or one of \['nf4'\], got 'int4'"):
         instantiate(composed(["lora.quantize=int4"], tmp_path).lora)
     dora = instantiate(composed(["lora=dora"], tmp_path).lora)
-    assert dora.config.use_dora is True and dora.config.bias == "auto"
+    assert dora.config.use_dora is True and dora.config.bias is False
     assert instantiate(composed(["lora.use_dora=true"], tmp_path).lora).config.use_dora is True
     callback = instantiate(composed(["lora.r=16", "lora.alpha=32", "lora.bias=false", "lora.targets=[q_proj,v_proj]"], tmp_path).lora)
     assert (callback.config.r, callback.config.alpha, callback.config.bias) == (16, 32.0, False)

@@ -158,7 +158,7 @@ def test_a_users_linear_registered_with_one_call_goes_through_everything(tmp_pat
     model = Net()
     base = {k: v.clone() for k, v in model.state_dict().items()}
     plain = model(X)
-    assert apply_lora(model, LoRAConfig(r=4, alpha=8, targets=["all-linear"])) == ["inner"]  # all-linear takes it
+    assert apply_lora(model, LoRAConfig(r=4, alpha=8, bias=True, targets=["all-linear"])) == ["inner"]  # all-linear takes it
     adapter = lora_modules(model)["inner"]
     assert type(adapter) is LoRA and torch.equal(model(X), plain)  # the identity at init
     _trained(model)
@@ -279,7 +279,7 @@ def test_a_variant_of_ones_own(tmp_path):
     model.inner = nn.Linear(8, 12)
     base = {k: v.clone() for k, v in model.state_dict().items()}
     plain = model(X)
-    plan = plan_adapters(model, LoRAConfig(r=2, alpha=4, targets=["inner"]))
+    plan = plan_adapters(model, LoRAConfig(r=2, alpha=4, bias=True, targets=["inner"]))
     gated = AdapterPlan({name: type(spec)(**{**spec.__dict__, "variant": "gated"}) for name, spec in plan.specs.items()},
                         plan.config, plan.trainable)
     install(model, gated)

@@ -39,7 +39,7 @@ def test_walk_visits_shared_modules_once_parents_first_and_base_view_names_the_o
     model = nn.ModuleDict({"a": shared, "b": nn.Sequential(shared, nn.ReLU())})
     assert [site.name for site in walk(model)] == ["", "a", "b", "b.1"]  # "b.0" is "a", visited once
     model = nn.ModuleDict({"a": nn.Linear(4, 4), "b": nn.Sequential(nn.Linear(4, 4), nn.ReLU())})
-    apply_lora(model, LoRAConfig(targets=["a"]))
+    apply_lora(model, LoRAConfig(r=2, targets=["a"]))
     adapter = model["a"]
     assert [(site.name, site.module) for site in walk(model, base_view=True)][1:3] == [("a", adapter), ("a", adapter.original_module)]
     assert [site.name for site in walk(model, into_adapters=False)] == ["", "a", "b", "b.0", "b.1"]
@@ -64,7 +64,7 @@ def test_a_plan_changes_nothing_and_install_carries_it_out():
     before = {k: v for k, v in model.state_dict(keep_vars=True).items()}
     plan = plan_adapters(model, LoRAConfig(r=2, targets=["qkv"], trainable=["head"]))
     assert list(plan.specs) == ["blocks.0.attn.qkv", "blocks.1.attn.qkv"] and plan.trainable == ("head",)
-    assert all(spec.kind == "linear" and spec.r == 2 and spec.bias for spec in plan.specs.values())
+    assert all(spec.kind == "linear" and spec.r == 2 and not spec.bias for spec in plan.specs.values())
     assert model.state_dict(keep_vars=True) == before and not lora_modules(model)  # nothing changed
     assert all(p.requires_grad for p in model.parameters())
     installation = install(model, plan)

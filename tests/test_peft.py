@@ -11,7 +11,7 @@ import peft
 import pytest
 import torch
 from hf_models import bert, gpt2, llama
-from vllm_loader import read_with_vllm
+from vllm_loader import load_with_vllm, read_with_vllm
 
 from lightning_lora import (
     LoRAConfig,
@@ -23,6 +23,7 @@ from lightning_lora import (
     lora_state_dict,
     save_adapter,
 )
+from lightning_lora.surgery.state import trainable_modules
 
 TOLERANCE = 1e-5
 TOKENS = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(0))
@@ -56,8 +57,8 @@ def trained(name):
         for adapter in lora_modules(model).values():
             for param in adapter.adapter_params().values():
                 param.normal_(0, 0.2)
-        for module_name in config.trainable:
-            for param in model.get_submodule(module_name).parameters():
+        for module in trainable_modules(model).values():  # given, or BERT's new classifier
+            for param in module.parameters():
                 param.add_(0.1)
     model.eval()
     return factory, base, model
@@ -174,9 +175,25 @@ def test_vllm_target_folds_scales_and_pads_ranks_exactly(tmp_path):
     assert (config["r"], config["lora_alpha"], config["rank_pattern"], config["alpha_pattern"]) == (8, 8, {}, {})
     loaded = peft.PeftModel.from_pretrained(fresh(factory, base), tmp_path / "vllm").eval()
     torch.testing.assert_close(logits(loaded), logits(model), rtol=TOLERANCE, atol=TOLERANCE)
-    _, _, with_head = trained("bert")
-    with pytest.raises(ValueError, match=r"vLLM serves no modules_to_save, but the adapter trains \['classifier'\]"):
-        export_peft(with_head, tmp_path / "bad", target="vllm")
+    torch.manual_seed(0)
+    two = bert()
+    apply_lora(two, LoRAConfig(targets=["query"], trainable=["classifier", "bert.pooler"]))
+    with pytest.raises(ValueError, match=r"vLLM serves one fully trained module, a classification head named 'classifier' "
+                                         r"or 'score' \(a weight and a bias\), but modules \['bert.pooler', 'classifier'\]"):
+        export_peft(two, tmp_path / "bad", target="vllm")
+    assert not (tmp_path / "bad").exists()
+
+
+def test_vllm_serves_a_classification_head(tmp_path, monkeypatch):
+    factory, base, model = trained("bert")  # query, value and word_embeddings adapted, the classifier trained
+    export_peft(model, tmp_path, target="vllm")
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert (config["modules_to_save"], config["task_type"]) == (["classifier"], "SEQ_CLS")
+    loaded = peft.PeftModel.from_pretrained(fresh(factory, base), tmp_path).eval()
+    torch.testing.assert_close(logits(loaded), logits(model), rtol=TOLERANCE, atol=TOLERANCE)
+    served = load_with_vllm(tmp_path, {"query", "value", "word_embeddings"}, monkeypatch)
+    head = served.modules_to_save["classifier"]
+    assert torch.equal(head.weight, model.classifier.weight) and torch.equal(head.bias, model.classifier.bias)
 
 
 def test_vllm_reads_dense_exports_with_its_own_loader(tmp_path, monkeypatch):

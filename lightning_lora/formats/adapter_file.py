@@ -12,6 +12,8 @@ under clean module names, and string metadata:
 ``trainable``        the fully trainable modules (JSON list)
 ``base_fingerprint`` :func:`~lightning_lora.base_fingerprint` of the base weights trained on
 ``base_dtypes``      the dtypes those weights had (the fingerprint is checked in them)
+``task_type``        PEFT's task type of the transformers model saved from (optional)
+``base_model_name_or_path`` the name or folder that model was loaded from (optional)
 ``checkpoint``       for the companion file of a Lightning checkpoint: that checkpoint's epoch and
                      global step (JSON); the checkpoint records :func:`tensors_digest` of this file
 ``sha256``           SHA-256 of the header (every tensor's name, dtype, shape and offsets, and all
@@ -48,7 +50,7 @@ from lightning_lora.adapters.spec import AdapterSpec
 from lightning_lora.config import LoRAConfig
 from lightning_lora.formats.files import read_bytes, write_on_rank_zero
 from lightning_lora.formats.fingerprint import Samples, dtype_note, dtypes_of, fingerprint_matches, fingerprint_tensors
-from lightning_lora.naming import absolute, relative, resolve_root
+from lightning_lora.naming import absolute, relative, resolve_root, walk
 from lightning_lora.sharding import copy_into, full_tensor
 from lightning_lora.surgery.apply import Installation, install
 from lightning_lora.surgery.plan import AdapterPlan
@@ -57,12 +59,14 @@ from lightning_lora.surgery.plan import survey, target_base
 from lightning_lora.surgery.state import (
     adapted,
     base_named_parameters,
+    config_of_adapters,
     lora_config,
     lora_modules,
     merged_modules,
     tensors_of,
     trainable_modules,
 )
+from lightning_lora.tasks import is_transformers_model, name_or_path, task_type
 
 _V = TypeVar("_V")
 
@@ -88,6 +92,8 @@ class AdapterFile:
         base_dtypes: the dtypes of those weights (None in files of format version 1).
         checkpoint: for a checkpoint's companion file, that checkpoint's ``epoch`` and ``global_step``.
         root: the submodule of the saved model the names are relative to (``""``: the model itself).
+        task_type: PEFT's task type of the transformers model at ``root`` (None: not one, or none fits).
+        base_model_name_or_path: the name or folder that model was loaded from (None: built from a config).
     """
 
     tensors: dict[str, torch.Tensor]
@@ -99,6 +105,8 @@ class AdapterFile:
     base_dtypes: dict[str, str] | None = None
     checkpoint: dict[str, int] | None = None
     root: str = ""
+    task_type: str | None = None
+    base_model_name_or_path: str | None = None
 
     def under(self, prefix: str) -> AdapterFile:
         """The same file with every module and tensor name placed under module ``prefix``."""
@@ -126,13 +134,9 @@ def default_root(model: nn.Module, held: Iterable[str] | None = None) -> str:
     LightningModule with ``self.model = AutoModelForCausalLM...``; else ``model`` itself (``""``).
     Names relative to it load into the bare transformers model as well as into the wrapper.
     """
-    if callable(getattr(model, "get_output_embeddings", None)):
+    if is_transformers_model(model):
         return ""
-    children = [
-        name
-        for name, child in model.named_children()
-        if callable(getattr(child, "get_output_embeddings", None)) and hasattr(child, "config")
-    ]
+    children = [name for name, child in model.named_children() if is_transformers_model(child)]
     if not children:
         return ""
     names = [*lora_modules(model), *trainable_modules(model)] if held is None else list(held)
@@ -189,7 +193,7 @@ def adapter_contents(
         "format": FORMAT,
         "format_version": str(FORMAT_VERSION),
         "library_version": library_version(),
-        "config": json.dumps((lora_config(model) or LoRAConfig()).to_dict()),
+        "config": json.dumps(_stored_config(model, inner, trainable, prefix).to_dict()),
         "modules": json.dumps(modules),
         "trainable": json.dumps(list(_inside(trainable, prefix, "trainable module"))),
         "base_fingerprint": fingerprint_tensors(base, samples=samples),
@@ -198,7 +202,22 @@ def adapter_contents(
     }
     if checkpoint is not None:
         metadata["checkpoint"] = json.dumps(dict(checkpoint))
+    base_model = model.get_submodule(prefix)
+    for key, value in (("task_type", task_type(base_model)), ("base_model_name_or_path", name_or_path(base_model))):
+        if value:
+            metadata[key] = value
     return _copies(_inside(tensors_of(adapters, trainable), prefix, "adapter tensor")), metadata
+
+
+def _stored_config(model: nn.Module, adapters: Mapping[str, Any], trainable: Mapping[str, nn.Module], prefix: str) -> LoRAConfig:
+    """The config an adapter file records: the model's, with its fully trained modules named relative to
+    ``prefix``; for a submodule of an adapted model (which does not hold the config), the settings its
+    adapters have (:func:`~lightning_lora.surgery.state.config_of_adapters`)."""
+    inner = list(_inside(trainable, prefix, "trainable module"))
+    config = lora_config(model)
+    if config is None:
+        return config_of_adapters(adapters, inner)
+    return dataclasses.replace(config, trainable=inner)
 
 
 def serialize(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> bytes:
@@ -282,6 +301,8 @@ def parse_adapter(data: bytes, source: str) -> AdapterFile:
             base_dtypes=None if dtypes is None else {str(k): v for k, v in dtypes.items()},
             checkpoint=checkpoint,
             root=str(meta.get("root", "")),
+            task_type=meta.get("task_type"),
+            base_model_name_or_path=meta.get("base_model_name_or_path"),
         )
     except (KeyError, TypeError, ValueError, RecursionError) as err:
         raise ValueError(f"{source} has invalid adapter metadata: {err!r}") from err
@@ -357,10 +378,16 @@ def read_adapter(path: str | os.PathLike) -> AdapterFile:
     """Read and check an adapter file without unpickling anything.
 
     Raises:
-        ValueError: if the file is truncated, corrupted, not an adapter file or of a newer format.
+        ValueError: if the file is truncated, corrupted, not an adapter file (a folder) or of a newer format.
         FileNotFoundError: if there is no such file.
     """
-    return parse_adapter(read_bytes(_path("path", path)), str(path))
+    source = _path("path", path)
+    if os.path.isdir(source):
+        raise ValueError(
+            f"path must be an adapter file, got the folder {source!r}; a PEFT adapter folder loads with "
+            f"import_peft(model, folder) (LoRAMixin.load_adapter and LoRACallback(adapter_path=...) take both)"
+        )
+    return parse_adapter(read_bytes(source), source)
 
 
 def load_adapter(
@@ -427,15 +454,33 @@ def install_parsed(model: nn.Module, adapter: AdapterFile, source: str, check_ba
 
 
 def _locate(model: nn.Module, adapter: AdapterFile, source: str) -> str:
-    """Where in ``model`` the file's names fit: as they are, or under the root the file records."""
+    """Where in ``model`` the file's names fit (see :func:`locate_root`)."""
     names = set(survey(model).targets)  # modules, and the parameters a kind adapts
-    candidates = dict.fromkeys(["", adapter.root])
-    fits = [prefix for prefix in candidates if all(absolute(name, prefix) in names for name in adapter.modules)]
+    return locate_root(model, list(adapter.modules), names, adapter.root, source)
+
+
+def locate_root(model: nn.Module, wanted: list[str], names: set[str], recorded: str, source: str) -> str:
+    """The submodule of ``model`` under which every name in ``wanted`` is one of ``names``.
+
+    Tried: the model itself, the root the file records (the base model inside the wrapper it was saved
+    from), every transformers model inside it and its direct children: an adapter saved from the bare
+    model loads into a LightningModule that holds it under any attribute, and back. Where none fits,
+    the one that fits most names is returned (loading it then says what is missing).
+
+    Raises:
+        ValueError: if the names fit under more than one of them, asking for ``root``.
+    """
+    candidates = dict.fromkeys(["", recorded])
+    candidates.update(dict.fromkeys(site.name for site in walk(model, into_adapters=False) if is_transformers_model(site.module)))
+    candidates.update(dict.fromkeys(name for name, _ in model.named_children()))
+    counts = {prefix: sum(absolute(name, prefix) in names for name in wanted) for prefix in candidates}
+    fits = [prefix for prefix, count in counts.items() if count == len(wanted)]
     if len(fits) > 1:
         raise ValueError(
-            f"{source} fits this model both as it is and under {adapter.root!r}; pass root= to say which"
+            f"{source} fits this model under several submodules {fits!r}; pass root= (LoRACallback: adapter_root=) "
+            f"to say which"
         )
-    return fits[0] if fits else ""
+    return fits[0] if fits else max(counts, key=lambda prefix: counts[prefix])
 
 
 def _inside(items: Mapping[str, _V], prefix: str, what: str) -> dict[str, _V]:

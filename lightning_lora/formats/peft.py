@@ -10,10 +10,10 @@ and ``lora_B.weight`` for linear layers; each kind converts its own tensors, see
   one (PEFT's ``lora_bias`` is global).
 - Per-module ranks and alphas become ``rank_pattern``/``alpha_pattern`` keys anchored to the whole
   module name (``^`` and escaped dots).
-- ``target="vllm"``: one global rank from vLLM's allowed set (ranks are padded with zero rows and
-  columns, which changes nothing) and ``lora_alpha`` equal to it, each module's own scaling folded
-  into its B; no modules to save, no biases, only the kinds and variants vLLM serves (not
-  convolutions, not DoRA: a merged model serves DoRA's result).
+- ``target="vllm"``: what vLLM serves (:mod:`lightning_lora.formats.vllm`): one global rank, each
+  module's own scaling folded into its B, no biases, no DoRA, at most one classification head.
+- ``task_type`` and ``base_model_name_or_path`` come from the model (its class and the name or folder
+  it was loaded from), as an adapter file records them, so ``AutoPeftModelFor*`` loads the export.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import os
 import re
 from collections import Counter
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -36,17 +37,27 @@ from lightning_lora.adapters.registry import kind_named, kind_of, kinds, paramet
 from lightning_lora.adapters.spec import AdapterSpec, dtype_name
 from lightning_lora.adapters.variants import Variant
 from lightning_lora.config import LoRAConfig
-from lightning_lora.formats.adapter_file import AdapterFile, adapter_bytes, install_parsed, parse_adapter, read_adapter
+from lightning_lora.formats.adapter_file import (
+    AdapterFile,
+    adapter_bytes,
+    install_parsed,
+    locate_root,
+    parse_adapter,
+    read_adapter,
+)
 from lightning_lora.formats.files import read_bytes, write_atomic
+from lightning_lora.formats.vllm import for_vllm
 from lightning_lora.naming import Site, absolute, relative, resolve_root, sites
+from lightning_lora.patterns import ALL_LINEAR
+from lightning_lora.surgery.apply import Installation
 from lightning_lora.surgery.plan import survey, target_base
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 PREFIX = "base_model.model."
 TARGETS = ("peft", "vllm")
-#: The ranks vLLM accepts (``--max-lora-rank``).
-VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+#: PEFT's task types (``TaskType``): ``AutoPeftModelFor*`` loads the base model by the one recorded.
+TASK_TYPES = ("CAUSAL_LM", "SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS", "SEQ_2_SEQ_LM", "FEATURE_EXTRACTION")
 # PEFT config fields this package cannot represent when they are set.
 _UNSUPPORTED: dict[str, Any] = {
     "layers_to_transform": None,
@@ -65,6 +76,7 @@ def export_peft(
     *,
     root: str | nn.Module | None = None,
     base_model_name_or_path: str | None = None,
+    task_type: str | None = None,
     target: str = "peft",
 ) -> str:
     """Write an adapter as PEFT writes it: ``out_dir/adapter_config.json`` and ``adapter_model.safetensors``.
@@ -75,7 +87,10 @@ def export_peft(
             atomically, the weights first).
         root: for a model, the submodule that is the transformers model (default: as
             :func:`~lightning_lora.save_adapter` chooses); names in the output are relative to it.
-        base_model_name_or_path: recorded in the config, as PEFT does.
+        base_model_name_or_path: recorded in the config, as PEFT does (default: the name or folder the
+            transformers model was loaded from, as the model or the adapter file records it).
+        task_type: PEFT's task type (one of :data:`TASK_TYPES`; default: from the transformers model's
+            class, e.g. ``CAUSAL_LM`` for ``*ForCausalLM``), by which ``AutoPeftModelFor*`` loads the base.
         target: ``"peft"``, or ``"vllm"`` for what vLLM serves (see the module docstring).
 
     Returns:
@@ -86,6 +101,8 @@ def export_peft(
     """
     if target not in TARGETS:
         raise ValueError(f"target must be one of {list(TARGETS)}, got {target!r}")
+    if task_type is not None and task_type not in TASK_TYPES:
+        raise ValueError(f"task_type must be None or one of {list(TASK_TYPES)}, got {task_type!r}")
     if isinstance(model_or_adapter_file, nn.Module):
         adapter = parse_adapter(adapter_bytes(model_or_adapter_file, root=root), "the model")
         found = sites(model_or_adapter_file)
@@ -97,10 +114,16 @@ def export_peft(
     else:
         adapter = read_adapter(model_or_adapter_file)
         bases = {}
-    converted, config = _to_peft(adapter, bases, base_model_name_or_path)
+    adapter = dataclasses.replace(
+        adapter,
+        task_type=task_type or adapter.task_type,
+        base_model_name_or_path=base_model_name_or_path or adapter.base_model_name_or_path,
+    )
+    converted, config = _to_peft(adapter, bases)
     specs = dict(adapter.modules)
     if target == "vllm":
-        converted, specs, config = _for_vllm(adapter, converted, config)
+        trainable = {name: _keys_under(adapter.tensors, name) for name in adapter.trainable}
+        converted, specs, config = for_vllm(specs, converted, trainable, config)
     paths = peft_paths(specs)
     tensors = {f"{PREFIX}{paths[name]}.{suffix}": t.contiguous() for name, own in converted.items() for suffix, t in own.items()}
     for name in adapter.trainable:  # modules to save, under their own keys
@@ -121,7 +144,8 @@ def import_peft(model: nn.Module, peft_dir: str | os.PathLike, *, root: str | nn
     Args:
         model: the transformers model (or a wrapper around it, with ``root`` naming it).
         peft_dir: a folder with ``adapter_config.json`` and ``adapter_model.safetensors``.
-        root: the submodule that is the model PEFT adapted (default: ``model`` itself).
+        root: the submodule that is the model PEFT adapted (default: ``model`` itself, or else the
+            transformers model or child inside it under which the adapter's modules are).
 
     Returns:
         The adapted module names (relative to ``model``).
@@ -130,19 +154,88 @@ def import_peft(model: nn.Module, peft_dir: str | os.PathLike, *, root: str | nn
         ValueError: for another PEFT method, a LoRA variant or setting this package lacks, or tensors
             that do not fit the model; the model is unchanged then.
     """
+    return install_peft(model, read_peft(peft_dir), root).names
+
+
+@dataclass(frozen=True)
+class PeftAdapter:
+    """A PEFT LoRA adapter folder, read and checked.
+
+    Attributes:
+        folder: where it was read from (it names the adapter in errors).
+        config: its ``adapter_config.json``.
+        tensors: its ``adapter_model.safetensors``.
+    """
+
+    folder: str
+    config: dict[str, Any]
+    tensors: dict[str, torch.Tensor]
+
+    def settings(self) -> LoRAConfig:
+        """Its settings as a :class:`~lightning_lora.LoRAConfig` (what a callback's arguments must not contradict)."""
+        targets = self.config.get("target_modules") or []
+        trainable = self.config.get("modules_to_save") or []
+        return LoRAConfig(
+            r=int(self.config.get("r", 8)),
+            alpha=float(self.config.get("lora_alpha", 8)),
+            bias=bool(self.config.get("lora_bias", False)),
+            targets=(["re:" + targets] if targets != ALL_LINEAR else [ALL_LINEAR]) if isinstance(targets, str) else list(targets),
+            dropout=float(self.config.get("lora_dropout") or 0.0),
+            use_rslora=bool(self.config.get("use_rslora", False)),
+            use_dora=bool(self.config.get("use_dora", False)),
+            trainable=[str(name) for name in trainable],
+        )
+
+
+def is_peft_folder(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a local folder holding a PEFT adapter (``adapter_config.json``)."""
+    return os.path.isdir(path) and os.path.isfile(os.path.join(path, CONFIG_FILE))
+
+
+def read_peft(peft_dir: str | os.PathLike) -> PeftAdapter:
+    """Read a PEFT LoRA adapter folder without unpickling anything.
+
+    Raises:
+        ValueError: for another PEFT method or a LoRA variant this package lacks.
+        FileNotFoundError: if a file is missing.
+    """
     folder = str(peft_dir)
     config = _read_config(folder)
-    tensors = load_tensors(read_bytes(os.path.join(folder, WEIGHTS_FILE)))
-    prefix = resolve_root(model, root)
-    adapter = _from_peft(model, prefix, config, tensors, folder)
-    return install_parsed(model, adapter.under(prefix), folder, check_base=False, prefix=prefix).names
+    return PeftAdapter(folder, config, load_tensors(read_bytes(os.path.join(folder, WEIGHTS_FILE))))
+
+
+def install_peft(model: nn.Module, peft: PeftAdapter, root: str | nn.Module | None = None) -> Installation:
+    """:func:`import_peft` of a folder already read, returning the installation (to undo it).
+
+    ``root`` None: the model itself, or else the submodule under which the adapter's modules are (see
+    :func:`~lightning_lora.formats.adapter_file.locate_root`).
+    """
+    targets = survey(model).targets
+    if root is None:
+        wanted = sorted({_module_path(key[len(PREFIX):]) for key in peft.tensors if key.startswith(PREFIX)})
+        names = {name for name, site in targets.items() if not site.parameter}
+        prefix = locate_root(model, wanted, names, "", peft.folder)
+    else:
+        prefix = resolve_root(model, root)
+    adapter = _from_peft(model, targets, prefix, peft.config, peft.tensors, peft.folder)
+    return install_parsed(model, adapter.under(prefix), peft.folder, check_base=False, prefix=prefix)
+
+
+def _module_path(key: str) -> str:
+    """The module a PEFT tensor key belongs to (the wrapper nesting of expert weights taken out)."""
+    path = key.rpartition(".")[0]
+    for suffix in _peft_suffixes():
+        if key.endswith("." + suffix):
+            path = key[: -len(suffix) - 1]
+            break
+    return path.replace(".base_layer", "")
 
 
 # --- export ---------------------------------------------------------------------------------------
 
 
 def _to_peft(
-    adapter: AdapterFile, bases: Mapping[str, nn.Module], base_model_name_or_path: str | None
+    adapter: AdapterFile, bases: Mapping[str, nn.Module]
 ) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any]]:
     """Each adapter's tensors by PEFT's key suffix, and PEFT's config."""
     specs = adapter.modules
@@ -196,95 +289,14 @@ def _to_peft(
         **(variant.peft_config if variant is not None and variant.peft_config else {}),
         "init_lora_weights": True,
         "inference_mode": True,
-        "task_type": None,
-        "base_model_name_or_path": base_model_name_or_path,
+        "task_type": adapter.task_type,
+        "base_model_name_or_path": adapter.base_model_name_or_path,
         "revision": None,
         "layers_to_transform": None,
         "layers_pattern": None,
         "exclude_modules": None,
     }
     return converted, config
-
-
-def _for_vllm(
-    adapter: AdapterFile, converted: dict[str, dict[str, torch.Tensor]], config: dict[str, Any]
-) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, AdapterSpec], dict[str, Any]]:
-    """What vLLM serves: one rank, the scaling in B, no biases or modules to save; expert weights in pairs."""
-    specs = dict(adapter.modules)
-    unserved = [name for name, spec in specs.items() if spec.variant is not None and not variant_named(spec.variant).served_by_vllm]
-    if unserved:
-        if all(specs[name].use_dora for name in unserved):
-            raise ValueError(
-                f"vLLM serves no DoRA adapters (use_dora), but modules {unserved[:5]!r} use DoRA; export with "
-                f"target='peft', or serve the model with its adapters merged (merge_and_unload)"
-            )
-        raise ValueError(f"vLLM serves no adapters of variant {specs[unserved[0]].variant!r}: modules {unserved[:5]!r}")
-    if adapter.trainable:
-        raise ValueError(f"vLLM serves no modules_to_save, but the adapter trains {adapter.trainable!r} fully")
-    kinds = [name for name, spec in specs.items() if not kind_named(spec.kind).served_by_vllm]
-    if kinds:
-        if all(specs[name].kind == "conv" for name in kinds):
-            raise ValueError(f"vLLM serves linear and embedding adapters only, got convolutions {kinds[:5]!r}")
-        raise ValueError(f"vLLM serves no adapters of kind {specs[kinds[0]].kind!r}: modules {kinds[:5]!r}")
-    biased = [name for name, own in converted.items() if "lora_B.bias" in own and own["lora_B.bias"].any()]
-    if biased:
-        raise ValueError(f"vLLM serves no LoRA biases, but modules {biased[:5]!r} have non-zero ones; adapt with bias=False")
-    largest = max(spec.r for spec in specs.values())
-    rank = next((allowed for allowed in VLLM_RANKS if allowed >= largest), None)
-    if rank is None:
-        raise ValueError(f"vLLM serves ranks up to {VLLM_RANKS[-1]}, got r={largest}")
-    served: dict[str, dict[str, torch.Tensor]] = {}
-    for name, spec in specs.items():
-        kind = kind_named(spec.kind)
-        own = {key: tensor for key, tensor in converted[name].items() if key != "lora_B.bias"}
-        b_key = kind.peft_b[0]
-        own[b_key] = (own[b_key].double() * spec.scaling).to(own[b_key].dtype)  # the global scaling is lora_alpha / rank = 1
-        served[name] = kind.pad_rank(own, spec.r, rank)
-    served, specs = _expert_pairs(served, specs, rank)
-    vllm = {
-        **config,
-        "r": rank,
-        "lora_alpha": rank,
-        "rank_pattern": {},
-        "alpha_pattern": {},
-        "use_rslora": False,
-        "lora_bias": False,
-        "modules_to_save": None,
-        "target_parameters": sorted(name for name, spec in specs.items() if kind_named(spec.kind).adapts_parameter) or None,
-    }
-    return served, specs, vllm
-
-
-def _expert_pairs(
-    served: dict[str, dict[str, torch.Tensor]], specs: dict[str, AdapterSpec], rank: int
-) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, AdapterSpec]]:
-    """vLLM reads the adapters of a fused experts module as a pair, ``gate_up_proj`` (under ``base_layer``) and
-    ``down_proj``: the one of a pair that was not trained is added with zeros, which changes nothing."""
-    owners: dict[str, dict[str, str]] = {}
-    for name, spec in specs.items():
-        if kind_named(spec.kind).adapts_parameter:
-            owner, _, parameter = name.rpartition(".")
-            owners.setdefault(owner, {})[parameter] = name
-    served, specs = dict(served), dict(specs)
-    for owner, adapted in owners.items():
-        if set(adapted) - {"gate_up_proj", "down_proj"}:
-            raise ValueError(
-                f"vLLM serves the fused experts of a gated MoE layer (gate_up_proj, down_proj), got expert weights "
-                f"{sorted(adapted)} of '{owner}'"
-            )
-        if len(adapted) == 2:
-            continue
-        (parameter, name), = adapted.items()
-        a, b = served[name]["lora_A.weight"], served[name]["lora_B.weight"]  # (experts * rank, in), (out, experts * rank)
-        if parameter == "gate_up_proj":  # the missing down_proj reads the intermediate size, writes the hidden size
-            zeros = {"lora_A.weight": a.new_zeros(a.shape[0], b.shape[0] // 2), "lora_B.weight": b.new_zeros(a.shape[1], b.shape[1])}
-            other = f"{owner}.down_proj"
-        else:
-            zeros = {"lora_A.weight": a.new_zeros(a.shape[0], b.shape[0]), "lora_B.weight": b.new_zeros(2 * a.shape[1], b.shape[1])}
-            other = f"{owner}.gate_up_proj"
-        served[other] = zeros
-        specs[other] = dataclasses.replace(specs[name], r=rank)
-    return served, specs
 
 
 def peft_paths(specs: Mapping[str, AdapterSpec]) -> dict[str, str]:
@@ -297,6 +309,11 @@ def peft_paths(specs: Mapping[str, AdapterSpec]) -> dict[str, str]:
         name: kind_named(spec.kind).peft_module(name, owners.get(name.rpartition(".")[0], [name]))
         for name, spec in specs.items()
     }
+
+
+def _keys_under(tensors: Mapping[str, torch.Tensor], name: str) -> list[str]:
+    """The keys of module ``name``'s tensors, relative to it."""
+    return [key[len(name) + 1 :] for key in tensors if key.startswith(name + ".")]
 
 
 def _anchored(name: str) -> str:
@@ -334,7 +351,9 @@ def _pattern_value(patterns: Mapping[str, Any], name: str, default: Any) -> Any:
     return default
 
 
-def _from_peft(model: nn.Module, prefix: str, config: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], source: str) -> AdapterFile:
+def _from_peft(
+    model: nn.Module, targets: Mapping[str, Site], prefix: str, config: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], source: str
+) -> AdapterFile:
     stray = [key for key in tensors if not key.startswith(PREFIX)]
     if stray:
         raise ValueError(f"{source} has tensors outside {PREFIX!r}: {stray[:5]!r}")
@@ -348,7 +367,6 @@ def _from_peft(model: nn.Module, prefix: str, config: Mapping[str, Any], tensors
         else:
             by_module.setdefault(key[: -len(suffix) - 1], {})[suffix] = tensors[PREFIX + key]
     variant = _peft_variant(config, source)
-    targets = survey(model).targets
     found = {inner: site for name, site in targets.items() if (inner := relative(name, prefix))}
     parameters = _parameter_paths(found, config, source)
     ours: dict[str, torch.Tensor] = {}

@@ -29,7 +29,8 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning_lora.adapters.base import LoRABase
 from lightning_lora.adapters.spec import dtype_name
 from lightning_lora.config import LoRAConfig
-from lightning_lora.formats.adapter_file import AdapterFile, install_file
+from lightning_lora.formats.adapter_file import install_file, read_adapter
+from lightning_lora.formats.peft import install_peft, is_peft_folder, read_peft
 from lightning_lora.naming import sites
 from lightning_lora.sharding import is_dtensor
 from lightning_lora.surgery.apply import Installation, install, quantize_base
@@ -52,22 +53,26 @@ class Adaptation:
         self._installations: list[Installation] = []  # adapters added by this run, until it starts
         self._summarised: set[int] = set()
         self._checked = False
+        self._check: Callable[[dict[str, LoRABase], dict[str, torch.nn.Module]], None] | None = None
 
     def arm(
         self,
         trainer: pl.Trainer,
         pl_module: pl.LightningModule,
         config: LoRAConfig,
-        adapter: tuple[AdapterFile, str] | None,
+        adapter: Loader | None,
         stage: str,
+        check: Callable[[dict[str, LoRABase], dict[str, torch.nn.Module]], None] | None = None,
     ) -> None:
         """Wrap ``pl_module.configure_model`` (and the precision plugin's ``convert_module``) for this run.
 
         Args:
-            adapter: an adapter file already read and its path, to start from (first time only).
+            adapter: installs an adapter already read, to start from (first time only; see :func:`read_stored`).
+            check: called with the adapters and fully trained modules each time the model is adapted.
         """
         self.disarm()
         self._checked = False
+        self._check = check
         configure_model: Callable[[], None] = pl_module.configure_model
         sharding = isinstance(trainer.strategy, ModelParallelStrategy)
 
@@ -182,25 +187,43 @@ class Adaptation:
         self,
         pl_module: pl.LightningModule,
         config: LoRAConfig,
-        adapter: tuple[AdapterFile, str] | None,
+        adapter: Loader | None,
         plan: AdapterPlan | None,
     ) -> None:
         """Install ``plan`` (planned now if None), or the first time, from ``adapter`` if the model has none."""
         if adapter is not None and id(pl_module) not in self._summarised and not adapted(pl_module)[0]:
-            stored, path = adapter
             if config.quantize is not None:  # the file's base was quantized: so must this one be
                 trainable = (plan or plan_adapters(pl_module, config)).trainable
                 quantize_base(pl_module, config.quantize, trainable)
-            self._record(pl_module, install_file(pl_module, stored, path))
+            self._record(pl_module, adapter(pl_module))
         else:
             self._record(pl_module, install(pl_module, plan or plan_adapters(pl_module, config)))
 
     def _record(self, pl_module: pl.LightningModule, installation: Installation) -> None:
         self._installations.append(installation)
         self.adapters, self.trainable = installation.adapters, installation.trainable
+        if self._check is not None:
+            self._check(self.adapters, self.trainable)
         if id(pl_module) not in self._summarised:
             self._summarised.add(id(pl_module))
             rank_zero_info(str(installation.summary))
+
+
+#: Installs a stored adapter into a LightningModule (see :func:`read_stored`).
+Loader = Callable[[torch.nn.Module], Installation]
+
+
+def read_stored(path: str, root: str | None) -> tuple[LoRAConfig, Loader]:
+    """Read an adapter file or PEFT adapter folder to start from: its settings, and what installs it.
+
+    Its module names are found under ``root``, or where they fit (the LightningModule itself, the
+    transformers model or child it holds: see :func:`~lightning_lora.formats.adapter_file.locate_root`).
+    """
+    if is_peft_folder(path):
+        peft = read_peft(path)
+        return peft.settings(), lambda module: install_peft(module, peft, root)
+    stored = read_adapter(path)
+    return stored.config, lambda module: install_file(module, stored, path, root=root)
 
 
 def check_optimizers(trainer: pl.Trainer, pl_module: pl.LightningModule, parameters: list[torch.nn.Parameter]) -> None:

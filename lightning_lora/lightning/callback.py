@@ -31,11 +31,10 @@ from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
 from lightning_lora.config import LoRAConfig, reconcile
-from lightning_lora.formats.adapter_file import AdapterFile, read_adapter
-from lightning_lora.lightning.adaptation import Adaptation, check_optimizers
+from lightning_lora.lightning.adaptation import Adaptation, check_optimizers, read_stored
 from lightning_lora.lightning.metrics import log_adapters
 from lightning_lora.lightning.model_parallel import ShardedCheckpoints
-from lightning_lora.lightning.settings import callback_settings, check_trainer
+from lightning_lora.lightning.settings import callback_settings, check_export, check_trainer
 from lightning_lora.lightning.wiring import link_companions, owns_checkpoints, wire_checkpoints
 from lightning_lora.surgery.merge import merge_lora
 
@@ -46,7 +45,7 @@ class LoRACallback(Callback):
     Args:
         r: rank of each update ``B @ A``.
         alpha: the update is scaled by ``alpha / r`` (``alpha / sqrt(r)`` with ``use_rslora``).
-        bias: adapter biases: True, False, or "auto" (only on layers that have a bias).
+        bias: adapter biases: False (PEFT's default), True, or "auto" (only on layers that have a bias).
         targets: module name patterns to adapt (exact, dotted suffix, glob, ``re:...`` or
             ``all-linear``); None takes the LightningModule's ``lora_targets``, else ``all-linear``.
         exclude: patterns removed from the targets.
@@ -56,13 +55,18 @@ class LoRACallback(Callback):
         use_rslora: scale by ``alpha / sqrt(r)`` (rank-stabilised LoRA).
         use_dora: weight-decomposed LoRA (DoRA): each adapted Linear or Conv1D layer also trains a
             magnitude per output row; its update has no bias (``bias`` False or "auto").
-        trainable: patterns of modules trained fully (a new head).
+        trainable: patterns of modules trained fully (a new head); None: the new task head of a
+            transformers model (``*ForSequenceClassification``'s ``classifier`` or ``score``, ...), as
+            PEFT's ``task_type`` does; ``[]`` for none.
         adapter_dtype: dtype of the adapter weights ("float32", "bfloat16", ...); None: the base's.
         quantize: "nf4" holds the frozen linear base weights in 4-bit NF4 while training (QLoRA;
             needs torchao: ``pip install "lightning-lora[qlora]"``); None keeps their dtype.
-        adapter_path: start from this adapter file: its stored settings are used, and settings
-            given explicitly (different from the defaults) that contradict them are an error. The
-            file is read in ``setup``.
+        adapter_path: start from this adapter file, or PEFT adapter folder: its stored settings are
+            used, and settings given explicitly (different from the defaults) that contradict them are
+            an error. It is read in ``setup``; its module names are found under the LightningModule
+            itself or the transformers model (or child) it holds, whatever the attribute.
+        adapter_root: the submodule under which ``adapter_path``'s module names are, where they fit
+            under more than one (e.g. ``"model"``).
         save_base_weights: keep the frozen base weights in Lightning checkpoints (default: leave them
             out, so checkpoints hold adapters, optimizer and trainer state only).
         log_grad_norm: log ``lora/grad_norm``, the 2-norm over all adapter gradients.
@@ -70,7 +74,8 @@ class LoRACallback(Callback):
         merge_on_end: merge the adapters into the weights when ``fit`` ends (for export); not with
             ``quantize`` (use ``merge_and_unload`` after fit for a float model).
         export_peft: also write each checkpoint's adapters in Hugging Face PEFT's format to a
-            ``<checkpoint>.peft/`` folder beside it: "peft", or "vllm" for what vLLM serves.
+            ``<checkpoint>.peft/`` folder beside it: "peft", or "vllm" for what vLLM serves (what it
+            cannot serve is refused as soon as the model is adapted, before training).
         config: a complete :class:`~lightning_lora.LoRAConfig` instead of the separate settings.
 
     Raises:
@@ -83,9 +88,9 @@ class LoRACallback(Callback):
 
     def __init__(
         self,
-        r: int = 4,
-        alpha: float = 1.0,
-        bias: bool | str = "auto",
+        r: int = 8,
+        alpha: float = 16.0,
+        bias: bool | str = False,
         targets: Sequence[str] | None = None,
         exclude: Sequence[str] = (),
         dropout: float = 0.0,
@@ -93,10 +98,11 @@ class LoRACallback(Callback):
         alpha_pattern: Mapping[str, float] = {},  # noqa: B006
         use_rslora: bool = False,
         use_dora: bool = False,
-        trainable: Sequence[str] = (),
+        trainable: Sequence[str] | None = None,
         adapter_dtype: str | None = None,
         quantize: str | None = None,
         adapter_path: str | os.PathLike | None = None,
+        adapter_root: str | None = None,
         save_base_weights: bool = False,
         log_grad_norm: bool = True,
         log_per_layer: bool = False,
@@ -122,6 +128,7 @@ class LoRACallback(Callback):
             },
             config,
             adapter_path=adapter_path,
+            adapter_root=adapter_root,
             save_base_weights=save_base_weights,
             log_grad_norm=log_grad_norm,
             log_per_layer=log_per_layer,
@@ -131,6 +138,7 @@ class LoRACallback(Callback):
         self.settings = settings
         self.config = settings.config
         self.adapter_path = settings.adapter_path
+        self.adapter_root = settings.adapter_root
         self.save_base_weights = settings.save_base_weights
         self.log_grad_norm = settings.log_grad_norm
         self.log_per_layer = settings.log_per_layer
@@ -142,13 +150,15 @@ class LoRACallback(Callback):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         check_trainer(trainer, pl_module, self.settings, lambda: owns_checkpoints(trainer, self))
-        adapter: tuple[AdapterFile, str] | None = None
+        loader = None
         if self.adapter_path is not None:
-            stored = read_adapter(self.adapter_path)
-            self.config = reconcile(stored.config, self.settings.explicit, f"adapter_path {self.adapter_path!r}")
-            adapter = (stored, self.adapter_path)
+            stored, loader = read_stored(self.adapter_path, self.adapter_root)
+            self.config = reconcile(stored, self.settings.explicit, f"adapter_path {self.adapter_path!r}")
         self._sharded = wire_checkpoints(trainer, self.settings, self, self._sharded)
-        self._adaptation.arm(trainer, pl_module, self.config, adapter, stage)
+        export = self.export_peft
+        self._adaptation.arm(
+            trainer, pl_module, self.config, loader, stage, check=lambda adapters, trainable: check_export(export, adapters, trainable)
+        )
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

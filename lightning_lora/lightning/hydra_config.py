@@ -33,9 +33,9 @@ class LoRACallbackConf:
     """Arguments of ``lightning_lora.LoRACallback`` with its defaults (a test pins the two together)."""
 
     _target_: str = "lightning_lora.LoRACallback"
-    r: int = 4
-    alpha: float = 1.0
-    bias: Any = "auto"  # true, false or auto (a union OmegaConf cannot type; checked on instantiation)
+    r: int = 8
+    alpha: float = 16.0
+    bias: Any = False  # true, false or auto (a union OmegaConf cannot type; checked on instantiation)
     targets: Optional[List[str]] = None
     exclude: Tuple[str, ...] = ()
     dropout: float = 0.0
@@ -43,10 +43,11 @@ class LoRACallbackConf:
     alpha_pattern: Dict[str, float] = field(default_factory=dict)
     use_rslora: bool = False
     use_dora: bool = False
-    trainable: Tuple[str, ...] = ()
+    trainable: Optional[List[str]] = None  # null: a transformers model's new task head
     adapter_dtype: Optional[str] = None
     quantize: Optional[str] = None
     adapter_path: Optional[str] = None
+    adapter_root: Optional[str] = None
     save_base_weights: bool = False
     log_grad_norm: bool = True
     log_per_layer: bool = False

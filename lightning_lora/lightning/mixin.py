@@ -25,7 +25,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 
 from lightning_lora.config import LoRAConfig
-from lightning_lora.formats import adapter_file
+from lightning_lora.formats import adapter_file, peft
 from lightning_lora.lightning.checkpoint import LoRACheckpointIO, restore_checkpoint, slim_checkpoint
 from lightning_lora.surgery import apply, merge, state
 
@@ -76,9 +76,16 @@ class LoRAMixin(_Module):
         """Write the adapter file (see :func:`lightning_lora.save_adapter`)."""
         return adapter_file.save_adapter(self, path)
 
-    def load_adapter(self, path: str | os.PathLike, check_base: bool = True) -> list[str]:
-        """Load an adapter file into this model (see :func:`lightning_lora.load_adapter`)."""
-        return adapter_file.load_adapter(self, path, check_base=check_base)
+    def load_adapter(self, path: str | os.PathLike, check_base: bool = True, root: str | None = None) -> list[str]:
+        """Load an adapter file (see :func:`lightning_lora.load_adapter`) or a PEFT adapter folder (see
+        :func:`lightning_lora.import_peft`, which has no base fingerprint to check) into this model.
+
+        Its module names are found under the model itself or the transformers model (or child) it holds,
+        whatever the attribute; ``root`` names that submodule where they fit under more than one.
+        """
+        if peft.is_peft_folder(path):
+            return peft.import_peft(self, path, root=root)
+        return adapter_file.load_adapter(self, path, check_base=check_base, root=root)
 
     def merge_lora(self) -> None:
         """Merge every adapter into its original weights."""

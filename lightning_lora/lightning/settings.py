@@ -9,7 +9,7 @@ that names the setting and the fix.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,16 +17,27 @@ import lightning.pytorch as pl
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import nn
 
+from lightning_lora.adapters.base import LoRABase
 from lightning_lora.adapters.spec import boolean
 from lightning_lora.config import LoRAConfig, explicit_settings
 from lightning_lora.formats.peft import TARGETS
+from lightning_lora.formats.vllm import check_vllm
 from lightning_lora.surgery.state import lora_modules
 
 #: Sharded strategies the callback refuses: ``ModelParallelStrategy`` (FSDP2) is the sharded path.
 UNSUPPORTED_STRATEGIES = (DeepSpeedStrategy, FSDPStrategy)
 #: The arguments that are not ``LoRAConfig`` fields.
-CALLBACK_ARGUMENTS = ("adapter_path", "save_base_weights", "log_grad_norm", "log_per_layer", "merge_on_end", "export_peft")
+CALLBACK_ARGUMENTS = (
+    "adapter_path",
+    "adapter_root",
+    "save_base_weights",
+    "log_grad_norm",
+    "log_per_layer",
+    "merge_on_end",
+    "export_peft",
+)
 
 
 @dataclass(frozen=True)
@@ -42,6 +53,7 @@ class CallbackSettings:
     config: LoRAConfig
     explicit: dict[str, Any]
     adapter_path: str | None
+    adapter_root: str | None
     save_base_weights: bool
     log_grad_norm: bool
     log_per_layer: bool
@@ -65,6 +77,11 @@ def callback_settings(fields: dict[str, Any], config: LoRAConfig | None, **argum
     adapter_path = arguments["adapter_path"]
     if adapter_path is not None and not isinstance(adapter_path, (str, os.PathLike)):
         raise TypeError(f"adapter_path must be a path or None, got {adapter_path!r} ({type(adapter_path).__name__})")
+    adapter_root = arguments["adapter_root"]
+    if adapter_root is not None and not isinstance(adapter_root, str):
+        raise TypeError(f"adapter_root must be a module name (e.g. 'model') or None, got {adapter_root!r} ({type(adapter_root).__name__})")
+    if adapter_root is not None and adapter_path is None:
+        raise ValueError(f"adapter_root={adapter_root!r} names where adapter_path's modules are, but adapter_path is None")
     config = LoRAConfig(**fields) if config is None else config
     merge_on_end = boolean("merge_on_end", arguments["merge_on_end"])
     if merge_on_end and config.quantize is not None:
@@ -75,10 +92,17 @@ def callback_settings(fields: dict[str, Any], config: LoRAConfig | None, **argum
     export_peft = arguments["export_peft"]
     if export_peft not in (None, *TARGETS):
         raise ValueError(f"export_peft must be None, 'peft' or 'vllm', got {export_peft!r}")
+    if export_peft == "vllm" and (config.use_dora or config.bias is True):
+        setting = "use_dora=True" if config.use_dora else "bias=True"
+        raise ValueError(
+            f"export_peft='vllm' cannot serve adapters made with {setting}: vLLM serves no "
+            f"{'DoRA adapters' if config.use_dora else 'LoRA biases'}; use export_peft='peft', or leave {setting} out"
+        )
     return CallbackSettings(
         config=config,
         explicit=explicit,
         adapter_path=None if adapter_path is None else str(adapter_path),
+        adapter_root=adapter_root,
         save_base_weights=boolean("save_base_weights", arguments["save_base_weights"]),
         log_grad_norm=boolean("log_grad_norm", arguments["log_grad_norm"]),
         log_per_layer=boolean("log_per_layer", arguments["log_per_layer"]),
@@ -119,3 +143,21 @@ def check_trainer(
             f"the trained adapters; adapt it before "
             f"fit (lightning_lora.apply_lora(model, callback.config)) or use strategy='ddp'"
         )
+
+
+def check_export(export_peft: str | None, adapters: Mapping[str, LoRABase], trainable: Mapping[str, nn.Module]) -> None:
+    """Right after the model is adapted: refuse adapters that the export asked for cannot hold, before training.
+
+    Raises:
+        MisconfigurationException: naming the modules and the fix.
+    """
+    if export_peft != "vllm":
+        return
+    try:
+        check_vllm(
+            {name: adapter.spec for name, adapter in adapters.items()},
+            {name: list(module.state_dict()) for name, module in trainable.items()},
+            [name for name, adapter in adapters.items() if adapter.spec.bias],
+        )
+    except ValueError as err:
+        raise MisconfigurationException(f"export_peft='vllm' would fail at the first checkpoint: {err}") from err

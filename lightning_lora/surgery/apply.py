@@ -21,7 +21,14 @@ from lightning_lora.naming import Site, sites
 from lightning_lora.quantize import METHODS, quantize_weight, quantized_format
 from lightning_lora.sharding import is_dtensor
 from lightning_lora.surgery.plan import AdapterPlan, plan_adapters, quantizable, survey, target_base
-from lightning_lora.surgery.state import CONFIG_ATTR, TRAINABLE_ATTR, LoRASummary, summary_of, trainable_modules
+from lightning_lora.surgery.state import (
+    CONFIG_ATTR,
+    LoRASummary,
+    is_trainable,
+    mark_trainable,
+    summary_of,
+    trainable_modules,
+)
 
 
 @dataclass
@@ -88,7 +95,9 @@ def install(model: nn.Module, plan: AdapterPlan) -> Installation:
     quantized = _quantized_weights(found, plan.quantize, plan.config.quantize)
 
     requires_grad = [(param, param.requires_grad) for param in params]
-    previous = {attr: vars(model).get(attr) for attr in (CONFIG_ATTR, TRAINABLE_ATTR)}
+    previous_config = vars(model).get(CONFIG_ATTR)
+    trainable = {name: found[name].module for name in plan.trainable if name in found}
+    marked = [module for module in trainable.values() if not is_trainable(module)]
 
     def undo() -> None:
         for layer, (original, _) in quantized.items():
@@ -103,19 +112,20 @@ def install(model: nn.Module, plan: AdapterPlan) -> Installation:
             site.replace(site.module)
         for param, flag in requires_grad:
             param.requires_grad_(flag)
-        for attr, value in previous.items():
-            if value is None:
-                vars(model).pop(attr, None)
-            else:
-                object.__setattr__(model, attr, value)
+        for module in marked:
+            mark_trainable(module, False)
+        if previous_config is None:
+            vars(model).pop(CONFIG_ATTR, None)
+        else:
+            object.__setattr__(model, CONFIG_ATTR, previous_config)
 
     holders, contained = _place(found, created)
     for layer, (_, weight) in quantized.items():
         layer.weight = weight
     object.__setattr__(model, CONFIG_ATTR, plan.config)
-    object.__setattr__(model, TRAINABLE_ATTR, list(plan.trainable))
+    for module in marked:
+        mark_trainable(module, True)
     adapters = {name: created.get(name) or _adapter(found[name]) for name in plan.specs}
-    trainable = {name: found[name].module for name in plan.trainable if name in found}
     _freeze(params, adapters, trainable)
     replaced = {id(original) for original, _ in quantized.values()}
     now = [param for param in params if id(param) not in replaced] + [weight for _, weight in quantized.values()]
@@ -125,7 +135,7 @@ def install(model: nn.Module, plan: AdapterPlan) -> Installation:
         created=created,
         adapters=adapters,
         trainable=trainable,
-        summary=summary_of(list(plan.specs), now),
+        summary=summary_of(list(plan.specs), now, trainable, plan.task_heads),
         _restore=undo,
     )
 
@@ -133,8 +143,8 @@ def install(model: nn.Module, plan: AdapterPlan) -> Installation:
 def apply_lora(model: nn.Module, config: LoRAConfig | None = None) -> list[str]:
     """Wrap every module matched by ``config.targets`` in an adapter, in place, and freeze the rest.
 
-    All parameters are frozen except the adapters' and those of ``config.trainable`` modules.
-    Already adapted modules are skipped when their settings agree with ``config``.
+    All parameters are frozen except the adapters' and those of ``config.trainable`` modules (by
+    default the new task head of a transformers model, as PEFT's ``task_type``). Already adapted modules are skipped when their settings agree with ``config``.
 
     Args:
         model: the model to adapt (modified in place).

@@ -12,7 +12,7 @@ from torch import nn
 from lightning_lora.adapters.base import MERGE_TOLERANCE, AdapterContainer, LoRABase, base_weight
 from lightning_lora.naming import sites, walk
 from lightning_lora.quantize import dequantize, quantized_format
-from lightning_lora.surgery.state import CONFIG_ATTR, TRAINABLE_ATTR, lora_modules, merged_modules
+from lightning_lora.surgery.state import CONFIG_ATTR, lora_modules, mark_trainable, merged_modules, trainable_modules
 
 
 def merge_lora(model: nn.Module, tolerance: float = MERGE_TOLERANCE) -> None:
@@ -101,8 +101,9 @@ def merge_and_unload(model: nn.Module, tolerance: float = MERGE_TOLERANCE) -> nn
     for site, container in containers:
         if isinstance(container, AdapterContainer):
             site.replace(container.original_module)
-    for attr in (CONFIG_ATTR, TRAINABLE_ATTR):
-        vars(model).pop(attr, None)
+    for module in trainable_modules(model).values():
+        mark_trainable(module, False)
+    vars(model).pop(CONFIG_ATTR, None)
     return model
 
 

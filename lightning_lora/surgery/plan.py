@@ -22,10 +22,11 @@ from lightning_lora.adapters.base import LoRABase, base_bias, base_layer, base_w
 from lightning_lora.adapters.registry import find_kind, kind_of, parameter_kinds
 from lightning_lora.adapters.spec import AdapterSpec
 from lightning_lora.config import LoRAConfig
-from lightning_lora.naming import Site, is_inside, walk
+from lightning_lora.naming import Site, absolute, is_inside, walk
 from lightning_lora.patterns import ALL_LINEAR, select
 from lightning_lora.quantize import BLOCK_SIZE, fits
-from lightning_lora.surgery.state import TRAINABLE_ATTR
+from lightning_lora.surgery.state import is_trainable
+from lightning_lora.tasks import is_transformers_model, task_heads
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,8 @@ class AdapterPlan:
         specs: clean module name -> the adapter settings for it, in model order.
         config: the config, with ``targets`` resolved to the patterns actually used.
         trainable: names of modules left fully trainable.
+        task_heads: those of them trained because they are a transformers model's new task head
+            (``config.trainable=None``), each with the model's class name.
         quantize: names of the linear layers whose base weight to hold in ``config.quantize``
             (see :func:`quantizable`); empty unless the config asks for a quantized base.
         sites: where each module sat when the plan was made (None: look them up when installing).
@@ -45,6 +48,7 @@ class AdapterPlan:
     config: LoRAConfig
     trainable: tuple[str, ...]
     quantize: tuple[str, ...] = ()
+    task_heads: Mapping[str, str] = field(default_factory=dict)
     sites: Mapping[str, Site] | None = field(default=None, compare=False, repr=False)
 
 
@@ -59,6 +63,8 @@ class Survey:
         targets: every name a target pattern may select, in model order: the modules of ``sites`` and
             the parameters a kind adapts (their sites name the parameter, see :class:`Site`).
         sizes: element count of each of those parameters, and of all parameters (key ``""``).
+        task_heads: the new task heads of transformers models (see :mod:`lightning_lora.tasks`), each
+            with the model's class name.
     """
 
     sites: dict[str, Site]
@@ -66,6 +72,7 @@ class Survey:
     users: dict[int, int]
     targets: dict[str, Site] = field(default_factory=dict)
     sizes: dict[str, int] = field(default_factory=dict)
+    task_heads: dict[str, str] = field(default_factory=dict)
 
     @property
     def parameters(self) -> dict[str, Site]:
@@ -94,6 +101,7 @@ def survey(model: nn.Module) -> Survey:
     sizes: dict[str, int] = {"": 0}
     names: dict[int, str] = {}
     heads: list[object] = []
+    new_heads: dict[str, str] = {}
     for site in walk(model, into_adapters=False):
         module, layer = site.module, base_layer(site.module)
         names.setdefault(id(module), site.name)
@@ -102,10 +110,10 @@ def survey(model: nn.Module) -> Survey:
             users[id(param)] = users.get(id(param), 0) + 1
             if users[id(param)] == 1 and not isinstance(param, nn.parameter.UninitializedParameter):
                 sizes[""] += param.numel()
-        get_output_embeddings = getattr(module, "get_output_embeddings", None)
-        if callable(get_output_embeddings) and hasattr(module, "config"):
-            heads.append(get_output_embeddings())
+        if is_transformers_model(module):
+            heads.append(module.get_output_embeddings())  # type: ignore[operator]
             heads += [getattr(module, attribute, None) for attribute in ("score", "classifier")]
+            new_heads.update({absolute(head, site.name): type(module).__name__ for head in task_heads(module)})
         if site.name:
             found[site.name] = site  # where wrappers stack under one name, the innermost wins
             for parameter in parameter_kinds(module):
@@ -116,7 +124,7 @@ def survey(model: nn.Module) -> Survey:
     for name, site in found.items():
         targets[name] = site
         targets.update({p: parameters[p] for p in parameters if p.rpartition(".")[0] == name and p not in found})
-    partial = Survey(found, set(), users, targets, sizes)
+    partial = Survey(found, set(), users, targets, sizes, {name: cls for name, cls in new_heads.items() if name in found})
     linear = partial.linear_layers()
     return dataclasses.replace(partial, outputs=_outputs(linear, heads, names))
 
@@ -126,7 +134,8 @@ def plan_adapters(model: nn.Module, config: LoRAConfig) -> AdapterPlan:
 
     Modules already adapted with the settings ``config`` gives them are part of the plan (installing
     it skips them). ``config.targets=None`` takes the model's ``lora_targets`` attribute, if it
-    declares one, else ``["all-linear"]``.
+    declares one, else ``["all-linear"]``. ``config.trainable=None`` trains the new task heads of
+    transformers models fully (see :mod:`lightning_lora.tasks`), unless the targets adapt them.
 
     Raises:
         TypeError: if ``config`` is not a ``LoRAConfig``, or a target is of an unsupported type.
@@ -138,11 +147,15 @@ def plan_adapters(model: nn.Module, config: LoRAConfig) -> AdapterPlan:
     found = survey(model)
     modules = list(found.sites)
     names = list(found.targets)  # modules, and the parameters a kind adapts (expert weights)
-    trainable = select("trainable", config.trainable, modules)
+    automatic = config.trainable is None
+    trainable = list(found.task_heads) if config.trainable is None else select("trainable", config.trainable, modules)
     inside_trainable = {name for name in names if is_inside(name, trainable)}
     linear = [name for name in found.linear_layers() if name not in inside_trainable and name not in found.outputs]
     targets_used = config.targets_for(getattr(model, "lora_targets", None))
     chosen = select("targets", targets_used, names, linear)
+    if automatic:  # a task head that the targets adapt is not also trained fully
+        trainable = [head for head in trainable if not any(is_inside(name, [head]) for name in chosen)]
+        inside_trainable = {name for name in names if is_inside(name, trainable)}
     _warn_if_only_output_or_tied(found, chosen)
     _warn_if_experts_are_left_out(found, chosen, targets_used)
     excluded = set(select("exclude", config.exclude, names))
@@ -163,13 +176,14 @@ def plan_adapters(model: nn.Module, config: LoRAConfig) -> AdapterPlan:
             f"quantize={config.quantize!r} holds linear layers in 4 bits, not expert weights: targets {experts[:3]!r} "
             f"are expert weights, which a quantized base cannot adapt here; set quantize=None to adapt them"
         )
-    known = list(getattr(model, TRAINABLE_ATTR, []))
+    known = [name for name, site in found.sites.items() if is_trainable(site.module)]
     kept_trainable = tuple(known + [name for name in trainable if name not in known])
     return AdapterPlan(
         specs=specs,
-        config=dataclasses.replace(config, targets=targets_used),
+        config=dataclasses.replace(config, targets=targets_used, trainable=list(trainable)),
         trainable=kept_trainable,
         quantize=tuple(_quantizable(found, kept_trainable)) if config.quantize else (),
+        task_heads={name: found.task_heads[name] for name in trainable} if automatic else {},
         sites=found.targets,
     )
 

@@ -1,14 +1,17 @@
 """What an adapted model holds: its adapters, trainable modules, LoRA tensors and base weights.
 
-Adapters are found by type (:class:`~lightning_lora.adapters.LoRABase`), never by name. An adapted
-model remembers, on itself, the config it was adapted with (:data:`CONFIG_ATTR`) and the names of its
-fully trainable modules (:data:`TRAINABLE_ATTR`).
+Adapters are found by type (:class:`~lightning_lora.adapters.LoRABase`), never by name, and fully
+trainable modules by a mark they carry (:data:`TRAINABLE_MARK`), so both are found from any module
+that holds them: an adapter file saved from a LightningModule's ``self.model`` keeps its trained head.
+An adapted model remembers, on itself, the config it was adapted with (:data:`CONFIG_ATTR`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from collections import Counter
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import TypeVar
 
 import torch
 from torch import nn
@@ -18,8 +21,10 @@ from lightning_lora.config import LoRAConfig
 from lightning_lora.naming import is_inside, sites, walk
 from lightning_lora.sharding import full_tensor
 
-#: Attribute under which an adapted model keeps the names of its fully trainable modules.
-TRAINABLE_ATTR = "_lora_trainable"
+_T = TypeVar("_T")
+
+#: Attribute that marks a module an adaptation keeps fully trainable (a task head).
+TRAINABLE_MARK = "_lora_trainable"
 #: Attribute under which an adapted model keeps the config it was adapted with.
 CONFIG_ATTR = "_lora_config"
 
@@ -27,6 +32,34 @@ CONFIG_ATTR = "_lora_config"
 def lora_config(model: nn.Module) -> LoRAConfig | None:
     """The config of the last adaptation of ``model``, or None if it was never adapted."""
     return getattr(model, CONFIG_ATTR, None)
+
+
+def config_of_adapters(adapters: Mapping[str, LoRABase], trainable: Iterable[str] = ()) -> LoRAConfig:
+    """The config that gives these adapters their settings: the most common rank and alpha, the others
+    as ``rank_pattern`` / ``alpha_pattern`` entries, the adapted modules by name as targets (for the
+    adapters of a submodule of an adapted model, which does not hold the model's config)."""
+    specs = {name: adapter.spec for name, adapter in adapters.items()}
+    if not specs:
+        return LoRAConfig(trainable=list(trainable))
+    r = _most_common(spec.r for spec in specs.values())
+    alpha = _most_common(spec.alpha for spec in specs.values())
+    biases = {spec.bias for spec in specs.values()}
+    return LoRAConfig(
+        r=r,
+        alpha=alpha,
+        bias=biases.pop() if len(biases) == 1 else "auto",
+        targets=list(specs),
+        dropout=_most_common(spec.dropout for spec in specs.values()),
+        rank_pattern={name: spec.r for name, spec in specs.items() if spec.r != r},
+        alpha_pattern={name: spec.alpha for name, spec in specs.items() if spec.alpha != alpha},
+        use_rslora=any(spec.use_rslora for spec in specs.values()),
+        use_dora=any(spec.use_dora for spec in specs.values()),
+        trainable=list(trainable),
+    )
+
+
+def _most_common(values: Iterable[_T]) -> _T:
+    return Counter(values).most_common(1)[0][0]
 
 
 def lora_modules(model: nn.Module) -> dict[str, LoRABase]:
@@ -41,16 +74,27 @@ def merged_modules(model: nn.Module) -> list[str]:
 
 def trainable_modules(model: nn.Module) -> dict[str, nn.Module]:
     """Clean name -> module, for the modules an adapted ``model`` keeps fully trainable."""
-    if not getattr(model, TRAINABLE_ATTR, []):
-        return {}
     return adapted(model)[1]
+
+
+def is_trainable(module: nn.Module) -> bool:
+    """Whether an adaptation keeps ``module`` fully trainable."""
+    return bool(vars(module).get(TRAINABLE_MARK, False))
+
+
+def mark_trainable(module: nn.Module, trainable: bool) -> None:
+    """Mark (or unmark) ``module`` as kept fully trainable, in place."""
+    if trainable:
+        object.__setattr__(module, TRAINABLE_MARK, True)
+    else:
+        vars(module).pop(TRAINABLE_MARK, None)
 
 
 def adapted(model: nn.Module) -> tuple[dict[str, LoRABase], dict[str, nn.Module]]:
     """:func:`lora_modules` and :func:`trainable_modules` of ``model``, from one walk."""
     found = sites(model)
     adapters = {name: site.module for name, site in found.items() if isinstance(site.module, LoRABase)}
-    trainable = {name: found[name].module for name in getattr(model, TRAINABLE_ATTR, []) if name in found}
+    trainable = {name: site.module for name, site in found.items() if is_trainable(site.module)}
     return adapters, trainable
 
 
@@ -114,32 +158,53 @@ def base_named_parameters(
 
 @dataclass(frozen=True)
 class LoRASummary:
-    """Adapted modules and parameter counts of a model."""
+    """Adapted modules, fully trained modules and parameter counts of a model.
+
+    Attributes:
+        task_heads: the fully trained modules that are a transformers model's new task head, trained
+            because no ``trainable`` was given, each with the model's class name.
+    """
 
     modules: list[str]
     trainable: int
     total: int
+    trained_fully: list[str] = field(default_factory=list)
+    task_heads: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def percent(self) -> float:
         return 100.0 * self.trainable / self.total if self.total else 0.0
 
     def __str__(self) -> str:
-        return (
+        text = (
             f"LoRA: {len(self.modules)} adapted modules, trainable params {self.trainable:,} "
             f"of {self.total:,} ({self.percent:.2f}%)"
         )
+        if self.trained_fully:
+            text += f"; trained fully: {', '.join(self.trained_fully)}"
+        if self.task_heads:
+            models = sorted(set(self.task_heads.values()))
+            text += f" (the new task head of {', '.join(models)}, as PEFT's task_type; trainable=[] freezes it)"
+        return text
 
 
 def lora_summary(model: nn.Module) -> LoRASummary:
     """Adapted module names, trainable and total parameter counts (each tensor counted once)."""
-    return summary_of(list(lora_modules(model)), list(model.parameters()))
+    return summary_of(list(lora_modules(model)), list(model.parameters()), list(trainable_modules(model)))
 
 
-def summary_of(modules: list[str], params: list[nn.Parameter]) -> LoRASummary:
-    """The :class:`LoRASummary` of adapted ``modules`` and a model's parameters (each listed once)."""
+def summary_of(
+    modules: list[str],
+    params: list[nn.Parameter],
+    trained_fully: Iterable[str] = (),
+    task_heads: Mapping[str, str] | None = None,
+) -> LoRASummary:
+    """The :class:`LoRASummary` of adapted ``modules``, fully trained modules and a model's parameters
+    (each listed once)."""
     return LoRASummary(
         modules=modules,
         trainable=sum(p.numel() for p in params if p.requires_grad),
         total=sum(p.numel() for p in params),
+        trained_fully=list(trained_fully),
+        task_heads=dict(task_heads or {}),
     )
