@@ -2,11 +2,12 @@
 
 Commands (``lightning-lora COMMAND --help`` for each):
 
-- ``inspect PATH``: what an adapter file (or a PEFT adapter folder) holds;
-- ``merge --base BASE --adapter FILE --out OUT``: the base model with the adapter merged in, in
-  float32, as safetensors; a base that is not the one the adapter was trained on is refused;
+- ``inspect PATH``: what an adapter file, a PEFT adapter folder or a Lightning checkpoint holds;
+- ``merge --base BASE --adapter FILE --out OUT [--dtype D]``: the base model with the adapter merged
+  in, in the base's dtype (or ``D``), as safetensors; a base that is not the one the adapter was
+  trained on is refused;
 - ``export-peft`` / ``import-peft``: conversions to and from Hugging Face PEFT's format
-  (:mod:`lightning_lora.peft_format`);
+  (:mod:`lightning_lora.formats.peft`);
 - ``check CKPT``: whether a Lightning checkpoint and its companion adapter file belong together.
 
 This module owns the command line only: argument parsing and printing; the work is the library's
@@ -25,6 +26,7 @@ import os
 import pickle
 import sys
 import warnings
+import zipfile
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
@@ -34,6 +36,7 @@ from safetensors import SafetensorError
 from safetensors.torch import save as save_tensors
 from torch import nn
 
+from lightning_lora.adapters.spec import dtype_name
 from lightning_lora.formats.adapter_file import (
     SUFFIX,
     AdapterFile,
@@ -45,13 +48,23 @@ from lightning_lora.formats.adapter_file import (
 from lightning_lora.formats.files import read_bytes, write_atomic
 from lightning_lora.formats.peft import CONFIG_FILE as PEFT_CONFIG
 from lightning_lora.formats.peft import WEIGHTS_FILE as PEFT_WEIGHTS
-from lightning_lora.formats.peft import export_peft, import_peft
+from lightning_lora.formats.peft import TASK_TYPES, export_peft, import_peft
 from lightning_lora.formats.state_dict import merge_state_dict, read_state_dict
-from lightning_lora.lightning.checkpoint import adapter_path_for, check_companion
+from lightning_lora.lightning.checkpoint import (
+    CHECKPOINT_KEY,
+    adapter_path_for,
+    check_companion,
+    check_loaded_pair,
+    read_checkpoint,
+    step_of,
+)
 from lightning_lora.naming import is_inside
 from lightning_lora.surgery.merge import merge_and_unload
+from lightning_lora.surgery.state import base_named_parameters
 
 PROG = "lightning-lora"
+#: ``merge --dtype`` choices.
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 #: The PEFT config fields ``inspect`` prints.
 PEFT_FIELDS = (
     "r",
@@ -105,33 +118,44 @@ def build_parser() -> argparse.ArgumentParser:
 
     inspect = commands.add_parser(
         "inspect",
-        help="show what an adapter file or a PEFT adapter folder holds",
+        help="show what an adapter file, a PEFT adapter folder or a Lightning checkpoint holds",
         description=(
             "Print an adapter file's settings (the stored LoRAConfig, and each module's kind, r, alpha and "
             "bias where they differ from the most common ones), its adapted and trainable modules, the "
             "parameter count, the bytes of its tensors, the base fingerprint and the library version that "
             f"wrote it. For a PEFT adapter folder ({PEFT_CONFIG} + {PEFT_WEIGHTS}): its LoRA config fields "
-            "and the count and bytes of its tensors."
+            "and the count and bytes of its tensors. For a Lightning checkpoint (read without unpickling "
+            "anything but tensors): its step, its LoRA record (adapted modules, base weights left out) and "
+            f"its companion adapter file (x.ckpt -> x{SUFFIX}) and whether they belong together."
         ),
     )
-    inspect.add_argument("path", metavar="PATH", help=f"an adapter file (*{SUFFIX}) or a PEFT adapter folder")
+    inspect.add_argument("path", metavar="PATH", help=f"an adapter file (*{SUFFIX}), a PEFT adapter folder or a .ckpt")
     inspect.set_defaults(run=run_inspect)
 
     merge = commands.add_parser(
         "merge",
         help="merge an adapter into its base model and write the result as safetensors",
         description=(
-            "Merge the adapter into the base weights in float32 and write the merged model in float32. "
-            "A Hugging Face model folder (with config.json) is built with transformers (offline), the "
-            "adapter loaded and merged, and the model saved with save_pretrained into the folder --out. A "
-            "plain .safetensors state dict is merged tensor by tensor and written to the file --out. The "
-            "base is refused unless its weights match the fingerprint stored in the adapter file."
+            "Merge the adapter into the base weights (computed in float32) and write the merged model in the "
+            "base's dtype, or in --dtype. A Hugging Face model folder (with config.json) is built with "
+            "transformers (offline), the adapter loaded and merged, and the model saved with save_pretrained "
+            "into the folder --out. A plain .safetensors state dict is merged tensor by tensor and written to "
+            "the file --out. The base is refused unless its weights match the fingerprint stored in the "
+            "adapter file, and a merge into bfloat16 or float16 weights that would lose more than 10%% of "
+            "the update is refused (merge with --dtype float32 then)."
         ),
     )
     merge.add_argument("--base", required=True, metavar="BASE", help="a .safetensors state dict or a Hugging Face model folder")
     merge.add_argument("--adapter", required=True, metavar="FILE", help=f"the adapter file (*{SUFFIX})")
     merge.add_argument(
         "--out", required=True, metavar="OUT", help="where to write: a folder for a Hugging Face base, else a .safetensors file"
+    )
+    merge.add_argument(
+        "--dtype",
+        choices=tuple(DTYPES),
+        default=None,
+        help="the dtype of the merged weights (default: the base's: its config's dtype for a Hugging Face "
+        "folder, each tensor's own for a state dict)",
     )
     merge.add_argument(
         "--no-check-base",
@@ -161,7 +185,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--base-model-name-or-path",
         metavar="NAME",
         default=None,
-        help="the base model's name or path, recorded in adapter_config.json as PEFT does",
+        help="the base model's name or path, recorded in adapter_config.json as PEFT does (default: as the "
+        "adapter file records it)",
+    )
+    export.add_argument(
+        "--task-type",
+        choices=TASK_TYPES,
+        default=None,
+        help="PEFT's task_type, by which AutoPeftModelFor* loads the base model (default: as the adapter file "
+        "records it, from the model's class)",
     )
     export.set_defaults(run=run_export_peft)
 
@@ -200,8 +232,42 @@ def run_inspect(args: argparse.Namespace) -> None:
     if os.path.isdir(path):
         _inspect_peft(path)
         return
-    _require_file("PATH", path, f"an adapter file (*{SUFFIX}) or a PEFT adapter folder")
-    _inspect_adapter(path, _read_adapter("PATH", path, f"an adapter file (*{SUFFIX}) or a PEFT adapter folder"))
+    _require_file("PATH", path, f"an adapter file (*{SUFFIX}), a PEFT adapter folder or a Lightning checkpoint")
+    if _is_checkpoint(path):
+        _inspect_checkpoint(path)
+        return
+    _inspect_adapter(path, _read_adapter("PATH", path, f"an adapter file (*{SUFFIX}), a PEFT adapter folder or a Lightning checkpoint"))
+
+
+def _inspect_checkpoint(path: str) -> None:
+    try:
+        checkpoint = read_checkpoint(path)
+    except ValueError as err:
+        raise ValueError(f"PATH must be an adapter file, a PEFT adapter folder or a Lightning checkpoint: {err}") from err
+    print(f"Lightning checkpoint: {path}")
+    print("step: " + " ".join(f"{key}={value}" for key, value in step_of(checkpoint).items()))
+    state = checkpoint.get("state_dict")
+    state = state if isinstance(state, dict) else {}
+    record = checkpoint.get(CHECKPOINT_KEY)
+    if not isinstance(record, dict):
+        print(f"LoRA record: none (not written with LoRACallback or LoRAMixin); {len(state)} state dict entries")
+        return
+    modules, trainable = record.get("modules", {}), record.get("trainable", [])
+    left_out = record.get("base_keys", [])
+    print(f"LoRA record: version {record.get('version')}, {len(modules)} adapted modules, trainable modules: {', '.join(trainable) or '-'}")
+    print(
+        f"state dict: {len(state)} entries; base weights "
+        + (f"left out: {len(left_out)} (filled from the base model on load, after its fingerprint is checked)" if left_out else "kept")
+    )
+    companion = adapter_path_for(path)
+    if not os.path.exists(companion):
+        print(f"companion adapter file: {companion} (missing; lightning_lora.write_companion regenerates it)")
+        return
+    try:
+        check_loaded_pair(checkpoint, path)
+        print(f"companion adapter file: {companion} (belongs to it)")
+    except ValueError as err:
+        print(f"companion adapter file: {companion} (does not belong to it: {_one_line(err)})")
 
 
 def _inspect_adapter(path: str, adapter: AdapterFile) -> None:
@@ -301,8 +367,9 @@ def _safetensors_entries(path: str) -> dict[str, tuple[int, int]]:
 
 
 def run_merge(args: argparse.Namespace) -> None:
-    """``lightning-lora merge --base BASE --adapter FILE --out OUT [--no-check-base]``."""
+    """``lightning-lora merge --base BASE --adapter FILE --out OUT [--dtype D] [--no-check-base]``."""
     base, adapter_path, out = str(args.base), str(args.adapter), str(args.out)
+    dtype = None if args.dtype is None else DTYPES[args.dtype]
     _require_file("--adapter", adapter_path, f"an adapter file (*{SUFFIX})")
     if _is_hf_folder(base):
         if os.path.isfile(out):
@@ -310,16 +377,18 @@ def run_merge(args: argparse.Namespace) -> None:
         _refuse_same("--out", out, "--base", base)
         adapter = _read_adapter("--adapter", adapter_path)  # a bad file fails before the model is built
         with _transformers("--base", base) as transformers:
-            model = _hf_model(transformers, base, "--base")
+            model, stored = _hf_model(transformers, base, "--base")
             try:
                 load_adapter(model, adapter_path, check_base=args.check_base)
             except ValueError as err:  # the library's advice, in the command line's terms
                 message = str(err).replace("pass check_base=False to load anyway", "pass --no-check-base to merge anyway")
                 raise ValueError(f"--adapter does not fit --base {base}: {message}") from err
+            dtype = dtype or stored
+            _cast_base(model, dtype)  # merged in float32 into weights of this dtype, with the rounding checked
             merge_and_unload(model)
             save_pretrained: Callable[[str], Any] = getattr(model, "save_pretrained")
             save_pretrained(out)  # safetensors: the default since transformers 4.35, the only format in 5
-        print(f"merged {len(adapter.modules)} adapted modules of {adapter_path} into {base}; wrote {out} (float32)")
+        print(f"merged {len(adapter.modules)} adapted modules of {adapter_path} into {base}; wrote {out} ({dtype_name(dtype)})")
         return
     if os.path.isdir(base):
         raise ValueError(
@@ -335,21 +404,33 @@ def run_merge(args: argparse.Namespace) -> None:
         tensors, metadata = read_state_dict(base)
     except ValueError as err:
         raise ValueError(f"--base must be a .safetensors state dict: {err}") from err
-    merged = merge_state_dict(tensors, adapter, f"--base {base}", f"--adapter {adapter_path}", check_base=args.check_base)
+    merged = merge_state_dict(tensors, adapter, f"--base {base}", f"--adapter {adapter_path}", args.check_base, dtype)
     write_atomic(out, save_tensors(merged, metadata=metadata))
-    print(f"merged {len(adapter.modules)} adapted modules of {adapter_path} into {base}; wrote {out} (float32)")
+    dtypes = sorted({dtype_name(t.dtype) for t in merged.values() if t.is_floating_point()})
+    print(f"merged {len(adapter.modules)} adapted modules of {adapter_path} into {base}; wrote {out} ({', '.join(dtypes)})")
+
+
+def _cast_base(model: nn.Module, dtype: torch.dtype) -> None:
+    """The floating-point base weights of an adapted ``model`` in ``dtype``; its adapters keep theirs."""
+    with torch.no_grad():
+        for _, param in base_named_parameters(model):
+            if param.is_floating_point():
+                param.data = param.data.to(dtype)
 
 
 # --- PEFT -----------------------------------------------------------------------------------------
 
 
 def run_export_peft(args: argparse.Namespace) -> None:
-    """``lightning-lora export-peft ADAPTER OUT_DIR [--target peft|vllm] [--base-model-name-or-path NAME]``."""
+    """``lightning-lora export-peft ADAPTER OUT_DIR [--target peft|vllm] [--base-model-name-or-path NAME] [--task-type T]``."""
     adapter, out_dir = str(args.adapter), str(args.out_dir)
     _require_file("ADAPTER", adapter, f"an adapter file (*{SUFFIX})")
     if os.path.isfile(out_dir):
         raise ValueError(f"OUT_DIR must be a folder (created if needed), got the file {out_dir!r}")
-    written = export_peft(adapter, out_dir, base_model_name_or_path=args.base_model_name_or_path, target=args.target)
+    _read_adapter("ADAPTER", adapter)  # a bad file is named as the argument it came from
+    written = export_peft(
+        adapter, out_dir, base_model_name_or_path=args.base_model_name_or_path, task_type=args.task_type, target=args.target
+    )
     print(f"wrote {args.target} adapter {written} ({PEFT_CONFIG}, {PEFT_WEIGHTS}) from {adapter}")
 
 
@@ -365,7 +446,7 @@ def run_import_peft(args: argparse.Namespace) -> None:
     if os.path.isdir(out):
         raise ValueError(f"OUT must be the adapter file to write (*{SUFFIX}), got the folder {out!r}")
     with _transformers("--base", base) as transformers:
-        model = _hf_model(transformers, base, "--base")
+        model, _ = _hf_model(transformers, base, "--base")
         names = import_peft(model, peft_dir)
         save_adapter(model, out)
     print(f"imported {len(names)} adapted modules from {peft_dir} onto {base}; wrote {out}")
@@ -378,6 +459,11 @@ def run_check(args: argparse.Namespace) -> None:
     """``lightning-lora check CKPT``."""
     ckpt = str(args.ckpt)
     _require_file("CKPT", ckpt, "a Lightning checkpoint (.ckpt)")
+    if not _is_checkpoint(ckpt):
+        what = "an adapter file" if ckpt.endswith(SUFFIX) else "a file that is not a zip archive (torch.save's format)"
+        raise ValueError(
+            f"CKPT must be a Lightning checkpoint (.ckpt), got {ckpt!r}, {what}; '{PROG} inspect' shows what a file holds"
+        )
     try:
         check_companion(ckpt)
     except ValueError as err:  # a stale pair, a missing companion, a file that is no checkpoint
@@ -410,8 +496,9 @@ def _transformers(param: str, folder: str) -> Iterator[Any]:
             logging.enable_progress_bar()
 
 
-def _hf_model(transformers: Any, folder: str, param: str) -> nn.Module:
-    """The model of a Hugging Face folder, in float32, built offline from its config's architecture."""
+def _hf_model(transformers: Any, folder: str, param: str) -> tuple[nn.Module, torch.dtype]:
+    """The model of a Hugging Face folder, in float32 (every dtype's values exactly, for the fingerprint), built
+    offline from its config's architecture, and the dtype its config says its weights are stored in."""
     config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
     architectures = list(getattr(config, "architectures", None) or [])
     if not architectures:
@@ -427,10 +514,12 @@ def _hf_model(transformers: Any, folder: str, param: str) -> nn.Module:
         )
     major_minor = tuple(int(part) for part in transformers.__version__.split(".")[:2] if part.isdigit())
     dtype_arg = "dtype" if major_minor >= (4, 56) else "torch_dtype"  # renamed in transformers 4.56
+    stored = getattr(config, dtype_arg, None)
+    stored = getattr(torch, stored) if isinstance(stored, str) else stored
     model = cls.from_pretrained(folder, local_files_only=True, **{dtype_arg: torch.float32})
     if not isinstance(model, nn.Module):
         raise TypeError(f"{param} {folder!r}: {architectures[0]}.from_pretrained must return a torch module, got {type(model).__name__}")
-    return model
+    return model, stored if isinstance(stored, torch.dtype) and stored.is_floating_point else torch.float32
 
 
 def _read_adapter(param: str, path: str, expected: str = f"an adapter file (*{SUFFIX})") -> AdapterFile:
@@ -439,6 +528,11 @@ def _read_adapter(param: str, path: str, expected: str = f"an adapter file (*{SU
         return read_adapter(path)
     except ValueError as err:
         raise ValueError(f"{param} must be {expected}: {err}") from err
+
+
+def _is_checkpoint(path: str) -> bool:
+    """Whether a local ``path`` is a zip archive, the format of ``torch.save`` (and of Lightning checkpoints)."""
+    return "://" not in path and zipfile.is_zipfile(path)
 
 
 def _is_hf_folder(path: str) -> bool:
@@ -461,10 +555,6 @@ def _what(path: str) -> str:
 def _refuse_same(param: str, path: str, other_param: str, other: str) -> None:
     if "://" not in path and os.path.realpath(path) == os.path.realpath(other):
         raise ValueError(f"{param} must differ from {other_param} (the base stays as it is), got {path!r} for both")
-
-
-def _float32(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.float() if tensor.is_floating_point() else tensor
 
 
 def _most_common(values: Iterable[Any]) -> Any:

@@ -1,6 +1,8 @@
 """The ``lightning-lora`` console script: every command in-process (``main([...])``), and once as the
 installed executable. Models are tiny and built here; nothing is downloaded."""
 
+import copy
+import json
 import os
 import shutil
 import subprocess
@@ -248,6 +250,51 @@ def test_check_a_pair_and_a_stale_pair(tmp_path, capsys):
     assert_one_error_line(err, "no companion")
 
 
+def test_check_of_an_adapter_file_and_inspect_of_a_checkpoint(tmp_path, capsys):
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    apply_lora(model, LoRAConfig(r=2, targets=["0"], trainable=["2"]))
+    io = LoRACheckpointIO(TorchCheckpointIO(), lambda: model)
+    ckpt = tmp_path / "epoch=1-step=7.ckpt"
+    io.save_checkpoint({"state_dict": model.state_dict(), "epoch": 1, "global_step": 7}, ckpt)
+    companion = adapter_path_for(str(ckpt))
+    code, out, err = run(capsys, "check", companion)
+    assert code == 1 and out == ""
+    assert_one_error_line(err, "CKPT must be a Lightning checkpoint (.ckpt)", "an adapter file", "'lightning-lora inspect' shows")
+    code, out, err = run(capsys, "inspect", ckpt)
+    assert (code, err) == (0, "")
+    assert f"Lightning checkpoint: {ckpt}\nstep: epoch=1 global_step=7\n" in out
+    assert "LoRA record: version 2, 1 adapted modules, trainable modules: 2\n" in out
+    assert "base weights left out: 2 (filled from the base model on load" in out  # layer 0's weight and bias
+    assert f"companion adapter file: {companion} (belongs to it)\n" in out
+    os.remove(companion)
+    code, out, _ = run(capsys, "inspect", ckpt)
+    assert code == 0 and f"companion adapter file: {companion} (missing; lightning_lora.write_companion regenerates it)" in out
+
+
+@pytest.mark.parametrize("argv, status, fragments", [
+    (["inspect", "{tmp}/x.bin"], 1, ["PATH must be an adapter file", "which does not exist"]),
+    (["inspect", "{junk}"], 1, ["PATH must be an adapter file", "is truncated or not a safetensors file"]),
+    (["check", "{junk}"], 1, ["CKPT must be a Lightning checkpoint (.ckpt)", "not a zip archive"]),
+    (["check", "{tmp}"], 1, ["CKPT must be a Lightning checkpoint (.ckpt)", "a folder"]),
+    (["merge", "--base", "{junk}", "--adapter", "{junk}", "--out", "{tmp}/o.safetensors"], 1, ["--adapter must be an adapter file"]),
+    (["merge", "--base", "{tmp}/none.safetensors", "--adapter", "{junk}", "--out", "{tmp}/o"], 1, ["--base must be a .safetensors", "which does not exist"]),
+    (["merge", "--base", "{junk}", "--adapter", "{junk}", "--out", "{tmp}/o", "--dtype", "int8"], 2, ["argument --dtype: invalid choice: 'int8'"]),
+    (["export-peft", "{junk}", "{tmp}/peft"], 1, ["ADAPTER must be an adapter file", "is truncated or not a safetensors file"]),
+    (["export-peft", "{tmp}", "{tmp}/peft"], 1, ["ADAPTER must be an adapter file", "a folder"]),
+    (["import-peft", "{tmp}", "{tmp}/a.lora.safetensors", "--base", "{tmp}"], 1, ["PEFT_DIR must be a PEFT adapter folder"]),
+    (["nothing"], 2, ["argument COMMAND: invalid choice: 'nothing'"]),
+])
+def test_every_misuse_is_one_line(argv, status, fragments, tmp_path, capsys):
+    junk = tmp_path / "junk.bin"
+    junk.write_bytes(b"\x00\x01")
+    code, out, err = run(capsys, *[arg.format(tmp=tmp_path, junk=junk) for arg in argv])
+    assert (code, out) == (status, "")
+    lines = err.strip().splitlines()
+    assert "Traceback" not in err and all(fragment in lines[-1] for fragment in fragments), err
+    if status == 1:
+        assert_one_error_line(err)
+
+
 # --- Hugging Face models ------------------------------------------------------------------------------
 
 
@@ -282,6 +329,34 @@ def test_merge_of_a_hugging_face_folder_gives_the_adapted_logits(llama, tmp_path
     with torch.no_grad():
         torch.testing.assert_close(merged(TOKENS).logits, model(TOKENS).logits, atol=1e-5, rtol=0)
     assert snapshot(base) == before
+
+
+def test_merge_keeps_the_base_dtype_unless_told(llama, tmp_path, capsys):
+    transformers, model, _, _ = llama
+    bf16 = tmp_path / "bf16"
+    torch.manual_seed(2)
+    transformers.LlamaForCausalLM(model.config).to(torch.bfloat16).save_pretrained(bf16)  # a bfloat16 checkpoint
+    trained = transformers.AutoModelForCausalLM.from_pretrained(bf16, dtype=torch.float32)  # as one trains on it
+    apply_lora(trained, LoRAConfig(r=4, alpha=8))
+    randomize(trained, scale=0.5)
+    save_adapter(trained, tmp_path / "a.lora.safetensors")
+    expected = {k: v.to(torch.bfloat16) for k, v in merge_and_unload(copy.deepcopy(trained)).state_dict().items()}
+    code, stdout, err = run(capsys, "merge", "--base", bf16, "--adapter", tmp_path / "a.lora.safetensors", "--out", tmp_path / "m")
+    assert (code, err) == (0, ""), err
+    assert stdout.endswith("(bfloat16)\n") and json.loads((tmp_path / "m" / "config.json").read_text())["dtype"] == "bfloat16"
+    merged = load_file(tmp_path / "m" / "model.safetensors")
+    assert {t.dtype for t in merged.values()} == {torch.bfloat16}  # half the bytes of float32
+    assert all(torch.equal(merged[k], expected[k]) for k in merged)  # merged in float32, rounded once
+    code, stdout, err = run(capsys, "merge", "--base", bf16, "--adapter", tmp_path / "a.lora.safetensors",
+                            "--out", tmp_path / "m32", "--dtype", "float32")
+    assert code == 0 and stdout.endswith("(float32)\n")
+    assert {t.dtype for t in load_file(tmp_path / "m32" / "model.safetensors").values()} == {torch.float32}
+    state = tmp_path / "bf16.safetensors"  # a plain state dict keeps each tensor's dtype
+    save_file(load_file(bf16 / "model.safetensors"), state)
+    code, stdout, err = run(capsys, "merge", "--base", state, "--adapter", tmp_path / "a.lora.safetensors", "--out", tmp_path / "m.safetensors")
+    assert (code, err) == (0, "") and stdout.endswith("(bfloat16)\n")
+    plain = load_file(tmp_path / "m.safetensors")
+    assert all(torch.equal(plain[k], merged[k]) for k in merged)
 
 
 def test_merge_refuses_a_wrong_hugging_face_base(llama, tmp_path, capsys):
@@ -364,6 +439,9 @@ def test_export_and_import_peft_round_trip(llama, tmp_path, capsys):
     assert (peft_dir / "adapter_config.json").is_file() and (peft_dir / "adapter_model.safetensors").is_file()
     code, out, err = run(capsys, "inspect", peft_dir)
     assert code == 0 and "base_model_name_or_path: tiny-llama" in out and "  r = 4\n" in out
+    assert json.loads((peft_dir / "adapter_config.json").read_text())["task_type"] == "CAUSAL_LM"  # recorded in the file
+    code, _, _ = run(capsys, "export-peft", adapter, tmp_path / "features", "--task-type", "FEATURE_EXTRACTION")
+    assert code == 0 and json.loads((tmp_path / "features" / "adapter_config.json").read_text())["task_type"] == "FEATURE_EXTRACTION"
     back = tmp_path / "back.lora.safetensors"
     code, out, err = run(capsys, "import-peft", peft_dir, back, "--base", base)
     assert (code, err) == (0, ""), err

@@ -33,12 +33,15 @@ def merge_state_dict(
     base: str = "the base state dict",
     source: str = "the adapter file",
     check_base: bool = True,
+    dtype: torch.dtype | None = None,
 ) -> dict[str, torch.Tensor]:
-    """A base model's state dict with ``adapter`` merged in, every floating-point tensor in float32.
+    """A base model's state dict with ``adapter`` merged in, each tensor in its own dtype (or floating-point
+    ones in ``dtype``).
 
     Each adapted layer is rebuilt around its base weight (``nn.Linear``, ``nn.ConvNd``,
     ``nn.Embedding`` or transformers' ``Conv1D``), given the library's adapter layer with the stored
-    settings and tensors, and merged with :meth:`~lightning_lora.adapters.LoRABase.merge`; the
+    settings and tensors, and merged with :meth:`~lightning_lora.adapters.LoRABase.merge` (computed in
+    float32, refused where a bfloat16 or float16 weight would lose too much of the update); the
     tensors of ``trainable`` modules replace the base's. ``base`` and ``source`` name the two in errors.
 
     Raises:
@@ -50,7 +53,7 @@ def merge_state_dict(
     if check_base:
         _check_base(tensors, adapter, prefix, base, source)
     owned: set[str] = set()
-    merged = {key: float32(tensor) for key, tensor in tensors.items()}
+    merged = {key: _cast(tensor, dtype) for key, tensor in tensors.items()}
     for name, spec in adapter.modules.items():
         full = absolute(name, prefix)
         kind = kind_named(spec.kind)
@@ -92,7 +95,7 @@ def merge_state_dict(
                     f"{source} does not fit {base}: tensor '{key}' has shape {tuple(adapter.tensors[key].shape)} in "
                     f"the adapter file but {tuple(tensors[full_key].shape)} in the base"
                 )
-            merged[full_key] = float32(adapter.tensors[key]).clone()
+            merged[full_key] = _cast(adapter.tensors[key], merged[full_key].dtype).clone()
         owned.update(stored)
     unexpected = sorted(set(adapter.tensors) - owned)
     if unexpected:
@@ -187,6 +190,6 @@ def read_state_dict(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str] 
     return tensors, ({str(k): str(v) for k, v in meta.items()} if isinstance(meta, dict) else None)
 
 
-def float32(tensor: torch.Tensor) -> torch.Tensor:
-    """A floating-point ``tensor`` in float32; others as they are."""
-    return tensor.float() if tensor.is_floating_point() else tensor
+def _cast(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """A floating-point ``tensor`` in ``dtype`` (None: its own); others as they are."""
+    return tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor

@@ -52,7 +52,7 @@ from lightning_lora.formats.peft import CONFIG_FILE, WEIGHTS_FILE, export_peft
 from lightning_lora.sharding import is_sharded
 from lightning_lora.surgery.apply import Installation, install
 from lightning_lora.surgery.plan import AdapterPlan, check_fits
-from lightning_lora.surgery.state import adapted, lora_config, lora_modules
+from lightning_lora.surgery.state import adapted, config_of_adapters, lora_config, lora_modules
 
 #: Key of the LoRA record in a Lightning checkpoint.
 CHECKPOINT_KEY = "lora"
@@ -121,7 +121,7 @@ def prepare_checkpoint(
         "base_keys": dropped,
         "base_fingerprint": fingerprint_tensors(((key, state[key]) for key in dropped), samples=samples),
         "base_dtypes": dtypes_of(named),
-        "config": (lora_config(module) or LoRAConfig()).to_dict(),
+        "config": (lora_config(module) or config_of_adapters(adapters, trainable)).to_dict(),
         "modules": {name: layer.spec.to_dict() for name, layer in adapters.items()},
         "trainable": list(trainable),
         "adapter_digest": tensors_digest(tensors),  # as its companion file holds them
@@ -222,7 +222,7 @@ def load_checkpoint(module: nn.Module, path: str | os.PathLike, strict: bool = T
     Raises:
         ValueError: if the checkpoint is not a LoRA checkpoint or does not fit ``module``.
     """
-    _load_into(module, _load(str(path)), str(path), strict)
+    _load_into(module, read_checkpoint(str(path)), str(path), strict)
     return module
 
 
@@ -267,7 +267,7 @@ def check_companion(checkpoint_path: str | os.PathLike) -> None:
             adapter tensors or another step than the checkpoint records (a stale pair).
     """
     path = str(checkpoint_path)
-    check_loaded_pair(_load(path), path)
+    check_loaded_pair(read_checkpoint(path), path)
 
 
 def warn_if_stale_companion(checkpoint: dict[str, Any], path: str) -> None:
@@ -311,7 +311,7 @@ def write_companion(checkpoint_path: str | os.PathLike, module: nn.Module) -> st
         ValueError: if the checkpoint has no LoRA record or does not fit ``module``.
     """
     path = str(checkpoint_path)
-    checkpoint = _load(path)
+    checkpoint = read_checkpoint(path)
     _load_into(module, checkpoint, path, strict=True)
     companion = adapter_path_for(path)
     write_on_rank_zero(companion, adapter_bytes(module, checkpoint=step_of(checkpoint)))
@@ -444,11 +444,15 @@ def _remove_peft(checkpoint_path: str) -> None:
         os.rmdir(folder)
 
 
-def _load(path: str) -> dict[str, Any]:
-    """A checkpoint file, read with ``weights_only=True``."""
+def read_checkpoint(path: str) -> dict[str, Any]:
+    """A checkpoint file, read with ``weights_only=True`` (nothing but tensors and plain values is unpickled).
+
+    Raises:
+        ValueError: if it is not a readable checkpoint, or holds something other than a dict.
+    """
     try:
         checkpoint = torch.load(io.BytesIO(read_bytes(path)), map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as err:  # torch's errors for bad files
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, IndexError) as err:  # torch's errors for bad files
         text = re.sub(r"\x1b\[[0-9;]*m", "", str(err)).strip() or type(err).__name__
         raise ValueError(f"{path} is not a readable checkpoint: {text.split('. ')[0].splitlines()[0]}") from err
     if not isinstance(checkpoint, dict):
