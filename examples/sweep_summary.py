@@ -103,12 +103,13 @@ def _plot(results: list[dict[str, Any]], path: Path) -> None:
     plt.close(figure)
 
 
-def update_readme(readme: Path, table: str) -> None:
-    """Replace the text between the sweep markers of ``readme`` with ``table``."""
+def update_readme(readme: Path, table: str, marker: str = "sweep") -> None:
+    """Replace the text between the ``<!-- {marker}:start -->`` and ``<!-- {marker}:end -->`` lines of ``readme``."""
     text = readme.read_text()
-    pattern = re.compile(r"(<!-- sweep:start -->\n).*?(<!-- sweep:end -->)", re.S)
+    start, end = f"<!-- {marker}:start -->", f"<!-- {marker}:end -->"
+    pattern = re.compile(f"({re.escape(start)}\n).*?({re.escape(end)})", re.S)
     if not pattern.search(text):
-        raise ValueError(f"{readme} has no '<!-- sweep:start -->' ... '<!-- sweep:end -->' markers")
+        raise ValueError(f"{readme} has no '{start}' ... '{end}' markers")
     readme.write_text(pattern.sub(lambda m: m.group(1) + table + "\n" + m.group(2), text))
 
 
