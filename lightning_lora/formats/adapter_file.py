@@ -210,14 +210,10 @@ def adapter_contents(
 
 
 def _stored_config(model: nn.Module, adapters: Mapping[str, Any], trainable: Mapping[str, nn.Module], prefix: str) -> LoRAConfig:
-    """The config an adapter file records: the model's, with its fully trained modules named relative to
-    ``prefix``; for a submodule of an adapted model (which does not hold the config), the settings its
-    adapters have (:func:`~lightning_lora.surgery.state.config_of_adapters`)."""
-    inner = list(_inside(trainable, prefix, "trainable module"))
+    """The config an adapter file records: the model's, or for a submodule of an adapted model (which does
+    not hold the config) the settings its adapters have (:func:`~lightning_lora.surgery.state.config_of_adapters`)."""
     config = lora_config(model)
-    if config is None:
-        return config_of_adapters(adapters, inner)
-    return dataclasses.replace(config, trainable=inner)
+    return config if config is not None else config_of_adapters(adapters, _inside(trainable, prefix, "trainable module"))
 
 
 def serialize(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> bytes:

@@ -144,7 +144,8 @@ def apply_lora(model: nn.Module, config: LoRAConfig | None = None) -> list[str]:
     """Wrap every module matched by ``config.targets`` in an adapter, in place, and freeze the rest.
 
     All parameters are frozen except the adapters' and those of ``config.trainable`` modules (by
-    default the new task head of a transformers model, as PEFT's ``task_type``). Already adapted modules are skipped when their settings agree with ``config``.
+    default the new task head of a transformers model, as PEFT's ``task_type``). Already adapted
+    modules are skipped when their settings agree with ``config``.
 
     Args:
         model: the model to adapt (modified in place).

@@ -180,7 +180,7 @@ def plan_adapters(model: nn.Module, config: LoRAConfig) -> AdapterPlan:
     kept_trainable = tuple(known + [name for name in trainable if name not in known])
     return AdapterPlan(
         specs=specs,
-        config=dataclasses.replace(config, targets=targets_used, trainable=list(trainable)),
+        config=dataclasses.replace(config, targets=targets_used),
         trainable=kept_trainable,
         quantize=tuple(_quantizable(found, kept_trainable)) if config.quantize else (),
         task_heads={name: found.task_heads[name] for name in trainable} if automatic else {},
