@@ -21,7 +21,6 @@ from hf_models import qwen3_moe  # noqa: E402
 from lightning_lora import LoRACallback, lora_state_dict  # noqa: E402
 
 TARGETS = ["q_proj", "experts.gate_up_proj", "experts.down_proj"]
-folder = Path(sys.argv[1])
 
 
 class MoELM(L.LightningModule):
@@ -52,7 +51,7 @@ def tokens():
     return TensorDataset(torch.randint(0, 64, (32, 7), generator=torch.Generator().manual_seed(0)))
 
 
-def trainer(name, world):
+def trainer(folder, name, world):
     strategy = ModelParallelStrategy(data_parallel_size=world, tensor_parallel_size=1)
     return L.Trainer(strategy=strategy, accelerator="cpu", devices=world, max_epochs=2, logger=False, deterministic=True,
                      enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False,
@@ -61,8 +60,9 @@ def trainer(name, world):
 
 
 if __name__ == "__main__":
+    folder = Path(sys.argv[1])  # read here only: test_distributed.py imports this module
     for name, resume in (("sharded", None), ("sharded_resume", folder / "sharded" / "epoch=0-step=2.ckpt")):
-        run = trainer(name, 2)
+        run = trainer(folder, name, 2)
         model = MoELM()
         sampler = DistributedSampler(tokens(), num_replicas=2, rank=run.global_rank, shuffle=False)
         run.fit(model, DataLoader(tokens(), batch_size=8, sampler=sampler), ckpt_path=resume)
