@@ -179,6 +179,19 @@ def test_saving_and_exporting_from_the_inner_model_keep_the_head(tmp_path):
     assert (stored.r, stored.alpha, stored.trainable) == (4, 8.0, ["classifier"])  # the adapters' own settings
 
 
+def test_saving_a_submodule_that_lacks_a_trained_module_is_refused_before_writing(tmp_path):
+    lit = Lit(bert())
+    lit.extra = torch.nn.Linear(3, 3)  # trained fully, but outside lit.model
+    apply_lora(lit, LoRAConfig(targets=["query"], trainable=["model.classifier", "extra"]))
+    for write in (lambda: save_adapter(lit.model, tmp_path / "a.lora.safetensors"), lambda: export_peft(lit.model, tmp_path / "peft")):
+        with pytest.raises(ValueError, match=r"modules \['extra'\] were trained fully with these adapters but lie outside the "
+                                             r"module being saved, so the file would lack them; save from the model that holds them"):
+            write()
+    assert list(tmp_path.iterdir()) == []
+    save_adapter(lit, tmp_path / "whole.lora.safetensors")  # from the LightningModule: everything
+    assert read_adapter(tmp_path / "whole.lora.safetensors").trainable == ["model.classifier", "extra"]
+
+
 # --- exports that load everywhere -------------------------------------------------------------------
 
 

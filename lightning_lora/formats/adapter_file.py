@@ -65,6 +65,7 @@ from lightning_lora.surgery.state import (
     merged_modules,
     tensors_of,
     trainable_modules,
+    trained_with,
 )
 from lightning_lora.tasks import is_transformers_model, name_or_path, task_type
 
@@ -180,6 +181,7 @@ def adapter_contents(
     merged = [name for name, adapter in adapters.items() if adapter.merged]
     if merged:  # the weights hold the update too: neither they nor the fingerprint are the base's
         raise RuntimeError(f"cannot fingerprint base weights while modules {merged[:5]!r} are merged; unmerge first")
+    _check_trained_with(adapters, trainable)
     prefix = resolve_root(model, root) if root is not None else default_root(model, [*adapters, *trainable])
     inner = _inside(adapters, prefix, "adapted module")
     if not inner:
@@ -207,6 +209,18 @@ def adapter_contents(
         if value:
             metadata[key] = value
     return _copies(_inside(tensors_of(adapters, trainable), prefix, "adapter tensor")), metadata
+
+
+def _check_trained_with(adapters: Mapping[str, Any], trainable: Mapping[str, nn.Module]) -> None:
+    """Every module trained fully with these adapters must be saved with them: refuse a submodule that lacks one."""
+    held = {id(module) for module in trainable.values()}
+    outside = sorted({name for adapter in adapters.values() for name, module in trained_with(adapter).items() if id(module) not in held})
+    if outside:
+        raise ValueError(
+            f"modules {outside[:5]!r} were trained fully with these adapters but lie outside the module being saved, "
+            f"so the file would lack them; save from the model that holds them (e.g. the LightningModule, which "
+            f"names the adapters relative to the transformers model inside it), or adapt with trainable=[]"
+        )
 
 
 def _stored_config(model: nn.Module, adapters: Mapping[str, Any], trainable: Mapping[str, nn.Module], prefix: str) -> LoRAConfig:

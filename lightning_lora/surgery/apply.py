@@ -23,9 +23,11 @@ from lightning_lora.sharding import is_dtensor
 from lightning_lora.surgery.plan import AdapterPlan, plan_adapters, quantizable, survey, target_base
 from lightning_lora.surgery.state import (
     CONFIG_ATTR,
+    PEERS_ATTR,
     LoRASummary,
     is_trainable,
     mark_trainable,
+    set_trained_with,
     summary_of,
     trainable_modules,
 )
@@ -114,6 +116,8 @@ def install(model: nn.Module, plan: AdapterPlan) -> Installation:
             param.requires_grad_(flag)
         for module in marked:
             mark_trainable(module, False)
+        for adapter, peers in previous_peers:
+            set_trained_with(adapter, peers)
         if previous_config is None:
             vars(model).pop(CONFIG_ATTR, None)
         else:
@@ -126,6 +130,9 @@ def install(model: nn.Module, plan: AdapterPlan) -> Installation:
     for module in marked:
         mark_trainable(module, True)
     adapters = {name: created.get(name) or _adapter(found[name]) for name in plan.specs}
+    previous_peers = [(adapter, vars(adapter).get(PEERS_ATTR)) for name, adapter in adapters.items() if name not in created]
+    for adapter in adapters.values():
+        set_trained_with(adapter, trainable)
     _freeze(params, adapters, trainable)
     replaced = {id(original) for original, _ in quantized.values()}
     now = [param for param in params if id(param) not in replaced] + [weight for _, weight in quantized.values()]

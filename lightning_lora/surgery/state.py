@@ -27,6 +27,9 @@ _T = TypeVar("_T")
 TRAINABLE_MARK = "_lora_trainable"
 #: Attribute under which an adapted model keeps the config it was adapted with.
 CONFIG_ATTR = "_lora_config"
+#: Attribute under which each adapter keeps the modules trained fully with it (name in the model it was
+#: adapted in -> module), so that saving from a submodule can tell when one of them lies outside it.
+PEERS_ATTR = "_lora_trained_with"
 
 
 def lora_config(model: nn.Module) -> LoRAConfig | None:
@@ -88,6 +91,19 @@ def mark_trainable(module: nn.Module, trainable: bool) -> None:
         object.__setattr__(module, TRAINABLE_MARK, True)
     else:
         vars(module).pop(TRAINABLE_MARK, None)
+
+
+def trained_with(adapter: LoRABase) -> dict[str, nn.Module]:
+    """The modules trained fully together with ``adapter`` (name in the model it was adapted in -> module)."""
+    return dict(vars(adapter).get(PEERS_ATTR, {}))
+
+
+def set_trained_with(adapter: LoRABase, peers: Mapping[str, nn.Module] | None) -> None:
+    """Record (or, with None, forget) the modules trained fully together with ``adapter``."""
+    if peers is None:
+        vars(adapter).pop(PEERS_ATTR, None)
+    else:
+        object.__setattr__(adapter, PEERS_ATTR, dict(peers))
 
 
 def adapted(model: nn.Module) -> tuple[dict[str, LoRABase], dict[str, nn.Module]]:
