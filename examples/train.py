@@ -24,7 +24,6 @@ from typing import Any
 
 import hydra
 import lightning as L
-import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
@@ -122,7 +121,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     summary = lora_summary(model)
     last = output / "checkpoints" / "final.ckpt"  # the model just validated (last.ckpt is the last *saved* one)
-    trainer.save_checkpoint(last)
+    trainer.save_checkpoint(last, weights_only=False)  # with the optimizer state: a run can continue from it
     adapter = Path(adapter_path_for(str(last)))
     full_weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     result = {

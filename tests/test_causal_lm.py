@@ -9,25 +9,13 @@ import peft
 import pytest
 import torch
 import transformers
-from hydra import compose, initialize_config_dir
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import open_dict
-from test_hydra_configs import CONF, ROOT
+from test_hydra_configs import ROOT, composed
 from vllm_loader import read_with_vllm
 
 from prompts import IGNORE, DEFAULT_DATA, char_tokenizer, collate, encode, read_examples  # examples/ is on sys.path
 from causal_lm import run
 
 SHORT = ["model.pretrain.epochs=2", "trainer.max_epochs=2", "generate.examples=4", "generate.max_new_tokens=8"]
-
-
-def composed(overrides, tmp_path):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("causal_lm", overrides=overrides, return_hydra_config=True)
-    with open_dict(cfg):
-        cfg.hydra.runtime.output_dir = str(tmp_path)
-    HydraConfig.instance().set_config(cfg)
-    return cfg
 
 
 def test_prompt_tokens_and_padding_are_masked_out_of_the_loss():
@@ -95,11 +83,11 @@ def test_a_model_folder_by_name_through_the_hub_preset(trained, tmp_path):
     folder = next((root / "weights").iterdir())
     result = run(composed(["causal_lm=hub", f"model.name={folder}", "trainer.accelerator=cpu", "+trainer.limit_train_batches=4",
                            "+trainer.limit_val_batches=2", "+trainer.enable_progress_bar=false", "data.max_length=64",
-                           "generate.examples=2", "generate.max_new_tokens=4"], tmp_path))
+                           "generate.examples=2", "generate.max_new_tokens=4"], tmp_path, "causal_lm"))
     assert result["model"] == str(folder) and (tmp_path / "peft" / "adapter_config.json").exists()
     assert load_file_dtypes(tmp_path / "adapter.lora.safetensors") == {torch.float32}  # float32 adapters on bfloat16
     with pytest.raises(Exception, match=r"Missing mandatory value: model.name"):
-        run(composed(["causal_lm=hub"], tmp_path / "none"))
+        run(composed(["causal_lm=hub"], tmp_path / "none", "causal_lm"))
 
 
 def load_file_dtypes(path):

@@ -20,9 +20,10 @@ CONF = ROOT / "conf"
 sys.path.insert(0, str(ROOT / "examples"))
 
 
-def composed(overrides, tmp_path):
+def composed(overrides, tmp_path, config="config"):
+    """The composed ``conf/<config>.yaml``, as the Hydra app would run it with its output in ``tmp_path``."""
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("config", overrides=overrides, return_hydra_config=True)
+        cfg = compose(config, overrides=overrides, return_hydra_config=True)
     with open_dict(cfg):
         cfg.hydra.runtime.output_dir = str(tmp_path)
     HydraConfig.instance().set_config(cfg)
