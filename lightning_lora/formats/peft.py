@@ -172,7 +172,17 @@ class PeftAdapter:
     tensors: dict[str, torch.Tensor]
 
     def settings(self) -> LoRAConfig:
-        """Its settings as a :class:`~lightning_lora.LoRAConfig` (what a callback's arguments must not contradict)."""
+        """Its settings as a :class:`~lightning_lora.LoRAConfig` (what a callback's arguments must not contradict).
+
+        Raises:
+            ValueError: naming the folder, for settings that are not LoRA settings.
+        """
+        try:
+            return self._settings()
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{os.path.join(self.folder, CONFIG_FILE)} holds settings that are not valid LoRA settings: {err}") from err
+
+    def _settings(self) -> LoRAConfig:
         targets = self.config.get("target_modules") or []
         trainable = self.config.get("modules_to_save") or []
         return LoRAConfig(
