@@ -27,8 +27,7 @@ import pickle
 import sys
 import warnings
 import zipfile
-from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -37,6 +36,7 @@ from safetensors.torch import save as save_tensors
 from torch import nn
 
 from lightning_lora.adapters.spec import dtype_name
+from lightning_lora.config import most_common
 from lightning_lora.formats.adapter_file import (
     SUFFIX,
     AdapterFile,
@@ -286,7 +286,7 @@ def _inspect_adapter(path: str, adapter: AdapterFile) -> None:
     for key, value in adapter.config.to_dict().items():
         print(f"  {key} = {value!r}")
     specs = {name: spec.to_dict() for name, spec in adapter.modules.items()}
-    common_spec = {key: _most_common(spec[key] for spec in specs.values()) for key in next(iter(specs.values()), {})}
+    common_spec = {key: most_common(spec[key] for spec in specs.values()) for key in next(iter(specs.values()), {})}
     if common_spec:
         print("adapter settings: " + " ".join(f"{key}={value}" for key, value in common_spec.items()))
     print(f"adapted modules ({len(specs)}):")
@@ -555,10 +555,6 @@ def _what(path: str) -> str:
 def _refuse_same(param: str, path: str, other_param: str, other: str) -> None:
     if "://" not in path and os.path.realpath(path) == os.path.realpath(other):
         raise ValueError(f"{param} must differ from {other_param} (the base stays as it is), got {path!r} for both")
-
-
-def _most_common(values: Iterable[Any]) -> Any:
-    return Counter(values).most_common(1)[0][0]
 
 
 def _one_line(message: object) -> str:

@@ -9,7 +9,8 @@ adapter (:func:`explicit_settings`, :func:`reconcile`).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping, Sequence
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -159,6 +160,34 @@ DEFAULTS: dict[str, Any] = {
     field.name: field.default_factory() if callable(field.default_factory) else field.default
     for field in dataclasses.fields(LoRAConfig)
 }
+
+
+def most_common(values: Iterable[_T]) -> _T:
+    """The value that occurs most often in ``values`` (the first of those tied); ``values`` must not be empty."""
+    return Counter(values).most_common(1)[0][0]
+
+
+def config_of_specs(specs: Mapping[str, AdapterSpec], trainable: Iterable[str] = ()) -> LoRAConfig:
+    """The config that gives adapters these settings (module name -> spec): the most common rank and alpha,
+    the others as ``rank_pattern`` / ``alpha_pattern`` entries, the modules by name as targets. For adapters
+    whose config is not at hand: a submodule of an adapted model, an imported PEFT adapter."""
+    if not specs:
+        return LoRAConfig(trainable=list(trainable))
+    r = most_common(spec.r for spec in specs.values())
+    alpha = most_common(spec.alpha for spec in specs.values())
+    biases = {spec.bias for spec in specs.values()}
+    return LoRAConfig(
+        r=r,
+        alpha=alpha,
+        bias=biases.pop() if len(biases) == 1 else "auto",
+        targets=list(specs),
+        dropout=most_common(spec.dropout for spec in specs.values()),
+        rank_pattern={name: spec.r for name, spec in specs.items() if spec.r != r},
+        alpha_pattern={name: spec.alpha for name, spec in specs.items() if spec.alpha != alpha},
+        use_rslora=any(spec.use_rslora for spec in specs.values()),
+        use_dora=any(spec.use_dora for spec in specs.values()),
+        trainable=list(trainable),
+    )
 
 
 def explicit_settings(arguments: Mapping[str, Any]) -> dict[str, Any]:

@@ -47,7 +47,7 @@ from torch import nn
 
 from lightning_lora.adapters.registry import kind_named
 from lightning_lora.adapters.spec import AdapterSpec
-from lightning_lora.config import LoRAConfig
+from lightning_lora.config import LoRAConfig, config_of_specs
 from lightning_lora.formats.files import read_bytes, write_on_rank_zero
 from lightning_lora.formats.fingerprint import Samples, dtype_note, dtypes_of, fingerprint_matches, fingerprint_tensors
 from lightning_lora.naming import absolute, relative, resolve_root, walk
@@ -59,7 +59,6 @@ from lightning_lora.surgery.plan import survey, target_base
 from lightning_lora.surgery.state import (
     adapted,
     base_named_parameters,
-    config_of_adapters,
     lora_config,
     lora_modules,
     merged_modules,
@@ -225,9 +224,11 @@ def _check_trained_with(adapters: Mapping[str, Any], trainable: Mapping[str, nn.
 
 def _stored_config(model: nn.Module, adapters: Mapping[str, Any], trainable: Mapping[str, nn.Module], prefix: str) -> LoRAConfig:
     """The config an adapter file records: the model's, or for a submodule of an adapted model (which does
-    not hold the config) the settings its adapters have (:func:`~lightning_lora.surgery.state.config_of_adapters`)."""
+    not hold the config) the settings its adapters have (:func:`~lightning_lora.config.config_of_specs`)."""
     config = lora_config(model)
-    return config if config is not None else config_of_adapters(adapters, _inside(trainable, prefix, "trainable module"))
+    if config is not None:
+        return config
+    return config_of_specs({name: adapter.spec for name, adapter in adapters.items()}, _inside(trainable, prefix, "trainable module"))
 
 
 def serialize(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> bytes:

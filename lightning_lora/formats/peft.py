@@ -22,7 +22,6 @@ import dataclasses
 import json
 import os
 import re
-from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -36,7 +35,7 @@ from lightning_lora.adapters.base import base_layer
 from lightning_lora.adapters.registry import kind_named, kind_of, kinds, parameter_kinds, variant_named, variants
 from lightning_lora.adapters.spec import AdapterSpec, dtype_name
 from lightning_lora.adapters.variants import Variant
-from lightning_lora.config import LoRAConfig
+from lightning_lora.config import LoRAConfig, config_of_specs, most_common
 from lightning_lora.formats.adapter_file import (
     AdapterFile,
     adapter_bytes,
@@ -279,8 +278,8 @@ def _to_peft(
         converted[name] = kind_named(spec.kind).to_peft(own, spec, bases.get(name), with_bias, name)
         if variant is not None:
             converted[name].update({theirs: own[ours] for ours, theirs in variant.peft_tensors.items()})
-    r = _most_common(spec.r for spec in specs.values())
-    alpha = _most_common(spec.alpha for spec in specs.values())
+    r = most_common(spec.r for spec in specs.values())
+    alpha = most_common(spec.alpha for spec in specs.values())
     config = {
         "peft_type": "LORA",
         "r": r,
@@ -328,10 +327,6 @@ def _keys_under(tensors: Mapping[str, torch.Tensor], name: str) -> list[str]:
 
 def _anchored(name: str) -> str:
     return "^" + re.escape(name)
-
-
-def _most_common(values: Any) -> Any:
-    return Counter(values).most_common(1)[0][0]
 
 
 # --- import ---------------------------------------------------------------------------------------
@@ -439,19 +434,9 @@ def _from_peft(
     if not specs:
         raise ValueError(f"{source} has no LoRA tensors")
     specs = {name: specs[name] for name in found if name in specs}  # in model order
-    config_fields = LoRAConfig(
-        r=_most_common(spec.r for spec in specs.values()),
-        alpha=_most_common(spec.alpha for spec in specs.values()),
-        bias=any(spec.bias for spec in specs.values()),
-        targets=list(specs),
-        dropout=_most_common(spec.dropout for spec in specs.values()),
-        use_rslora=bool(config.get("use_rslora", False)),
-        use_dora=variant is not None and variant.name == "dora",
-        trainable=trainable,
-    )
     return AdapterFile(
         tensors=ours,
-        config=config_fields,
+        config=config_of_specs(specs, trainable),
         modules=specs,
         trainable=trainable,
         base_fingerprint="",

@@ -36,7 +36,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from lightning_lora.adapters.spec import AdapterSpec
-from lightning_lora.config import LoRAConfig
+from lightning_lora.config import LoRAConfig, config_of_specs
 from lightning_lora.formats.adapter_file import (
     SUFFIX,
     adapter_bytes,
@@ -52,7 +52,7 @@ from lightning_lora.formats.peft import CONFIG_FILE, WEIGHTS_FILE, export_peft
 from lightning_lora.sharding import is_sharded
 from lightning_lora.surgery.apply import Installation, install
 from lightning_lora.surgery.plan import AdapterPlan, check_fits
-from lightning_lora.surgery.state import adapted, config_of_adapters, lora_config, lora_modules
+from lightning_lora.surgery.state import adapted, lora_config, lora_modules
 
 #: Key of the LoRA record in a Lightning checkpoint.
 CHECKPOINT_KEY = "lora"
@@ -116,13 +116,14 @@ def prepare_checkpoint(
         key for key, value in state.items() if isinstance(value, nn.Parameter) and not value.requires_grad
     ]
     named = [(key, state[key].detach()) for key in dropped]
+    specs = {name: layer.spec for name, layer in adapters.items()}
     record = {
         "version": CHECKPOINT_VERSION,
         "base_keys": dropped,
         "base_fingerprint": fingerprint_tensors(((key, state[key]) for key in dropped), samples=samples),
         "base_dtypes": dtypes_of(named),
-        "config": (lora_config(module) or config_of_adapters(adapters, trainable)).to_dict(),
-        "modules": {name: layer.spec.to_dict() for name, layer in adapters.items()},
+        "config": (lora_config(module) or config_of_specs(specs, trainable)).to_dict(),
+        "modules": {name: spec.to_dict() for name, spec in specs.items()},
         "trainable": list(trainable),
         "adapter_digest": tensors_digest(tensors),  # as its companion file holds them
     }

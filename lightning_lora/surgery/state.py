@@ -8,10 +8,8 @@ An adapted model remembers, on itself, the config it was adapted with (:data:`CO
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import TypeVar
 
 import torch
 from torch import nn
@@ -20,8 +18,6 @@ from lightning_lora.adapters.base import LoRABase
 from lightning_lora.config import LoRAConfig
 from lightning_lora.naming import is_inside, sites, walk
 from lightning_lora.sharding import full_tensor
-
-_T = TypeVar("_T")
 
 #: Attribute that marks a module an adaptation keeps fully trainable (a task head).
 TRAINABLE_MARK = "_lora_trainable"
@@ -35,34 +31,6 @@ PEERS_ATTR = "_lora_trained_with"
 def lora_config(model: nn.Module) -> LoRAConfig | None:
     """The config of the last adaptation of ``model``, or None if it was never adapted."""
     return getattr(model, CONFIG_ATTR, None)
-
-
-def config_of_adapters(adapters: Mapping[str, LoRABase], trainable: Iterable[str] = ()) -> LoRAConfig:
-    """The config that gives these adapters their settings: the most common rank and alpha, the others
-    as ``rank_pattern`` / ``alpha_pattern`` entries, the adapted modules by name as targets (for the
-    adapters of a submodule of an adapted model, which does not hold the model's config)."""
-    specs = {name: adapter.spec for name, adapter in adapters.items()}
-    if not specs:
-        return LoRAConfig(trainable=list(trainable))
-    r = _most_common(spec.r for spec in specs.values())
-    alpha = _most_common(spec.alpha for spec in specs.values())
-    biases = {spec.bias for spec in specs.values()}
-    return LoRAConfig(
-        r=r,
-        alpha=alpha,
-        bias=biases.pop() if len(biases) == 1 else "auto",
-        targets=list(specs),
-        dropout=_most_common(spec.dropout for spec in specs.values()),
-        rank_pattern={name: spec.r for name, spec in specs.items() if spec.r != r},
-        alpha_pattern={name: spec.alpha for name, spec in specs.items() if spec.alpha != alpha},
-        use_rslora=any(spec.use_rslora for spec in specs.values()),
-        use_dora=any(spec.use_dora for spec in specs.values()),
-        trainable=list(trainable),
-    )
-
-
-def _most_common(values: Iterable[_T]) -> _T:
-    return Counter(values).most_common(1)[0][0]
 
 
 def lora_modules(model: nn.Module) -> dict[str, LoRABase]:
