@@ -244,3 +244,44 @@ def test_export_of_mixed_dora_and_plain_adapters_is_refused(tmp_path):
         export_peft(model, tmp_path / "peft")
 
 
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_dora_inside_and_on_tensors_of_inference_mode_equals_no_grad(name, tmp_path):
+    factory, state, ours = trained(name)
+    targets = MODELS[name][1]
+    path = tmp_path / "dora.lora.safetensors"
+    save_adapter(ours, path)
+    results = {}
+    for mode in (torch.no_grad, torch.inference_mode):
+        with mode():  # as a serving process loads an adapter
+            model = factory()
+            model.load_state_dict(state)
+            load_adapter(model, path)
+            loaded = logits(model)
+            merge_lora(model)
+            merged = logits(model)
+        with mode():
+            made = factory()  # weights created under the mode, adapted outside it
+            made.load_state_dict(state)
+        apply_lora(made, LoRAConfig(r=4, alpha=8, targets=targets, use_dora=True))
+        with mode():
+            fresh = logits(made)
+            fresh_again = logits(made)  # the cached norm of no-grad mode, recomputed for inference tensors
+            inner = factory()
+            inner.load_state_dict(state)
+            apply_lora(inner, LoRAConfig(r=4, alpha=8, targets=targets, use_dora=True))
+            adapted_inside = logits(inner)
+        results[mode] = [t.clone() for t in (loaded, merged, fresh, fresh_again, adapted_inside)]
+    assert all(torch.equal(a, b) for a, b in zip(results[torch.no_grad], results[torch.inference_mode]))
+    assert torch.equal(results[torch.no_grad][2], results[torch.no_grad][3])
+    torch.testing.assert_close(results[torch.no_grad][0], results[torch.no_grad][1], atol=TOLERANCE, rtol=TOLERANCE)
+
+
+def test_training_a_dora_layer_over_a_weight_made_in_inference_mode():
+    torch.manual_seed(0)
+    with torch.inference_mode():
+        linear = nn.Linear(16, 8)
+    layer = LoRA(linear, bias=False, r=2, use_dora=True)
+    layer(torch.randn(4, 16)).square().sum().backward()  # the input needs no gradient: the weight is not saved
+    assert layer.magnitude.grad is not None and layer.matrix_A.weight.grad is not None

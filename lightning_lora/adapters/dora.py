@@ -87,7 +87,8 @@ class NormCache:
     An entry is valid while the very tensors it was computed from (held by weak reference) have
     the same storage and version counter: any in-place change (an optimizer step, ``copy_``,
     ``load_state_dict``, merging) bumps the version. Changes made through ``.data``, which
-    bypasses version counting, are not seen. Nothing is kept while ``torch.compile`` traces.
+    bypasses version counting, are not seen. Nothing is kept while ``torch.compile`` traces, nor for
+    inference tensors (made under ``torch.inference_mode()``), which have no version counter.
     """
 
     def __init__(self) -> None:
@@ -109,9 +110,9 @@ class NormCache:
     def norm(self, weight: torch.Tensor, a_weight: torch.Tensor, b_weight: torch.Tensor, scaling: float,
              rows_first: bool) -> torch.Tensor:
         """:func:`weight_norm`, reusing what is still valid."""
-        if torch.compiler.is_compiling():
-            return weight_norm(weight, a_weight, b_weight, scaling, rows_first)
         tensors = (weight, a_weight, b_weight)
+        if torch.compiler.is_compiling() or any(t.is_inference() for t in tensors):
+            return weight_norm(weight, a_weight, b_weight, scaling, rows_first)
         if not torch.is_grad_enabled() and self._norm is not None and self._valid(self._norm, tensors, scaling):
             return self._norm[1]
         squares = self._squares[1] if self._squares is not None and self._valid(self._squares, (weight,), 0.0) else None
@@ -171,7 +172,9 @@ class _DoRALinearFunction(torch.autograd.Function):
         scaling: float,
     ) -> torch.Tensor:
         out, x2, hidden, directed, factor = _forward(x, weight, bias, a_weight, b_weight, magnitude, norm, scaling)
-        ctx.save_for_backward(x2, weight, a_weight, b_weight, hidden, directed, factor, norm)
+        # the base weight only where the input's gradient needs it (it may be an inference tensor)
+        kept = weight if ctx.needs_input_grad[0] else None
+        ctx.save_for_backward(x2, kept, a_weight, b_weight, hidden, directed, factor, norm)
         ctx.scaling = scaling
         ctx.x_shape = x.shape
         return out
@@ -181,7 +184,7 @@ class _DoRALinearFunction(torch.autograd.Function):
         x2, weight, a_weight, b_weight, hidden, directed, factor, norm = ctx.saved_tensors
         needs = ctx.needs_input_grad
         scaling = ctx.scaling
-        g = grad_out.reshape(-1, weight.shape[0])  # (N, out)
+        g = grad_out.reshape(-1, b_weight.shape[0])  # (N, out)
         g_directed = g * factor  # the gradient of W x + s B A x
         grad_hidden = torch.mm(g_directed, b_weight).mul_(scaling)  # (N, r)
         grad_x = None

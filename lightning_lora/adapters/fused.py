@@ -67,7 +67,9 @@ class _LoRALinearFunction(torch.autograd.Function):
         scaling: float,
     ) -> torch.Tensor:
         out, x2, d2, hidden = _forward(x, dropped, weight, bias, a_weight, a_bias, b_weight, b_bias, scaling)
-        ctx.save_for_backward(x2, d2 if dropped is not None else None, weight, a_weight, b_weight, hidden)
+        # the base weight only where the input's gradient needs it (it may be an inference tensor)
+        kept = weight if ctx.needs_input_grad[0] else None
+        ctx.save_for_backward(x2, d2 if dropped is not None else None, kept, a_weight, b_weight, hidden)
         ctx.scaling = scaling
         ctx.x_shape = x.shape
         return out
@@ -77,7 +79,7 @@ class _LoRALinearFunction(torch.autograd.Function):
         x2, d2, weight, a_weight, b_weight, hidden = ctx.saved_tensors
         needs = ctx.needs_input_grad
         scaling = ctx.scaling
-        g = grad_out.reshape(-1, weight.shape[0])  # (N, out)
+        g = grad_out.reshape(-1, b_weight.shape[0])  # (N, out)
         grad_hidden = torch.mm(g, b_weight).mul_(scaling)  # (N, r)
         grad_x = grad_dropped = None
         if needs[0]:
