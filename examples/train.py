@@ -7,12 +7,14 @@
     python examples/train.py mode=evaluate lora.adapter_path=<run>/checkpoints/final.lora.safetensors
 
 Every run writes under Hydra's run directory: checkpoints/ (slim Lightning checkpoints: the best,
-last.ckpt and final.ckpt of the model at the end, each with its .lora.safetensors adapter file),
-csv/ (logged metrics) and result.json (the summary below).
+last.ckpt and final.ckpt of the model at the end, each with its .lora.safetensors adapter file;
+with lora.merge_on_end=true also merged.safetensors, the merged model's weights under the base
+model's own names), csv/ (logged metrics) and result.json (the summary below).
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -28,9 +30,10 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
+from safetensors.torch import save_file
 
 import lightning_lora  # noqa: F401  (registers the Hydra "lora" group)
-from lightning_lora import LoRACallback, lora_summary, read_adapter
+from lightning_lora import LoRACallback, lora_modules, lora_summary, merge_and_unload, read_adapter, unmerge_lora
 from lightning_lora.lightning import adapter_path_for
 from lightning_lora.lightning.settings import CALLBACK_ARGUMENTS
 from lightning_lora.config import FIELDS, reconcile
@@ -117,11 +120,17 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=instantiate(cfg.logger))
     before = validation_accuracy(trainer, model, data)
     trainer.fit(model, data)
-    after = validation_accuracy(trainer, model, data)
+    after = validation_accuracy(trainer, model, data)  # merged, with lora.merge_on_end
 
+    merged = any(adapter.merged for adapter in lora_modules(model).values())
+    if merged:  # exactly the trained adapters again, for final.ckpt and its adapter file
+        unmerge_lora(model)
     summary = lora_summary(model)
     last = output / "checkpoints" / "final.ckpt"  # the model just validated (last.ckpt is the last *saved* one)
     trainer.save_checkpoint(last, weights_only=False)  # with the optimizer state: a run can continue from it
+    merged_path = output / "checkpoints" / "merged.safetensors"
+    if merged:  # the merge of on_fit_end, under the base model's own names: loads with strict=True
+        save_file(merge_and_unload(copy.deepcopy(model)).state_dict(), merged_path)
     adapter = Path(adapter_path_for(str(last)))
     full_weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     result = {
@@ -132,6 +141,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "trainable_percent": round(summary.percent, 3),
         "adapter_bytes": adapter.stat().st_size if lora is not None else None,
         "checkpoint_bytes": last.stat().st_size,
+        "merged_path": str(merged_path) if merged else None,
         "full_weights_bytes": full_weights,
         "val_acc_before": before,
         "val_acc_after": after,
@@ -148,6 +158,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         command = ["python", "examples/train.py", "mode=evaluate", *task, f"lora.adapter_path={adapter}"]
         lines.insert(2, f"adapter file {adapter.name}: {_size(adapter.stat().st_size)}")
         lines.append("reload the adapter: " + " ".join(_quote(part) for part in command))
+    if merged:
+        lines.insert(3, f"merged model {merged_path.name}: {_size(merged_path.stat().st_size)} (the base model's keys)")
     log.info("Summary\n  %s", "\n  ".join(lines))
     return result
 

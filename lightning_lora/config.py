@@ -203,18 +203,22 @@ def explicit_settings(arguments: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def reconcile(stored: LoRAConfig, explicit: Mapping[str, Any], source: str) -> LoRAConfig:
+def reconcile(stored: LoRAConfig, explicit: Mapping[str, Any], source: str, root: str | None = None) -> LoRAConfig:
     """The settings stored with an adapter, after checking that no explicitly given one contradicts them.
 
     Args:
         stored: the config an adapter was trained with.
         explicit: settings the user gave explicitly (see :func:`explicit_settings`).
         source: what the stored config comes from, for the message (e.g. ``adapter_path 'a.safetensors'``).
+        root: the submodule the adapter's module names are under: a given name ``<root>.x`` is the
+            stored ``x``.
 
     Raises:
         ValueError: naming each contradicting setting with both values.
     """
     given = LoRAConfig(**explicit).to_dict()  # validated and normalised like the stored values
+    if root:
+        given = {name: _relative(value, root) if name in NAMED else value for name, value in given.items()}
     stored_values = stored.to_dict()
     contradicting = [
         f"{name}={given[name]!r} (file: {stored_values[name]!r})"
@@ -224,6 +228,20 @@ def reconcile(stored: LoRAConfig, explicit: Mapping[str, Any], source: str) -> L
     if contradicting:
         raise ValueError(f"{source} was trained with other settings: {', '.join(contradicting)}")
     return stored
+
+
+#: Settings that name modules (as lists, or as the keys of a mapping).
+NAMED = ("targets", "exclude", "trainable", "rank_pattern", "alpha_pattern")
+
+
+def _relative(value: Any, root: str) -> Any:
+    """Module names in a setting's value with the prefix ``<root>.`` taken off."""
+    prefix = root + "."
+    if isinstance(value, Mapping):
+        return {key.removeprefix(prefix): item for key, item in value.items()}
+    if isinstance(value, list):
+        return [item.removeprefix(prefix) if isinstance(item, str) else item for item in value]
+    return value
 
 
 def _plain(value: Any) -> Any:

@@ -294,6 +294,11 @@ def test_explicit_settings_and_reconcile_without_lightning():
     assert reconcile(stored, {"r": 2, "targets": ("qkv",)}, "adapter_path 'a'") is stored
     with pytest.raises(ValueError, match=r"adapter_path 'a' was trained with other settings: alpha=16.0 \(file: 8.0\)"):
         reconcile(stored, {"alpha": 16}, "adapter_path 'a'")
+    inner = LoRAConfig(targets=["blocks.0.qkv"], trainable=["head"], rank_pattern={"blocks.0.qkv": 8})
+    under_model = {"trainable": ["model.head"], "targets": ["model.blocks.0.qkv"], "rank_pattern": {"model.blocks.0.qkv": 8}}
+    assert reconcile(inner, under_model, "adapter_path 'a'", root="model") is inner  # names under adapter_root
+    with pytest.raises(ValueError, match=r"trainable=\['model.head'\] \(file: \['head'\]\)"):
+        reconcile(inner, {"trainable": ["model.head"]}, "adapter_path 'a'")
 
 
 @pytest.mark.parametrize("bias", [True, False])

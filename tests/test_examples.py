@@ -5,7 +5,13 @@ import subprocess
 import sys
 
 import pytest
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+from safetensors.torch import load_file
 from test_hydra_configs import ROOT, composed
+
+from lightning_lora import load_adapter, lora_summary, save_adapter
 
 from digits import pretrain  # examples/ is on sys.path (test_hydra_configs)
 from train import run
@@ -78,3 +84,87 @@ def test_bad_override_from_command_line(tmp_path):
     done = _train("lora.rank=8", cwd=tmp_path)
     assert done.returncode != 0
     assert "Key 'rank' not in 'LoRACallbackConf'" in done.stderr and "full_key: lora.rank" in done.stderr
+
+
+#: One run per documented setting of conf/ (every key of conf/lora/default.yaml, every preset and
+#: trainer config) and the README's combinations, with the files each leaves in checkpoints/.
+ADAPTED = {"final.ckpt", "final.lora.safetensors", "last.ckpt", "last.lora.safetensors"}
+SETTINGS = {
+    "lora=default": ([], ADAPTED),
+    "lora=attention": (["lora=attention", "trainer.max_epochs=3"], ADAPTED),
+    "lora=all_linear": (["lora=all_linear"], ADAPTED),
+    "lora=dora": (["lora=dora"], ADAPTED),
+    "lora=qlora": (["lora=qlora"], ADAPTED),
+    "lora=none": (["lora=none"], {"final.ckpt", "last.ckpt"}),
+    "trainer=cpu": (["trainer=cpu"], ADAPTED),
+    "readme": (["lora.r=16", "lora.alpha=32", "lora.bias=false", "lora.targets=[q_proj,v_proj]"], ADAPTED),
+    "r": (["lora.r=4"], ADAPTED),
+    "alpha": (["lora.alpha=4"], ADAPTED),
+    "bias": (["lora.bias=auto"], ADAPTED),
+    "targets": (["lora.targets=[all-linear]"], ADAPTED),
+    "exclude": (["lora.targets=[all-linear]", "lora.exclude=[o_proj]"], ADAPTED),
+    "dropout": (["lora.dropout=0.1"], ADAPTED),
+    "rank_pattern": (["lora.rank_pattern={q_proj:4}"], ADAPTED),
+    "alpha_pattern": (["lora.alpha_pattern={q_proj:4}"], ADAPTED),
+    "use_rslora": (["lora.use_rslora=true"], ADAPTED),
+    "use_dora": (["lora.use_dora=true"], ADAPTED),
+    "trainable": (["lora.trainable=[]"], ADAPTED),
+    "adapter_dtype": (["lora.adapter_dtype=float32"], ADAPTED),
+    "quantize": (["lora.quantize=nf4"], ADAPTED),
+    "save_base_weights": (["lora.save_base_weights=true"], ADAPTED),
+    "log_grad_norm": (["lora.log_grad_norm=false"], ADAPTED),
+    "log_per_layer": (["lora.log_per_layer=true"], ADAPTED),
+    "merge_on_end": (["lora.merge_on_end=true"], ADAPTED | {"merged.safetensors"}),
+    "dora+merge_on_end": (["lora=dora", "lora.merge_on_end=true"], ADAPTED | {"merged.safetensors"}),
+    "export_peft": (["lora.export_peft=peft"], ADAPTED | {"final.peft", "last.peft"}),
+    "export_peft=vllm": (["lora.export_peft=vllm", "lora.trainable=[]"], ADAPTED | {"final.peft", "last.peft"}),
+}
+# Set in the tests below, with a file the run before them wrote.
+LATER = {"adapter_path", "adapter_root"}
+
+
+def test_every_setting_of_the_lora_config_has_a_run():
+    keys = set(OmegaConf.load(ROOT / "conf" / "lora" / "default.yaml")) - {"defaults", "_target_"}
+    assert keys - LATER <= set(SETTINGS)
+
+
+@pytest.mark.parametrize("name", SETTINGS)
+def test_every_documented_setting_runs_to_the_end_and_leaves_its_files(name, backbone, tmp_path):
+    overrides, files = SETTINGS[name]
+    result = run(composed([*QUICK, f"model.pretrained_path={backbone}", *overrides], tmp_path))
+    found = {path.name for path in (tmp_path / "checkpoints").iterdir()}
+    assert files <= found and (tmp_path / "result.json").exists()
+    assert not [f for f in found - files if not f.startswith("epoch=")]  # nothing else but the best checkpoint
+    for folder in {f for f in files if f.endswith(".peft")}:
+        assert (tmp_path / "checkpoints" / folder / "adapter_config.json").exists()
+    if "merged.safetensors" in files:  # the merged weights load into the base model as it is, strictly
+        assert result["merged_path"] == str(tmp_path / "checkpoints" / "merged.safetensors")
+        cfg = composed([*QUICK, f"model.pretrained_path={backbone}", *overrides], tmp_path / "fresh")
+        fresh = instantiate(cfg.model, pretrained_path=str(backbone))
+        fresh.load_state_dict(load_file(result["merged_path"]), strict=True)
+        adapted = instantiate(cfg.model, pretrained_path=str(backbone))
+        load_adapter(adapted, tmp_path / "checkpoints" / "final.lora.safetensors")
+        images = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            torch.testing.assert_close(fresh(images), adapted(images), atol=1e-5, rtol=1e-5)
+    else:
+        assert result["merged_path"] is None
+
+
+def test_continuing_from_an_adapter_file_a_peft_folder_and_a_file_of_the_inner_model(backbone, tmp_path):
+    base = [*QUICK, f"model.pretrained_path={backbone}"]
+    cfg = composed([*base, "lora.export_peft=peft"], tmp_path / "first")
+    run(cfg)
+    checkpoints = tmp_path / "first" / "checkpoints"
+    module = instantiate(cfg.model, pretrained_path=str(backbone))
+    load_adapter(module, checkpoints / "final.lora.safetensors")
+    save_adapter(module.model, tmp_path / "inner.lora.safetensors")  # names relative to module.model
+    sources = {
+        "file": [f"lora.adapter_path={checkpoints / 'final.lora.safetensors'}"],
+        "peft": [f"lora.adapter_path={checkpoints / 'final.peft'}"],
+        "inner": [f"lora.adapter_path={tmp_path / 'inner.lora.safetensors'}", "lora.adapter_root=model"],
+    }
+    for name, overrides in sources.items():
+        result = run(composed([*base, *overrides], tmp_path / name))
+        assert (tmp_path / name / "checkpoints" / "final.lora.safetensors").exists(), name
+        assert result["trainable_params"] == lora_summary(module).trainable, name

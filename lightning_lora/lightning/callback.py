@@ -153,7 +153,9 @@ class LoRACallback(Callback):
         loader = None
         if self.adapter_path is not None:
             stored, loader = read_stored(self.adapter_path, self.adapter_root)
-            self.config = reconcile(stored, self.settings.explicit, f"adapter_path {self.adapter_path!r}")
+            self.config = reconcile(
+                stored, self.settings.explicit, f"adapter_path {self.adapter_path!r}", self.adapter_root
+            )
         self._sharded = wire_checkpoints(trainer, self.settings, self, self._sharded)
         export = self.export_peft
         self._adaptation.arm(
