@@ -58,6 +58,14 @@ def record(name, model, rank):
     torch.save(state, folder / f"{name}.rank{rank}.pt")
 
 
+class Losses(L.Callback):
+    def __init__(self):
+        self.losses = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.losses.append(outputs["loss"].item())
+
+
 if mode == "two":
     run = trainer("sharded", 2, logger=CSVLogger(folder, name="logs", version=0))
     model = fresh()
@@ -78,6 +86,16 @@ if mode == "two":
     model = fresh()
     run.fit(model, loader(run.global_rank), ckpt_path=folder / "full" / "last.ckpt")
     record("full_resume", model, run.global_rank)
+
+    for name, ckpt_path in (("dropout", None), ("dropout_resume", folder / "dropout" / "epoch=0-step=8.ckpt")):
+        run = trainer(name, 2, callback=LoRACallback(targets=TARGETS, dropout=0.3))
+        losses = Losses()
+        run.callbacks.append(losses)
+        model = fresh()
+        torch.manual_seed(100 + 10 * run.global_rank + (ckpt_path is not None))  # each rank its own masks
+        run.fit(model, loader(run.global_rank), ckpt_path=ckpt_path)
+        record(name, model, run.global_rank)
+        torch.save(losses.losses, folder / f"{name}.losses{run.global_rank}.pt")
 
     run = trainer("from_file", 1, callback=LoRACallback(adapter_path=folder / "single.lora.safetensors"))
     model = fresh()  # 1 -> 2: an adapter file of a one-process run, into the sharded model

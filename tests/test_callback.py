@@ -1,10 +1,12 @@
 import csv
 import os
+import random
 import subprocess
 import sys
 
 import lightning as L
 import lightning.pytorch.cli as cli_module
+import numpy
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback, EarlyStopping, LearningRateMonitor, ModelCheckpoint
@@ -173,6 +175,76 @@ def test_exact_resume(tmp_path, save_base_weights):
     final, expected = lora_state_dict(continued), lora_state_dict(uninterrupted)
     assert final.keys() == expected.keys()
     assert all(torch.equal(final[key], expected[key]) for key in final), "resumed adapters differ bit for bit"
+
+
+def shuffled(seed=0):
+    """``data()`` in a random order each epoch, drawn from torch's global generator (as most loaders are)."""
+    loader = data(seed=seed)
+    return torch.utils.data.DataLoader(loader.dataset, batch_size=loader.batch_size, shuffle=True)
+
+
+class Draws(Callback):
+    """Numbers drawn from Python's and NumPy's generators at each step (as augmentations draw them)."""
+
+    def __init__(self):
+        self.draws = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.draws.append((random.random(), float(numpy.random.rand())))
+
+
+def test_exact_resume_with_dropout_and_shuffling_restores_the_random_states(tmp_path):
+    base_state = Classifier().state_dict()
+
+    def run(root, *callbacks, max_epochs, ckpt_path=None, seed=1):
+        L.seed_everything(seed, verbose=False)
+        model = Classifier()
+        model.load_state_dict(base_state)
+        lora = LoRACallback(targets=["qkv", "fc1"], dropout=0.3)
+        trainer(root, lora, *callbacks, max_epochs=max_epochs).fit(model, shuffled(), ckpt_path=ckpt_path)
+        return model
+
+    straight, straight_draws = LossRecorder(), Draws()
+    uninterrupted = run(tmp_path / "a", straight, straight_draws, max_epochs=4)
+    run(tmp_path / "b", Draws(), ModelCheckpoint(dirpath=tmp_path / "b", save_last=True), max_epochs=2)
+    resumed, resumed_draws = LossRecorder(), Draws()
+    continued = run(tmp_path / "c", resumed, resumed_draws, max_epochs=4, ckpt_path=tmp_path / "b" / "last.ckpt", seed=2)
+    half = len(straight.losses) // 2
+    assert resumed.losses == straight.losses[half:]  # the same dropout masks and the same batches
+    assert resumed_draws.draws == straight_draws.draws[half:]
+    final, expected = lora_state_dict(continued), lora_state_dict(uninterrupted)
+    assert all(torch.equal(final[key], expected[key]) for key in expected), "resumed adapters differ bit for bit"
+    state = torch.load(tmp_path / "b" / "last.ckpt", weights_only=True)["callbacks"]["LoRACallback"]["random_states"]
+    assert len(state["ranks"]) == 1 and state["end_of_epoch"] is True
+
+
+def test_random_states_of_another_world_size_or_inside_an_epoch_are_named(tmp_path):
+    from lightning_lora.lightning.random_state import restore_states, saved_states
+
+    torch.manual_seed(0)
+    saved = saved_states(end_of_epoch=False)
+    expected = torch.rand(3)
+    with pytest.warns(UserWarning, match=r"x.ckpt was written by 2 processes and resumes on 1: their random states are not restored"):
+        restore_states({**saved, "ranks": saved["ranks"] * 2}, 1, "x.ckpt")
+    assert not torch.equal(torch.rand(3), expected)  # nothing restored
+    with pytest.warns(UserWarning, match=r"x.ckpt was taken inside an epoch: the random states are restored, but"):
+        restore_states(saved, 1, "x.ckpt")
+    assert torch.equal(torch.rand(3), expected)
+    with pytest.warns(UserWarning, match=r"x.ckpt holds no random states \(written by an older lightning_lora\)"):
+        restore_states(None, 1, "x.ckpt")
+
+
+def test_resume_from_inside_an_epoch_warns_that_it_is_not_exact(tmp_path):
+    torch.manual_seed(0)
+    model = Classifier()
+    resumed = Classifier()
+    resumed.load_state_dict(model.state_dict())
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=3, save_top_k=-1)
+    trainer(tmp_path, LoRACallback(targets=["qkv"], dropout=0.1), checkpoint, max_epochs=1).fit(model, data())
+    with pytest.warns(UserWarning, match=r"step=3.ckpt was taken inside an epoch"):
+        trainer(tmp_path / "b", LoRACallback(targets=["qkv"], dropout=0.1), max_epochs=1).fit(
+            resumed, data(), ckpt_path=tmp_path / "epoch=0-step=3.ckpt"
+        )
 
 
 def test_resume_slim_checkpoint_on_other_base_fails(tmp_path):
@@ -425,9 +497,13 @@ def test_configure_model_that_loads_pretrained_weights_loads_them_into_the_base(
 
 
 def test_two_lora_callbacks_are_refused(tmp_path):
+    with pytest.raises(RuntimeError, match="more than one stateful callback of type `LoRACallback`"):
+        trainer(tmp_path, LoRACallback(targets=["qkv"]), LoRACallback(targets=["fc1"]), max_epochs=1)  # Lightning's check
     model = Classifier()
+    two = trainer(tmp_path, LoRACallback(targets=["qkv"]), max_epochs=1)
+    two.callbacks.append(LoRACallback(targets=["fc1"]))  # past Lightning's check
     with pytest.raises(MisconfigurationException, match="the Trainer has more than one LoRACallback"):
-        trainer(tmp_path, LoRACallback(targets=["qkv"]), LoRACallback(targets=["fc1"]), max_epochs=1).fit(model, data())
+        two.fit(model, data())
     assert not lora_modules(model) and "configure_model" not in vars(model)
 
 

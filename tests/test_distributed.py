@@ -176,6 +176,62 @@ def test_ddp_two_processes_match_one_process(tmp_path):
         assert resumed.keys() == rank0.keys() and all(torch.equal(resumed[k], rank0[k]) for k in rank0)
 
 
+DROPOUT_SCRIPT = """
+import sys, torch
+sys.path.insert(0, {tests!r})
+import lightning as L
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning_models import SGDClassifier
+from lightning_lora import LoRACallback, lora_state_dict
+
+tokens = torch.randint(0, 32, (64, 6), generator=torch.Generator().manual_seed(0))
+dataset = TensorDataset(tokens, tokens[:, 0] % 3)
+
+class Losses(Callback):
+    def __init__(self):
+        self.losses = []
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.losses.append(outputs["loss"].item())
+
+def fit(name, ckpt_path=None, seed=0):
+    model = SGDClassifier()
+    model.load_state_dict(torch.load({base!r}, weights_only=True))
+    losses = Losses()
+    trainer = L.Trainer(strategy="ddp", accelerator="cpu", devices=2, max_epochs=2, enable_progress_bar=False, logger=False,
+                        enable_model_summary=False, use_distributed_sampler=False, deterministic=True,
+                        default_root_dir={folder!r} + "/" + name,
+                        callbacks=[LoRACallback(targets=["qkv", "fc1"], dropout=0.3), losses,
+                                   ModelCheckpoint(dirpath={folder!r} + "/" + name, save_top_k=-1)])
+    torch.manual_seed(seed + 10 * trainer.global_rank)  # each rank draws its own dropout masks and order
+    sampler = DistributedSampler(dataset, num_replicas=2, rank=trainer.global_rank, shuffle=True)
+    trainer.fit(model, DataLoader(dataset, batch_size=4, sampler=sampler), ckpt_path=ckpt_path)
+    torch.save({{"adapters": lora_state_dict(model), "losses": losses.losses}}, {folder!r} + f"/{{name}}{{trainer.global_rank}}.pt")
+
+fit("straight")
+fit("resumed", ckpt_path={folder!r} + "/straight/epoch=0-step=8.ckpt", seed=5)
+"""
+
+
+def test_ddp_resume_with_dropout_restores_each_ranks_random_states(tmp_path):
+    from pathlib import Path
+
+    from lightning_models import SGDClassifier
+
+    torch.manual_seed(0)
+    torch.save(SGDClassifier().state_dict(), tmp_path / "base.pt")
+    script = tmp_path / "dropout_run.py"
+    script.write_text(DROPOUT_SCRIPT.format(tests=str(Path(__file__).parent), base=str(tmp_path / "base.pt"), folder=str(tmp_path)))
+    _run(script, timeout=300, cwd=tmp_path)
+    straight = [torch.load(tmp_path / f"straight{rank}.pt", weights_only=True) for rank in (0, 1)]
+    resumed = [torch.load(tmp_path / f"resumed{rank}.pt", weights_only=True) for rank in (0, 1)]
+    assert straight[0]["losses"][8:] != straight[1]["losses"][8:]  # the ranks drew differently
+    for rank in (0, 1):
+        assert resumed[rank]["losses"] == straight[rank]["losses"][8:], rank  # its own masks, step for step
+        adapters, expected = resumed[rank]["adapters"], straight[rank]["adapters"]
+        assert all(torch.equal(adapters[key], expected[key]) for key in expected), rank
+
+
 # --- FSDP2: ModelParallelStrategy(data_parallel_size=2) ------------------------------------------
 
 
@@ -214,6 +270,18 @@ def test_fsdp2_resume_at_an_epoch_boundary_is_bit_exact(fsdp2, run):
     straight = torch.load(folder / "sharded.rank0.pt", weights_only=True)
     resumed = torch.load(folder / f"{run}.rank0.pt", weights_only=True)
     assert all(torch.equal(resumed[k], straight[k]) for k in straight)
+
+
+def test_fsdp2_resume_with_dropout_restores_each_ranks_random_states(fsdp2):
+    folder = fsdp2[0]
+    for rank in (0, 1):
+        straight = torch.load(folder / f"dropout.rank{rank}.pt", weights_only=True)
+        resumed = torch.load(folder / f"dropout_resume.rank{rank}.pt", weights_only=True)
+        assert all(torch.equal(resumed[k], straight[k]) for k in straight), rank
+        losses = [torch.load(folder / f"{name}.losses{rank}.pt", weights_only=True) for name in ("dropout", "dropout_resume")]
+        assert losses[1] == losses[0][8:], rank
+    ranks = [torch.load(folder / f"dropout.losses{rank}.pt", weights_only=True) for rank in (0, 1)]
+    assert ranks[0] != ranks[1]
 
 
 def test_fsdp2_sharded_checkpoint_resumes_on_one_process(fsdp2):

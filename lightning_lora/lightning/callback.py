@@ -12,7 +12,9 @@ The callback delegates each of its responsibilities to one module of this packag
 - checkpoint wiring (:mod:`~lightning_lora.lightning.wiring`): slim checkpoints with companion adapter
   files, through the strategy's IO;
 - logging (:mod:`~lightning_lora.lightning.metrics`): ``lora/grad_norm`` and ``lora/scaling`` on
-  logging steps only (after AMP unscaling, once per accumulation window).
+  logging steps only (after AMP unscaling, once per accumulation window);
+- exact resume (:mod:`~lightning_lora.lightning.random_state`): its checkpoint state holds every
+  rank's random states, restored when a checkpoint is loaded.
 
 ``on_fit_end`` merges the adapters when ``merge_on_end``; ``on_exception`` takes out adapters added by
 a run that failed before it started.
@@ -34,6 +36,7 @@ from lightning_lora.config import LoRAConfig, reconcile
 from lightning_lora.lightning.adaptation import Adaptation, check_optimizers, read_stored
 from lightning_lora.lightning.metrics import log_adapters
 from lightning_lora.lightning.model_parallel import ShardedCheckpoints
+from lightning_lora.lightning.random_state import restore_states, saved_states
 from lightning_lora.lightning.settings import callback_settings, check_export, check_trainer
 from lightning_lora.lightning.wiring import link_companions, owns_checkpoints, wire_checkpoints
 from lightning_lora.surgery.merge import merge_lora
@@ -146,10 +149,12 @@ class LoRACallback(Callback):
         self.export_peft = settings.export_peft
         self._adaptation = Adaptation()
         self._sharded: ShardedCheckpoints | None = None  # checkpointing of the last ModelParallelStrategy
+        self._trainer: pl.Trainer | None = None  # of the last setup: where a checkpoint's state is taken
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         check_trainer(trainer, pl_module, self.settings, lambda: owns_checkpoints(trainer, self))
+        self._trainer = trainer
         loader = None
         if self.adapter_path is not None:
             stored, loader = read_stored(self.adapter_path, self.adapter_root)
@@ -161,6 +166,21 @@ class LoRACallback(Callback):
         self._adaptation.arm(
             trainer, pl_module, self.config, loader, stage, check=lambda adapters, trainable: check_export(export, adapters, trainable)
         )
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        """Every rank's random states (every rank runs this when a checkpoint is written), so that a
+        resume draws the same dropout masks and data order as an uninterrupted run."""
+        trainer = self._trainer
+        end_of_epoch = trainer is None or trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
+        return {"random_states": saved_states(end_of_epoch)}
+
+    @override
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        """Restore this rank's random states (before the data loader draws), or warn why they are not."""
+        if trainer.state.fn == "fit":
+            state = checkpoint.get("callbacks", {}).get(self.state_key, {})
+            restore_states(state.get("random_states"), trainer.world_size, str(trainer.ckpt_path))
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
