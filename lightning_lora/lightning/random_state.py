@@ -37,7 +37,8 @@ def collect() -> dict[str, Any]:
         "python": {"version": version, "state": torch.tensor(python, dtype=torch.int64), "gauss": gauss},
     }
     if numpy is not None:
-        kind, keys, position, has_gauss, cached = numpy.random.get_state()
+        legacy: Any = numpy.random.get_state()  # ('MT19937', keys, position, has_gauss, cached)
+        kind, keys, position, has_gauss, cached = legacy
         states["numpy"] = {
             "kind": kind,
             "keys": torch.from_numpy(keys.astype(numpy.int64)),
