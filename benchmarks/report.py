@@ -20,7 +20,7 @@ from typing import Any
 
 START, END = "<!-- perf:start -->", "<!-- perf:end -->"
 RESULTS = Path(__file__).resolve().parent / "results"
-_ORDER = {"step": 0, "inference": 1, "callback": 2, "callback_setup": 3}
+_ORDER = {"step": 0, "inference": 1, "callback": 2, "callback_setup": 3, "digests": 4}
 
 
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
@@ -174,7 +174,26 @@ def render_setup(payload: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-RENDERERS = {"step": render_step, "inference": render_inference, "callback": render_callback, "callback_setup": render_setup}
+def render_digests(payload: dict[str, Any]) -> str:
+    """What recording and verifying checkpoint digests costs."""
+    s, ms = payload["setting"], payload["ms"]
+    return (
+        f"Checkpoint digests, a {payload['bytes'] / 2**30:.2f} GiB checkpoint (median of {s['repeats']}; "
+        f"{_machine(payload)}): save {ms['save']:.0f} ms, of which digesting {ms['digest']:.0f} ms "
+        f"(**{payload['digest_share']:.1%}**, {payload['digest_gib_s']:.2f} GiB/s), bytes digested per byte written "
+        f"**{payload['digested_per_written']:.3f}**; verification {ms['verify']:.0f} ms on one core, "
+        f"**{payload['verify_gib_s']:.2f} GiB/s**, {payload['verify_vs_load']:.3f} x the time of `torch.load` of "
+        f"the same file ({ms['load']:.0f} ms)"
+    )
+
+
+RENDERERS = {
+    "step": render_step,
+    "inference": render_inference,
+    "callback": render_callback,
+    "callback_setup": render_setup,
+    "digests": render_digests,
+}
 
 
 def render(payloads: Sequence[dict[str, Any]]) -> str:

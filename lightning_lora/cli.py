@@ -8,7 +8,8 @@ Commands (``lightning-lora COMMAND --help`` for each):
   trained on is refused;
 - ``export-peft`` / ``import-peft``: conversions to and from Hugging Face PEFT's format
   (:mod:`lightning_lora.formats.peft`);
-- ``check CKPT``: whether a Lightning checkpoint and its companion adapter file belong together.
+- ``check CKPT``: whether a Lightning checkpoint (a file, or a sharded checkpoint's folder) and its
+  companion adapter file belong together, and every file of it matches its recorded digest.
 
 This module owns the command line only: argument parsing and printing; the work is the library's
 (the merge of a plain state dict is :func:`lightning_lora.formats.state_dict.merge_state_dict`). Errors print
@@ -52,6 +53,7 @@ from lightning_lora.formats.peft import TASK_TYPES, export_peft, import_peft
 from lightning_lora.formats.state_dict import merge_state_dict, read_state_dict
 from lightning_lora.lightning.checkpoint import (
     CHECKPOINT_KEY,
+    METADATA_FILE,
     adapter_path_for,
     check_companion,
     check_loaded_pair,
@@ -212,13 +214,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     check = commands.add_parser(
         "check",
-        help="check that a Lightning checkpoint and its companion adapter file belong together",
+        help="check a Lightning checkpoint's bytes and that its companion adapter file belongs to it",
         description=(
-            f"Check that the companion adapter file of CKPT (x.ckpt -> x{SUFFIX}) exists and holds the "
-            "adapter tensors and the step that the checkpoint records."
+            f"Check that every file of CKPT matches the SHA-256 its companion adapter file (x.ckpt -> x{SUFFIX}) "
+            "records, and that the companion holds the adapter tensors and the step that the checkpoint records."
         ),
     )
-    check.add_argument("ckpt", metavar="CKPT", help="a Lightning checkpoint written with LoRACallback or LoRAMixin")
+    check.add_argument(
+        "ckpt", metavar="CKPT", help="a Lightning checkpoint written with LoRACallback: a .ckpt file or a sharded checkpoint's folder"
+    )
     check.set_defaults(run=run_check)
     return parser
 
@@ -458,17 +462,25 @@ def run_import_peft(args: argparse.Namespace) -> None:
 def run_check(args: argparse.Namespace) -> None:
     """``lightning-lora check CKPT``."""
     ckpt = str(args.ckpt)
-    _require_file("CKPT", ckpt, "a Lightning checkpoint (.ckpt)")
-    if not _is_checkpoint(ckpt):
-        what = "an adapter file" if ckpt.endswith(SUFFIX) else "a file that is not a zip archive (torch.save's format)"
-        raise ValueError(
-            f"CKPT must be a Lightning checkpoint (.ckpt), got {ckpt!r}, {what}; '{PROG} inspect' shows what a file holds"
-        )
+    if os.path.isdir(ckpt):
+        if not os.path.isfile(os.path.join(ckpt, METADATA_FILE)):
+            raise ValueError(
+                f"CKPT must be a Lightning checkpoint (.ckpt, or a sharded checkpoint's folder), got {ckpt!r}, "
+                f"a folder without {METADATA_FILE}"
+            )
+    else:
+        _require_file("CKPT", ckpt, "a Lightning checkpoint (.ckpt)")
+        if not _is_checkpoint(ckpt):
+            what = "an adapter file" if ckpt.endswith(SUFFIX) else "a file that is not a zip archive (torch.save's format)"
+            raise ValueError(
+                f"CKPT must be a Lightning checkpoint (.ckpt), got {ckpt!r}, {what}; '{PROG} inspect' shows what a file holds"
+            )
     try:
-        check_companion(ckpt)
-    except ValueError as err:  # a stale pair, a missing companion, a file that is no checkpoint
+        verified = check_companion(ckpt)
+    except ValueError as err:  # a corrupted file, a stale pair, a missing companion, a file that is no checkpoint
         raise ValueError(f"CKPT: {err}") from err
-    print(f"ok: {ckpt} and {adapter_path_for(ckpt)} belong together")
+    files = "every file matches its digest" if verified else "its companion records no digests (an older version): bytes not verified"
+    print(f"ok: {ckpt} and {adapter_path_for(ckpt)} belong together; {files}")
 
 
 # --- helpers --------------------------------------------------------------------------------------

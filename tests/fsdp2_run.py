@@ -7,6 +7,7 @@ resuming the 2-process checkpoints on another world size. Results go to FOLDER.
 """
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -156,6 +157,17 @@ else:
         )
     except Exception as err:  # noqa: BLE001
         errors["other_targets"] = f"{type(err).__name__}: {err}"
+    for name in ("__1_0.distcp", "meta.pt", ".metadata"):  # one byte flipped in a copy of a sharded checkpoint
+        copy = folder / f"flipped{name}"
+        shutil.copytree(folder / "sharded", copy, symlinks=True)
+        target = copy / "epoch=0-step=8.ckpt" / name
+        content = bytearray(target.read_bytes())
+        content[len(content) // 2] ^= 0x01
+        target.write_bytes(bytes(content))
+        try:
+            trainer(f"flipped_resume{name}", 2).fit(fresh(), loader(0), ckpt_path=copy / "epoch=0-step=8.ckpt")
+        except Exception as err:  # noqa: BLE001
+            errors[f"flipped{name}"] = f"{type(err).__name__}: {err}"
     (folder / "errors.json").write_text(json.dumps(errors, indent=1))
 
     class MixinSharded(LoRAMixin, ShardedClassifier):  # the mixin alone: adapters in configure_model

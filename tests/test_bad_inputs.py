@@ -425,11 +425,20 @@ for _id, _kwargs, _error, _message in [
     case(_id, "callback", f"LoRACallback(**{_kwargs!r})", _error, _message)(lambda ws, kwargs=_kwargs: LoRACallback(**kwargs))
 
 
-@case("callback-two", "callback", "Trainer(callbacks=[LoRACallback(...), LoRACallback(...)])", MisconfigurationException, r"the Trainer has more than one LoRACallback")
+@case("callback-two", "callback", "Trainer(callbacks=[LoRACallback(...), LoRACallback(...)])", RuntimeError, r"more than one stateful callback of type `LoRACallback`")
 def _(ws):
     ws.plain = ws.classifier()
     ws.snapshot()
     _trainer(ws.root, LoRACallback(targets=["qkv"]), LoRACallback(targets=["fc1"])).fit(ws.plain, data())
+
+
+@case("callback-two-added", "callback", "trainer.callbacks.append(LoRACallback(...)) beside another", MisconfigurationException, r"the Trainer has more than one LoRACallback")
+def _(ws):
+    ws.plain = ws.classifier()
+    ws.snapshot()
+    trainer = _trainer(ws.root, LoRACallback(targets=["qkv"]))
+    trainer.callbacks.append(LoRACallback(targets=["fc1"]))  # past Lightning's own check of stateful callbacks
+    trainer.fit(ws.plain, data())
 
 
 @case("callback-adapter-path-contradicts", "callback", "LoRACallback(r=4, adapter_path=<file trained with r=8>)", ValueError, r"was trained with other settings: r=4 \(file: 8\)")
@@ -560,6 +569,8 @@ def test_reliability_doc_lists_every_case():
     text = DOC.read_text()
     start, end = text.index("<!-- cases:start -->\n"), text.index("<!-- cases:end -->")
     assert text[start + len("<!-- cases:start -->\n") : end].strip() == markdown_table()
+    readme = (DOC.parents[1] / "README.md").read_text()
+    assert f"- {len(CASES)} bad inputs (" in readme  # the README's count, too
 
 
 if __name__ == "__main__":

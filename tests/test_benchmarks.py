@@ -136,6 +136,18 @@ def test_callback_overhead_times_steps_and_hooks(tmp_path, capsys):
     assert "inside the callback's hooks" in capsys.readouterr().out
 
 
+def test_checkpoint_digests_digest_each_byte_once_and_verify(tmp_path, capsys):
+    digests = _load("checkpoint_digests")
+    path = tmp_path / "digests.json"
+    digests.main(["--gib", "0.01", "--repeats", "1", "--json", str(path)])
+    payload = json.loads(path.read_text())
+    assert payload["digested_per_written"] == 1.0 and payload["bytes"] > 0.01 * 2**30
+    assert 0 < payload["ms"]["digest"] < payload["ms"]["save"] and payload["verify_gib_s"] > 0
+    assert "bytes digested per byte written **1.000**" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        digests.main(["--gib", "0"])
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown without a GPU")
 @pytest.mark.skipif(importlib.util.find_spec("torchao") is None, reason="needs the qlora extra (torchao)")
 def test_callback_setup_times_this_version_against_a_baseline_side_by_side(tmp_path, capsys):

@@ -633,12 +633,14 @@ def test_a_failed_companion_write_leaves_a_checkpoint_without_companion_that_can
     assert (tmp_path / "epoch=1-step=16.lora.safetensors").read_bytes() != old_companion
 
     (tmp_path / "epoch=1-step=16.lora.safetensors").write_bytes(old_companion)  # a stale pair, however it came about
-    with pytest.raises(ValueError, match=r"does not belong to .*step=16.ckpt \(a stale pair: companion of step \{'epoch': 0, 'global_step': 8\}"):
+    stale = r"step=16.ckpt does not match the digests its companion .* records: .*, or the companion belongs to another checkpoint"
+    with pytest.raises(ValueError, match=stale):
         check_companion(failed)
-    with pytest.warns(UserWarning, match="whose companion adapter file is stale"):
-        again = Classifier()
-        again.load_state_dict(base_state)
+    again = Classifier()
+    again.load_state_dict(base_state)
+    with pytest.raises(ValueError, match=stale + r".*the newest checkpoint beside it that verifies is .*last.ckpt"):
         trainer(tmp_path / "r", LoRACallback(targets=["qkv"]), max_epochs=3).fit(again, data(), ckpt_path=failed)
+    assert not lora_modules(again)  # refused before anything was loaded or added
 
 
 def test_save_last_link_gets_a_companion_link(tmp_path):

@@ -239,11 +239,11 @@ def test_check_a_pair_and_a_stale_pair(tmp_path, capsys):
     io.save_checkpoint({"state_dict": model.state_dict(), "epoch": 0, "global_step": 4}, second)
     code, out, err = run(capsys, "check", first)
     assert (code, err) == (0, "")
-    assert out == f"ok: {first} and {adapter_path_for(str(first))} belong together\n"
+    assert out == f"ok: {first} and {adapter_path_for(str(first))} belong together; every file matches its digest\n"
     shutil.copyfile(adapter_path_for(str(second)), adapter_path_for(str(first)))  # a stale companion
     code, out, err = run(capsys, "check", first)
     assert code == 1 and out == ""
-    assert_one_error_line(err, "does not belong", str(first))
+    assert_one_error_line(err, "does not match the digests its companion", "belongs to another checkpoint", str(first))
     os.remove(adapter_path_for(str(first)))
     code, _, err = run(capsys, "check", first)
     assert code == 1
@@ -275,7 +275,7 @@ def test_check_of_an_adapter_file_and_inspect_of_a_checkpoint(tmp_path, capsys):
     (["inspect", "{tmp}/x.bin"], 1, ["PATH must be an adapter file", "which does not exist"]),
     (["inspect", "{junk}"], 1, ["PATH must be an adapter file", "is truncated or not a safetensors file"]),
     (["check", "{junk}"], 1, ["CKPT must be a Lightning checkpoint (.ckpt)", "not a zip archive"]),
-    (["check", "{tmp}"], 1, ["CKPT must be a Lightning checkpoint (.ckpt)", "a folder"]),
+    (["check", "{tmp}"], 1, ["CKPT must be a Lightning checkpoint (.ckpt, or a sharded checkpoint's folder)", "a folder without meta.pt"]),
     (["merge", "--base", "{junk}", "--adapter", "{junk}", "--out", "{tmp}/o.safetensors"], 1, ["--adapter must be an adapter file"]),
     (["merge", "--base", "{tmp}/none.safetensors", "--adapter", "{junk}", "--out", "{tmp}/o"], 1, ["--base must be a .safetensors", "which does not exist"]),
     (["merge", "--base", "{junk}", "--adapter", "{junk}", "--out", "{tmp}/o", "--dtype", "int8"], 2, ["argument --dtype: invalid choice: 'int8'"]),

@@ -1,6 +1,7 @@
 """Multi-process strategies on CPU (gloo, 2 processes): the spawn launcher's round trip."""
 
 import os
+import re
 
 import lightning as L
 import pytest
@@ -366,6 +367,11 @@ def test_fsdp2_logged_grad_norm_is_the_global_norm(fsdp2):
         ("other_base", r"checkpoint was trained on different base weights"),
         ("true_precision", r"adapters were asked for in adapter_dtype='float32' but are \['bfloat16'\] now: .*MixedPrecisionPolicy"),
         ("other_targets", r"was trained with adapters on modules \['net.blocks.0.mlp.fc1', .* that this model does not have"),
+        *[
+            (f"flipped{name}", rf"epoch=0-step=8.ckpt does not match the digests its companion .*: .*epoch=0-step=8.ckpt/{re.escape(name)} "
+             r"\(its bytes differ.*the newest checkpoint beside it that verifies is .*(last|epoch=1-step=16).ckpt")
+            for name in ("__1_0.distcp", "meta.pt", ".metadata")
+        ],
     ],
 )
 def test_fsdp2_unsynchronised_adapters_and_wrong_bases_are_refused(fsdp2, attempt, message):
@@ -374,6 +380,37 @@ def test_fsdp2_unsynchronised_adapters_and_wrong_bases_are_refused(fsdp2, attemp
 
     errors = json.loads((fsdp2[0] / "errors.json").read_text())
     assert re.search(message, errors[attempt]), errors[attempt]
+
+
+def test_fsdp2_companions_record_every_file_of_a_sharded_folder_and_check_refuses_any_flipped_byte(fsdp2, tmp_path):
+    import shutil
+
+    from lightning_lora.lightning import adapter_path_for, check_companion
+    from lightning_lora.lightning.digests import checkpoint_files
+
+    copy = tmp_path / "sharded"
+    shutil.copytree(fsdp2[0] / "sharded", copy, symlinks=True)
+    path = copy / "epoch=1-step=16.ckpt"
+    names = checkpoint_files(str(path))
+    assert {"__0_0.distcp", "__1_0.distcp", ".metadata", "meta.pt"} <= set(names)
+    assert set(read_adapter(adapter_path_for(str(path))).checkpoint_files) == set(names)
+    assert check_companion(path) is True
+    for name in names:  # one byte flipped in each file: shards (adapters, optimizer state) and metadata
+        target = path / name
+        original = target.read_bytes()
+        flipped = bytearray(original)
+        flipped[len(flipped) // 2] ^= 0x01
+        target.write_bytes(bytes(flipped))
+        with pytest.raises(ValueError, match=rf"{re.escape(name)} \(its bytes differ.*verifies is .*(last|epoch=0-step=8).ckpt"):
+            check_companion(path)
+        target.write_bytes(original)
+    from lightning_lora.lightning import write_companion
+
+    with pytest.raises(ValueError, match=r"checkpoint_path must be a checkpoint file, got .*, a folder: the companion of a sharded"):
+        write_companion(path, torch.nn.Linear(2, 2))
+    (path / "__0_0.distcp").rename(path / "__0_9.distcp")  # a shard missing, another not listed
+    with pytest.raises(ValueError, match=r"__0_0.distcp \(missing\); .*__0_9.distcp \(not listed in its companion"):
+        check_companion(path)
 
 
 # --- FSDP2 with expert adapters (mixture of experts) ---------------------------------------------

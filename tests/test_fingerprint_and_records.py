@@ -66,7 +66,8 @@ def test_the_record_leaves_out_the_frozen_weights_and_describes_the_adapters():
     frozen = [key for key, p in model.state_dict(keep_vars=True).items() if not p.requires_grad]
     assert record["base_keys"] == frozen and "head.weight" not in frozen
     assert set(record["modules"]) == {"blocks.0.attn.qkv", "blocks.1.attn.qkv"} and record["trainable"] == ["head"]
-    companion = parse_adapter(prepared.companion, "companion")
+    companion = parse_adapter(prepared.companion({"checkpoint": "0" * 64}), "companion")
+    assert companion.checkpoint_files == {"checkpoint": "0" * 64}
     assert companion.checkpoint == {"epoch": 1, "global_step": 5}
     assert set(companion.tensors) == set(lora_state_dict(model))
     assert prepare_checkpoint(model, step_of({}), keep_base_weights=True).record["base_keys"] == []

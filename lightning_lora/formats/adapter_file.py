@@ -16,6 +16,8 @@ under clean module names, and string metadata:
 ``base_model_name_or_path`` the name or folder that model was loaded from (optional)
 ``checkpoint``       for the companion file of a Lightning checkpoint: that checkpoint's epoch and
                      global step (JSON); the checkpoint records :func:`tensors_digest` of this file
+``checkpoint_files`` for a companion file: the SHA-256 of each file of its checkpoint, by name (JSON;
+                     see :mod:`lightning_lora.lightning.digests`)
 ``sha256``           SHA-256 of the header (every tensor's name, dtype, shape and offsets, and all
                      other metadata) and of the tensor data, so any change is detected on load
 ==================== ==========================================================================
@@ -91,6 +93,8 @@ class AdapterFile:
         library_version: the ``lightning_lora`` version that wrote the file.
         base_dtypes: the dtypes of those weights (None in files of format version 1).
         checkpoint: for a checkpoint's companion file, that checkpoint's ``epoch`` and ``global_step``.
+        checkpoint_files: for a checkpoint's companion file, the SHA-256 of each of that checkpoint's
+            files (None in companions written before they were recorded).
         root: the submodule of the saved model the names are relative to (``""``: the model itself).
         task_type: PEFT's task type of the transformers model at ``root`` (None: not one, or none fits).
         base_model_name_or_path: the name or folder that model was loaded from (None: built from a config).
@@ -104,6 +108,7 @@ class AdapterFile:
     library_version: str
     base_dtypes: dict[str, str] | None = None
     checkpoint: dict[str, int] | None = None
+    checkpoint_files: dict[str, str] | None = None
     root: str = ""
     task_type: str | None = None
     base_model_name_or_path: str | None = None
@@ -298,6 +303,11 @@ def parse_adapter(data: bytes, source: str) -> AdapterFile:
             isinstance(checkpoint, dict) and all(isinstance(v, int) and not isinstance(v, bool) for v in checkpoint.values())
         ):
             raise ValueError("checkpoint must be a JSON object of integers")
+        files = json.loads(meta["checkpoint_files"]) if "checkpoint_files" in meta else None
+        if files is not None and not (
+            isinstance(files, dict) and all(isinstance(v, str) and len(v) == 64 for v in files.values())
+        ):
+            raise ValueError("checkpoint_files must be a JSON object of SHA-256 digests")
         if not isinstance(modules, dict) or not isinstance(trainable, list):
             raise ValueError("modules must be a JSON object and trainable a JSON list")
         if dtypes is not None and not (isinstance(dtypes, dict) and all(isinstance(v, str) for v in dtypes.values())):
@@ -311,6 +321,7 @@ def parse_adapter(data: bytes, source: str) -> AdapterFile:
             library_version=str(meta.get("library_version", "unknown")),
             base_dtypes=None if dtypes is None else {str(k): v for k, v in dtypes.items()},
             checkpoint=checkpoint,
+            checkpoint_files=None if files is None else {str(k): v for k, v in files.items()},
             root=str(meta.get("root", "")),
             task_type=meta.get("task_type"),
             base_model_name_or_path=meta.get("base_model_name_or_path"),

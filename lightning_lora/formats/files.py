@@ -29,7 +29,7 @@ def write_on_rank_zero(path: str, data: bytes) -> None:
         write_atomic(path, data)
 
 
-def write_atomic(path: str, data: bytes) -> None:
+def write_atomic(path: str, data: bytes | memoryview) -> None:
     """Write ``data`` to ``path`` so that ``path`` never holds a partial file.
 
     Local paths: a temporary file in the same folder, flushed to disk, given the permissions the
@@ -38,7 +38,7 @@ def write_atomic(path: str, data: bytes) -> None:
     """
     fs, fs_path = url_to_fs(path)
     if not isinstance(fs, LocalFileSystem):
-        fs.pipe_file(fs_path, data)
+        fs.pipe_file(fs_path, bytes(data))
         return
     folder = os.path.dirname(os.path.abspath(fs_path))
     os.makedirs(folder, exist_ok=True)

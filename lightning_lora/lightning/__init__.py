@@ -6,9 +6,12 @@
 ``adaptation``       when and how it adapts the model, and the checks before a run starts
 ``wiring``           how its checkpoints plug into the strategy's IO
 ``metrics``          what it logs
+``random_state``     the random states its checkpoints keep, for exact resume
 ``mixin``            ``LoRAMixin``: the same abilities declared on the LightningModule
 ``checkpoint``       slim checkpoints and their companion adapter files: ``LoRACheckpointIO``,
                      ``adapter_path_for``, ``check_companion``, ``write_companion``, ``load_checkpoint``
+``digests``          the SHA-256 of every file of a checkpoint, recorded in its companion and verified
+                     before it is loaded
 ``model_parallel``   the same under ``ModelParallelStrategy`` (FSDP2), sharded or full
 ``hydra_config``     the Hydra ``lora`` group (``LoRACallbackConf``), registered on import
 ==================== =====================================================================

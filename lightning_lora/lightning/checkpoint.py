@@ -11,7 +11,8 @@ writes is slimmed and gets a companion adapter file (``epoch=2-step=300.ckpt`` -
 
 A checkpoint and its companion never disagree silently. The checkpoint records a digest of the
 adapter tensors (``adapter_digest``) and the companion records the checkpoint's epoch and global
-step. Writes are ordered so that a crash leaves either a matching pair or a checkpoint without a
+step, and the SHA-256 of each of the checkpoint's files, verified before the checkpoint is loaded
+(:mod:`~lightning_lora.lightning.digests`). Writes are ordered so that a crash leaves either a matching pair or a checkpoint without a
 companion: the old companion is removed, the checkpoint written (atomically, for local files through
 Lightning's default IO), then the companion written atomically; removal takes the companion first.
 :func:`check_companion` verifies a pair and :func:`write_companion` regenerates a missing or stale
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import json
 import os
 import pickle
 import re
@@ -39,7 +41,6 @@ from lightning_lora.adapters.spec import AdapterSpec
 from lightning_lora.config import LoRAConfig, config_of_specs
 from lightning_lora.formats.adapter_file import (
     SUFFIX,
-    adapter_bytes,
     adapter_contents,
     adapter_tensors,
     read_adapter,
@@ -47,6 +48,7 @@ from lightning_lora.formats.adapter_file import (
     tensors_digest,
 )
 from lightning_lora.formats.files import exists, read_bytes, remove_if_exists, write_atomic, write_on_rank_zero
+from lightning_lora.lightning.digests import SINGLE, digest_bytes, digest_file, verify_checkpoint
 from lightning_lora.formats.fingerprint import Samples, dtype_note, dtypes_of, fingerprint_matches, fingerprint_tensors
 from lightning_lora.formats.peft import CONFIG_FILE, WEIGHTS_FILE, export_peft
 from lightning_lora.sharding import is_sharded
@@ -54,6 +56,8 @@ from lightning_lora.surgery.apply import Installation, install
 from lightning_lora.surgery.plan import AdapterPlan, check_fits
 from lightning_lora.surgery.state import adapted, lora_config, lora_modules
 
+#: The file of a sharded checkpoint folder that holds everything but the tensors (Lightning's name).
+METADATA_FILE = "meta.pt"
 #: Key of the LoRA record in a Lightning checkpoint.
 CHECKPOINT_KEY = "lora"
 CHECKPOINT_VERSION = 2
@@ -86,10 +90,17 @@ def step_of(checkpoint: Mapping[str, Any]) -> dict[str, int]:
 
 @dataclass(frozen=True)
 class Prepared:
-    """What a save adds to a checkpoint: its LoRA record and, if asked for, its companion file's bytes."""
+    """What a save adds to a checkpoint: its LoRA record and, if asked for, its companion file's contents
+    (tensors and metadata), serialised once the checkpoint's files are written and digested."""
 
     record: dict[str, Any]
-    companion: bytes | None
+    contents: tuple[dict[str, torch.Tensor], dict[str, str]] | None
+
+    def companion(self, files: Mapping[str, str]) -> bytes:
+        """The companion file's bytes, recording the digests ``files`` of the checkpoint's files."""
+        assert self.contents is not None
+        tensors, metadata = self.contents
+        return serialize(tensors, {**metadata, "checkpoint_files": json.dumps(dict(files), sort_keys=True)})
 
 
 def prepare_checkpoint(
@@ -99,17 +110,14 @@ def prepare_checkpoint(
     model without adapters or with merged ones (its weights then differ from the base).
 
     The adapters are read (gathered, for a sharded model: every rank must call this then) and the
-    base weights sampled once, for both the record and the companion; the companion is serialised once.
+    base weights sampled once, for both the record and the companion.
     """
     adapters, trainable = adapted(module)
     if not adapters or any(adapter.merged for adapter in adapters.values()):
         return None
     samples: Samples = {}
-    if companion:
-        tensors, metadata = adapter_contents(module, checkpoint=step, samples=samples)
-        data: bytes | None = serialize(tensors, metadata)
-    else:
-        tensors, data = adapter_tensors(module), None
+    contents = adapter_contents(module, checkpoint=step, samples=samples) if companion else None
+    tensors = contents[0] if contents is not None else adapter_tensors(module)
     state = module.state_dict(keep_vars=True)
     # from the module, not the checkpoint: under a sharded strategy rank 0 alone may hold a full state
     dropped = [] if keep_base_weights else [
@@ -127,7 +135,7 @@ def prepare_checkpoint(
         "trainable": list(trainable),
         "adapter_digest": tensors_digest(tensors),  # as its companion file holds them
     }
-    return Prepared(record, data)
+    return Prepared(record, contents)
 
 
 def slim_checkpoint(checkpoint: dict[str, Any], module: nn.Module, keep_base_weights: bool = False) -> None:
@@ -260,15 +268,23 @@ def _fill_base_weights(record: dict[str, Any], state: dict[str, Any], module: nn
         state.setdefault(key, own[key])
 
 
-def check_companion(checkpoint_path: str | os.PathLike) -> None:
-    """Check that a checkpoint's companion adapter file exists and belongs to it.
+def check_companion(checkpoint_path: str | os.PathLike) -> bool:
+    """Check that a checkpoint (a file, or a sharded checkpoint's folder) and its companion adapter file
+    belong together, and the checkpoint's files match the digests the companion records.
+
+    Returns:
+        Whether the files were verified against digests (False: a companion written before they were
+        recorded, with a warning).
 
     Raises:
-        ValueError: if the checkpoint has no LoRA record, the companion is missing, or it holds other
-            adapter tensors or another step than the checkpoint records (a stale pair).
+        ValueError: if a file of the checkpoint differs from its digest, the checkpoint has no LoRA
+            record, the companion is missing, or it holds other adapter tensors or another step than
+            the checkpoint records (a stale pair).
     """
     path = str(checkpoint_path)
-    check_loaded_pair(read_checkpoint(path), path)
+    verified = verify_checkpoint(path, adapter_path_for)  # before it is read; False without a companion
+    check_loaded_pair(read_checkpoint(os.path.join(path, METADATA_FILE) if os.path.isdir(path) else path), path)
+    return verified
 
 
 def warn_if_stale_companion(checkpoint: dict[str, Any], path: str) -> None:
@@ -309,13 +325,21 @@ def write_companion(checkpoint_path: str | os.PathLike, module: nn.Module) -> st
         The companion's path.
 
     Raises:
-        ValueError: if the checkpoint has no LoRA record or does not fit ``module``.
+        ValueError: if the checkpoint is a folder (sharded), has no LoRA record or does not fit ``module``.
     """
     path = str(checkpoint_path)
-    checkpoint = read_checkpoint(path)
+    if os.path.isdir(path):
+        raise ValueError(
+            f"checkpoint_path must be a checkpoint file, got {path!r}, a folder: the companion of a sharded "
+            f"checkpoint is written by its save, on every rank (resume from it and save again to regenerate one)"
+        )
+    data = read_bytes(path)
+    checkpoint = parse_checkpoint(data, path)
     _load_into(module, checkpoint, path, strict=True)
     companion = adapter_path_for(path)
-    write_on_rank_zero(companion, adapter_bytes(module, checkpoint=step_of(checkpoint)))
+    tensors, metadata = adapter_contents(module, checkpoint=step_of(checkpoint))
+    files = json.dumps({SINGLE: digest_bytes(data)})  # the checkpoint as it is now
+    write_on_rank_zero(companion, serialize(tensors, {**metadata, "checkpoint_files": files}))
     return companion
 
 
@@ -377,27 +401,37 @@ class LoRACheckpointIO(CheckpointIO):
             prepared = prepare_checkpoint(module, step_of(checkpoint), self.save_base_weights)
         apply_record(checkpoint, prepared)
         remove_stale_companions(str(path), self.linked())
-        self._write(checkpoint, path, storage_options)
-        if prepared is not None and prepared.companion is not None:
-            write_atomic(adapter_path_for(str(path)), prepared.companion)
+        digest = self._write(checkpoint, path, storage_options)
+        if prepared is not None and prepared.contents is not None:
+            write_atomic(adapter_path_for(str(path)), prepared.companion({SINGLE: digest}))
             if self.export is not None:
                 export_peft(module, peft_path_for(str(path)), target=self.export)
 
-    def _write(self, checkpoint: dict[str, Any], path: Any, storage_options: Any) -> None:
-        """Lightning's default IO writes in place; then write atomically instead, else delegate."""
+    def _write(self, checkpoint: dict[str, Any], path: Any, storage_options: Any) -> str:
+        """Lightning's default IO writes in place; then write atomically instead, else delegate.
+
+        Returns:
+            The SHA-256 of the file written: of the bytes in memory, or read back once where another IO wrote it.
+        """
         if type(self.checkpoint_io) is TorchCheckpointIO and storage_options is None:
             buffer = io.BytesIO()
             torch.save(checkpoint, buffer)
-            write_atomic(str(path), buffer.getvalue())
-        else:
-            self.checkpoint_io.save_checkpoint(checkpoint, path, storage_options=storage_options)
+            data = buffer.getbuffer()
+            write_atomic(str(path), data)
+            return digest_bytes(data)
+        self.checkpoint_io.save_checkpoint(checkpoint, path, storage_options=storage_options)
+        return digest_file(str(path))
 
     def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
-        """Load through the wrapped IO with ``weights_only=True`` (nothing but tensors and plain values is
-        unpickled) unless the caller passes ``weights_only=False`` for a trusted file; then restore it."""
+        """Verify the checkpoint's bytes against its companion's digests, then load it through the wrapped IO
+        with ``weights_only=True`` (nothing but tensors and plain values is unpickled) unless the caller
+        passes ``weights_only=False`` for a trusted file; then restore it."""
         weights_only = True if weights_only is None else weights_only
+        verified = verify_checkpoint(str(path), adapter_path_for)
         checkpoint = self.checkpoint_io.load_checkpoint(path, map_location=map_location, weights_only=weights_only)
         if "state_dict" in checkpoint:
+            if not verified and CHECKPOINT_KEY in checkpoint and not exists(adapter_path_for(str(path))):
+                rank_zero_warn(f"LoRA: {path} has no companion adapter file: its bytes cannot be verified before loading")
             restore_checkpoint(checkpoint, self._module())
             warn_if_stale_companion(checkpoint, str(path))
         return checkpoint
@@ -451,8 +485,13 @@ def read_checkpoint(path: str) -> dict[str, Any]:
     Raises:
         ValueError: if it is not a readable checkpoint, or holds something other than a dict.
     """
+    return parse_checkpoint(read_bytes(path), path)
+
+
+def parse_checkpoint(data: bytes, path: str) -> dict[str, Any]:
+    """The bytes ``data`` of the checkpoint file ``path``, loaded as :func:`read_checkpoint` loads them."""
     try:
-        checkpoint = torch.load(io.BytesIO(read_bytes(path)), map_location="cpu", weights_only=True)
+        checkpoint = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, IndexError) as err:  # torch's errors for bad files
         text = re.sub(r"\x1b\[[0-9;]*m", "", str(err)).strip() or type(err).__name__
         raise ValueError(f"{path} is not a readable checkpoint: {text.split('. ')[0].splitlines()[0]}") from err

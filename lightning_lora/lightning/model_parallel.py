@@ -8,9 +8,11 @@ file that rank 0 writes after a gather. :class:`ShardedCheckpoints` wraps the st
 
 - Save (every rank runs it): the adapters are gathered and the checkpoint slimmed (the base
   fingerprint is read from every rank's shards), rank 0 removes the old companion, the strategy
-  writes the checkpoint, every rank waits for it, then rank 0 writes the companion adapter file with
-  the whole tensors. A crash leaves a checkpoint without companion, never a mismatched pair.
-- Load: the checkpoint's adapters must already be in the model (they cannot be added once it is
+  writes the checkpoint, every rank waits for it and digests the files it wrote, then rank 0 writes
+  the companion adapter file with the whole tensors and every file's digest. A crash leaves a
+  checkpoint without companion, never a mismatched pair.
+- Load: the checkpoint's files must match the digests its companion records (the ranks share the
+  files between them), before anything of it is read; the checkpoint's adapters must already be in the model (they cannot be added once it is
   sharded) and its base weights must match the recorded fingerprint; then only the tensors the
   checkpoint holds are loaded (a sharded one through ``torch.distributed.checkpoint``, a full one
   through the strategy), with the optimizer states, and every other key of the model is still
@@ -24,6 +26,7 @@ writes the same slim checkpoints (every rank calls it, as Lightning asks).
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -31,6 +34,7 @@ from typing import Any
 import torch
 import torch.distributed.checkpoint as dcp
 from lightning.pytorch.strategies import ModelParallelStrategy
+from lightning.pytorch.utilities import rank_zero_warn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -39,10 +43,11 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from lightning_lora.formats.adapter_file import adapter_tensors, tensors_digest
-from lightning_lora.formats.files import write_atomic
+from lightning_lora.formats.files import exists, write_atomic
 from lightning_lora.lightning.checkpoint import (
     CHECKPOINT_KEY,
     MARKER_KEY,
+    METADATA_FILE,
     LoRACheckpointIO,
     adapter_path_for,
     apply_record,
@@ -52,10 +57,19 @@ from lightning_lora.lightning.checkpoint import (
     step_of,
     warn_if_stale_companion,
 )
+from lightning_lora.lightning.digests import (
+    SINGLE,
+    checkpoint_files,
+    digests_of,
+    expected_files,
+    mismatches,
+    recorded_digests,
+    refuse,
+)
 from lightning_lora.surgery.state import lora_modules
 
-#: The file of a sharded checkpoint folder that holds everything but the tensors (Lightning's name).
-METADATA_FILE = "meta.pt"
+#: A shard of ``torch.distributed.checkpoint``'s file system writer: ``__<rank>_<n>.distcp``.
+_SHARD = re.compile(r"__(\d+)_\d+\.distcp")
 
 
 class ShardedCheckpoints:
@@ -84,7 +98,7 @@ class ShardedCheckpoints:
         prepared = None if module is None or "state_dict" not in checkpoint else prepare_checkpoint(
             module, step_of(checkpoint), self.checkpoint_io.save_base_weights
         )
-        if prepared is None or prepared.companion is None:
+        if prepared is None or prepared.contents is None:
             self._save(checkpoint, filepath, storage_options)
             return
         path = str(self.strategy.broadcast(str(filepath)))
@@ -97,11 +111,46 @@ class ShardedCheckpoints:
         finally:
             self.checkpoint_io.prepared = None
         self.strategy.barrier("lightning_lora.save_checkpoint")  # every shard is written
-        if self.strategy.is_global_zero and os.path.isdir(path):  # sharded: no IO wrote the companion
-            write_atomic(adapter_path_for(path), prepared.companion)
+        if os.path.isdir(path):  # sharded: no IO wrote the companion
+            digests = self._digests(path)
+            if self.strategy.is_global_zero:
+                write_atomic(adapter_path_for(path), prepared.companion(digests))
+
+    def _digests(self, path: str) -> dict[str, str]:
+        """Every file of the sharded checkpoint ``path`` and its digest: each rank digests the shards it
+        wrote (rank 0 also the metadata), and every rank gets them all."""
+        rank = self.strategy.global_rank
+        names = [
+            name for name in checkpoint_files(path)
+            if (int(match.group(1)) == rank if (match := _SHARD.fullmatch(os.path.basename(name))) else rank == 0)
+        ]
+        found: dict[str, str] = {}
+        for part in _gather(digests_of(path, names)):
+            found.update(part)
+        return found
+
+    def _verify(self, path: str) -> bool:
+        """The files of checkpoint ``path`` (a folder, or a full checkpoint's file) match the digests its
+        companion records, each rank checking its share; every rank raises the same error if not.
+
+        Returns:
+            Whether they were verified (False: no companion, or one without digests, with a warning).
+        """
+        companion = adapter_path_for(path)
+        if not exists(companion):
+            return False
+        recorded = recorded_digests(path, companion)  # its warning, where there are none, from rank 0
+        if recorded is None:
+            return False
+        names = expected_files(path, recorded) if os.path.isdir(path) else [SINGLE]
+        mine = names[self.strategy.global_rank :: self.strategy.world_size]
+        bad = [item for part in _gather(mismatches(path, recorded, mine)) for item in part]
+        refuse(path, adapter_path_for, sorted(bad))
+        return True
 
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
         path = Path(self.strategy.broadcast(str(checkpoint_path)))
+        verified = self._verify(str(path))  # before anything of it is unpickled
         sharded = path.is_dir()
         weights_only = True if weights_only is None else weights_only
         head = torch.load(path / METADATA_FILE if sharded else path, map_location="cpu", mmap=True, weights_only=weights_only)
@@ -109,6 +158,8 @@ class ShardedCheckpoints:
         module = self.strategy.lightning_module
         if record is None or module is None:
             return self._load(checkpoint_path, weights_only)
+        if not verified and not exists(adapter_path_for(str(path))):
+            rank_zero_warn(f"LoRA: {path} has no companion adapter file: its bytes cannot be verified before loading")
         missing_adapters = sorted(set(record["modules"]) - set(lora_modules(module)))
         if missing_adapters:  # they cannot be added to a sharded model
             raise ValueError(
@@ -167,3 +218,12 @@ def _sharded_keys(path: Path) -> set[str]:
     prefix = "state_dict."
     stored = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
     return {key[len(prefix):] for key in stored if key.startswith(prefix)}
+
+
+def _gather(value: Any) -> list[Any]:
+    """``value`` of every rank (this one's alone outside a process group)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return [value]
+    gathered: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, value)
+    return gathered
