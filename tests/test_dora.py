@@ -285,3 +285,69 @@ def test_training_a_dora_layer_over_a_weight_made_in_inference_mode():
     layer = LoRA(linear, bias=False, r=2, use_dora=True)
     layer(torch.randn(4, 16)).square().sum().backward()  # the input needs no gradient: the weight is not saved
     assert layer.magnitude.grad is not None and layer.matrix_A.weight.grad is not None
+
+
+def _with_dead_rows(dtype=torch.float32):
+    """A linear layer with a zero row (a dead unit) and a row whose norm underflows float32."""
+    torch.manual_seed(0)
+    linear = nn.Linear(16, 8, bias=True).to(dtype)
+    with torch.no_grad():
+        linear.weight[2].zero_()
+        linear.weight[5].fill_(1e-30)  # its square underflows float32: norm 0 too
+    return linear
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rows_without_direction_are_no_nan_at_init_forward_backward_and_merge(dtype):
+    base = _with_dead_rows(dtype)
+    layer = LoRA(base, bias=False, r=2, alpha=4, use_dora=True)
+    x = torch.randn(5, 16, dtype=dtype)
+    with torch.no_grad():
+        expected = base(x)
+    assert torch.equal(layer(x), expected) or dtype == torch.bfloat16 and torch.allclose(layer(x), expected, atol=1e-28)
+    optimizer = torch.optim.AdamW(layer.adapter_params().values(), lr=0.1)
+    for _ in range(3):  # training: gradients and steps stay finite, and the dead row stays as the base's
+        optimizer.zero_grad()
+        out = layer(x)
+        assert torch.isfinite(out).all()
+        out.square().sum().backward()
+        assert all(torch.isfinite(p.grad).all() for p in layer.adapter_params().values())
+        optimizer.step()
+    with torch.no_grad():
+        adapted = layer(x)
+        assert torch.equal(adapted[:, 2], base.bias[2].expand(5))  # the dead unit still outputs its bias
+        weight = base.weight.clone()
+        layer.merge()
+        assert torch.isfinite(base.weight).all()
+        torch.testing.assert_close(layer(x), adapted, atol=1e-2 if dtype == torch.bfloat16 else 1e-5, rtol=1e-2)
+        layer.unmerge()
+        assert torch.equal(base.weight, weight)
+
+
+def test_a_zero_initialised_layer_is_the_identity_and_trains_no_nan():
+    base = nn.Linear(8, 4)
+    nn.init.zeros_(base.weight)
+    layer = LoRA(base, bias=False, r=2, use_dora=True)
+    x = torch.randn(3, 8, requires_grad=True)
+    out = layer(x)
+    assert torch.equal(out, base(x))
+    out.sum().backward()
+    assert torch.isfinite(x.grad).all() and torch.isfinite(layer.magnitude.grad).all()
+
+
+def test_peft_export_of_rows_without_direction_is_refused(tmp_path):
+    model = nn.Sequential(_with_dead_rows(), nn.ReLU(), nn.Linear(8, 2))
+    apply_lora(model, LoRAConfig(r=2, targets=["0"], use_dora=True))
+    with pytest.raises(ValueError, match=r"cannot export DoRA module '0' to PEFT: its rows \[2, 5\] have magnitude 0 .* 0 / 0 = NaN"):
+        export_peft(model, tmp_path / "peft")
+    assert not (tmp_path / "peft").exists()
+
+
+def test_a_merge_never_writes_a_non_finite_value():
+    layer = LoRA(nn.Linear(8, 4), bias=False, r=2)
+    with torch.no_grad():
+        layer.matrix_B.weight[1, 0] = float("inf")
+    weight = layer.original_module.weight.clone()
+    with pytest.raises(RuntimeError, match=r"merging would write non-finite values \(at \[\[1, "):
+        layer.merge()
+    assert torch.equal(layer.original_module.weight, weight) and not layer.merged

@@ -319,6 +319,17 @@ class DoRA(Variant):
         )
         return norm.to(self.magnitude.dtype)
 
+    def divisor(self) -> torch.Tensor:
+        """:meth:`weight_norm` with its zero rows as ``+inf``: what ``magnitude`` is divided by.
+
+        A row whose ``W + s B A`` is zero (a dead unit, a zero-initialised layer, a row whose norm
+        underflows float32) has no direction: its factor ``m / norm`` is 0 instead of ``0 / 0``, so
+        the row computes zero as the base does, its gradients are zero (it stays dead), and a merge
+        leaves it zero, never NaN.
+        """
+        norm = self.weight_norm()
+        return norm.masked_fill(norm == 0, float("inf"))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """DoRA as PEFT computes it: ``base(x) + (f - 1) * W d + f * scaling * B A d``, ``f = m / norm``.
 
@@ -326,7 +337,7 @@ class DoRA(Variant):
         Around a plain ``nn.Linear`` without dropout this runs as one autograd node (:func:`dora_linear`).
         """
         layer = self.linear
-        norm = self.weight_norm()  # (out,)
+        norm = self.divisor()  # (out,)
         dropping = isinstance(layer.dropout, nn.Dropout) and layer.dropout.training
         dtype = fused_dtype(layer.original_module, x)
         if dtype is not None and not dropping:
@@ -356,12 +367,27 @@ class DoRA(Variant):
         return result + (factor - 1) * directed + factor * update * layer.scaling
 
     def merged(self, weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-        self.merge_factor = (self.magnitude.detach() / self.weight_norm()).float()
+        self.merge_factor = (self.magnitude.detach() / self.divisor()).float()
         return self._rows(self.merge_factor) * (weight + delta)
 
     def unmerged(self, merged: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         assert self.merge_factor is not None, "a merged DoRA layer keeps its factor"
-        return merged / self._rows(self.merge_factor) - delta
+        factor = self._rows(self.merge_factor)
+        # a row of factor 0 was W + delta = 0 (see divisor), so W = -delta there
+        return torch.where(factor == 0, -delta, merged / factor.masked_fill(factor == 0, 1) - delta)
+
+    @classmethod
+    def check_export(cls, tensors: dict[str, torch.Tensor], module: str) -> None:
+        """PEFT divides ``magnitude`` by the row norm: rows of magnitude 0 (rows without direction,
+        see :meth:`divisor`) would be ``0 / 0`` there."""
+        dead = (tensors["magnitude"] == 0).nonzero().flatten().tolist()
+        if dead:
+            raise ValueError(
+                f"cannot export DoRA module '{module}' to PEFT: its rows {dead[:5]!r} have magnitude 0 and no "
+                f"direction (W + s B A is zero there: a dead or zero-initialised unit), where PEFT's DoRA "
+                f"computes 0 / 0 = NaN; leave the module out of the targets, or merge_and_unload and export "
+                f"the merged model"
+            )
 
     def merge_done(self) -> None:
         self.merge_factor = None

@@ -61,6 +61,14 @@ def merge_into_base(layer: LoRABase, tolerance: float) -> MergeRecord:
     delta = layer.delta_weight()
     target = weight.float() + delta if variant is None else variant.merged(weight.float(), delta)
     merged_weight = target.to(weight.dtype)
+    if not torch.isfinite(merged_weight).all():
+        if variant is not None:
+            variant.merge_done()
+        rows = (~torch.isfinite(merged_weight)).nonzero()[:3].tolist()
+        raise RuntimeError(
+            f"merging would write non-finite values (at {rows}) into the {weight.dtype} weight: the update "
+            f"or the weight holds inf or NaN, or overflows the dtype; nothing was changed"
+        )
     intended = delta if variant is None else target - weight.float()
     error = _relative_error(merged_weight.float() - weight.float(), intended)
     if error > tolerance:

@@ -95,6 +95,10 @@ class Variant:
     def merge_done(self) -> None:
         """Forget what :meth:`merged` kept for :meth:`unmerged`."""
 
+    @classmethod
+    def check_export(cls, tensors: dict[str, torch.Tensor], module: str) -> None:
+        """Refuse (``ValueError``) what PEFT would compute otherwise, from one module's own tensors."""
+
 
 def register_variant(variant: type[Variant]) -> None:
     """Make a LoRA variant available to adapter specs (``AdapterSpec(variant=variant.name)``) by its name.

@@ -277,6 +277,7 @@ def _to_peft(
         own = {key[len(name) + 1 :]: tensor for key, tensor in adapter.tensors.items() if key.startswith(name + ".")}
         converted[name] = kind_named(spec.kind).to_peft(own, spec, bases.get(name), with_bias, name)
         if variant is not None:
+            variant.check_export(own, name)
             converted[name].update({theirs: own[ours] for ours, theirs in variant.peft_tensors.items()})
     r = most_common(spec.r for spec in specs.values())
     alpha = most_common(spec.alpha for spec in specs.values())
