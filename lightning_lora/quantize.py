@@ -13,7 +13,6 @@ import.
 
 from __future__ import annotations
 
-import sys
 from typing import Any
 
 import torch
@@ -38,8 +37,10 @@ def check_method(name: str, value: Any) -> str | None:
 
 def quantized_format(tensor: torch.Tensor) -> str | None:
     """``"nf4"`` for a tensor held in NF4 (an ``NF4Tensor``, as parameter or not), else None."""
-    nf4 = getattr(sys.modules.get(_TORCHAO), "NF4Tensor", None)
-    return "nf4" if isinstance(nf4, type) and isinstance(tensor, nf4) else None
+    # by its class, not by looking torchao up in sys.modules: torch.compile would guard on the number
+    # of imported modules, and compile again after any import
+    kind = type(tensor)  # a Parameter of an NF4Tensor keeps its class
+    return "nf4" if kind.__name__ == "NF4Tensor" and kind.__module__.startswith("torchao.") else None
 
 
 def fits(weight: torch.Tensor) -> bool:

@@ -76,3 +76,58 @@ def test_torch_compile_compiles_each_state_once(models, tokens):
             torch.testing.assert_close(compiled(tokens), off)
     torch.testing.assert_close(off, base(tokens))
     assert counter.frame_count == 2
+
+
+def test_blocks_left_in_any_order_restore_what_they_found(models, tokens):
+    base, adapted = models
+    on, off = adapted(tokens), base(tokens)
+    outer, inner = disable_adapters(adapted), disable_adapters(adapted)
+    outer.__enter__()
+    inner.__enter__()
+    outer.__exit__(None, None, None)  # the outer block ends first
+    assert torch.equal(adapted(tokens), off)  # the inner one still holds them off
+    inner.__exit__(None, None, None)
+    assert torch.equal(adapted(tokens), on)
+
+
+def test_a_block_switches_adapters_off_for_its_own_thread_only(models, tokens):
+    import threading
+
+    base, adapted = models
+    on, off = adapted(tokens), base(tokens)
+    inside, done = threading.Event(), threading.Event()
+    seen = []
+
+    def reference():  # e.g. DPO's reference forward, beside the training forward
+        with disable_adapters(adapted):
+            inside.set()
+            seen.append(torch.equal(adapted(tokens), off))
+            done.wait(10)
+
+    thread = threading.Thread(target=reference)
+    thread.start()
+    inside.wait(10)
+    results = [torch.equal(adapted(tokens), on) for _ in range(20)]  # while the other thread's block is open
+    done.set()
+    thread.join()
+    assert all(results) and seen == [True]
+    assert torch.equal(adapted(tokens), on)
+
+
+def test_merging_switching_and_adding_adapters_inside_a_block_are_refused(models, tokens):
+    from lightning_lora import lora_modules, merge_and_unload
+
+    base, adapted = models
+    weights = {k: v.clone() for k, v in adapted.state_dict().items()}
+    with disable_adapters(adapted):
+        with pytest.raises(RuntimeError, match=r"cannot merge module '.*': LoRA\w* is switched off \(inside a disable_adapters block"):
+            merge_lora(adapted)
+        with pytest.raises(RuntimeError, match=r"is switched off"):
+            merge_and_unload(adapted)
+        with pytest.raises(RuntimeError, match=r"cannot switch adapters inside a disable_adapters block: it holds modules \["):
+            set_adapters_enabled(adapted, True)
+        with pytest.raises(RuntimeError, match=r"cannot add adapters inside a disable_adapters block"):
+            apply_lora(adapted, LoRAConfig(r=2, targets=["fc2"]))
+        assert torch.equal(adapted(tokens), base(tokens))
+    assert "blocks.0.mlp.fc2" not in lora_modules(adapted) and not any(a.merged for a in lora_modules(adapted).values())
+    assert all(torch.equal(v, weights[k]) for k, v in adapted.state_dict().items())

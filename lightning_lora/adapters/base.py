@@ -19,6 +19,7 @@ constructs adapter layers, and :func:`register_adapter_kind` lets users add laye
 from __future__ import annotations
 
 import math
+import threading
 from typing import Any, overload
 
 import torch
@@ -135,7 +136,9 @@ class LoRABase(AdapterKind):
         self.scaling = spec.scaling
         self.dropout = nn.Dropout(spec.dropout) if spec.dropout > 0 else nn.Identity()
         self.merged = False
-        self.enabled = True  # False: forward runs the original layer alone (see disable_adapters)
+        self.enabled = True  # False: forward runs the original layer alone, in every thread (set_adapters_enabled)
+        #: thread id -> how many ``disable_adapters`` blocks of that thread hold this layer off
+        self.off_threads: dict[int, int] = {}
         self.variant: Variant | None = None
         self.factory: dict[str, Any] = {"device": weight.device, "dtype": ADAPTER_DTYPES[spec.adapter_dtype]}
         self._merge_record: MergeRecord | None = None
@@ -207,7 +210,7 @@ class LoRABase(AdapterKind):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``original_module(x) + scaling * matrix_B(matrix_A(dropout(x)))`` (or the variant's output);
         the original alone when merged or switched off."""
-        if self.merged or not self.enabled:
+        if self.merged or self.switched_off():
             return self.original_module(x)
         if self.variant is not None:
             return self.variant.forward(x)
@@ -231,6 +234,11 @@ class LoRABase(AdapterKind):
         """
         if self.merged:
             raise RuntimeError(f"{type(self).__name__} is already merged; call unmerge() first")
+        if not self.enabled or self.off_threads:
+            raise RuntimeError(
+                f"{type(self).__name__} is switched off (inside a disable_adapters block, or by "
+                f"set_adapters_enabled(model, False)): merging would put the update back into the base; merge after it"
+            )
         self._merge_record = merge_into_base(self, tolerance)
         self.merged = True
 
@@ -245,6 +253,16 @@ class LoRABase(AdapterKind):
         unmerge_from_base(self, self._merge_record)
         self._merge_record = None
         self.merged = False
+
+    def switched_off(self) -> bool:
+        """Whether forward runs the original layer alone in the calling thread: switched off for every
+        thread, or inside one of this thread's ``disable_adapters`` blocks (other threads' blocks do
+        not count; while ``torch.compile`` traces, which cannot ask for the thread, any block counts)."""
+        if not self.enabled:
+            return True
+        if not self.off_threads:
+            return False
+        return torch.compiler.is_compiling() or threading.get_ident() in self.off_threads
 
     def extra_repr(self) -> str:
         variant = f", variant={self.variant.name!r}" if self.variant is not None else ""

@@ -214,7 +214,7 @@ class ExpertsContainer(AdapterContainer):
 
     def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         experts = self.original_module
-        active = {name: a for name, a in self.adapters().items() if a.enabled and not a.merged}
+        active = {name: a for name, a in self.adapters().items() if not (a.merged or a.switched_off())}
         if not active:
             return experts(*args, **kwargs)
         signature = _SIGNATURES.setdefault(type(experts), inspect.signature(type(experts).forward))

@@ -21,11 +21,13 @@ from lightning_lora.naming import Site, sites
 from lightning_lora.quantize import METHODS, quantize_weight, quantized_format
 from lightning_lora.sharding import is_dtensor
 from lightning_lora.surgery.plan import AdapterPlan, plan_adapters, quantizable, survey, target_base
+from lightning_lora.surgery.switches import blocks_open, check_no_block
 from lightning_lora.surgery.state import (
     CONFIG_ATTR,
     PEERS_ATTR,
     LoRASummary,
     is_trainable,
+    lora_modules,
     mark_trainable,
     set_trained_with,
     summary_of,
@@ -75,6 +77,8 @@ def install(model: nn.Module, plan: AdapterPlan) -> Installation:
         TypeError: if a module cannot take its adapter. ModuleNotFoundError: if quantizing needs
             torchao and it is not installed. On any error the model is unchanged.
     """
+    if blocks_open():  # new adapters would run inside a block that promises the base model
+        check_no_block(lora_modules(model), "add adapters")
     found = _current_sites(model, plan)
     created: dict[str, LoRABase] = {}
     for name, spec in plan.specs.items():
