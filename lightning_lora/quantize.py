@@ -24,8 +24,6 @@ BLOCK_SIZE = 64
 #: Block scales per second-level block of the double quantization (QLoRA's 256; a weight whose
 #: number of blocks 256 does not divide takes the largest divisor below it).
 SCALER_BLOCK_SIZE = 256
-# The public module of torchao's NF4Tensor and to_nf4 (torchao >= 0.18).
-_TORCHAO = "torchao.quantization"
 
 
 def check_method(name: str, value: Any) -> str | None:
