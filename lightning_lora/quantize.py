@@ -62,7 +62,29 @@ def quantize_weight(weight: torch.Tensor, method: str) -> torch.Tensor:
         ) from err
     blocks = weight.numel() // BLOCK_SIZE
     scaler_block_size = max(size for size in range(1, SCALER_BLOCK_SIZE + 1) if blocks % size == 0)
+    _clone_exactly()
     return to_nf4(weight.detach().contiguous(), BLOCK_SIZE, scaler_block_size)
+
+
+def _clone_exactly() -> None:
+    """Make ``clone`` of torchao's ``NF4Tensor`` (and so ``copy.deepcopy`` of a model holding one, as
+    EMA and weight-averaging callbacks make) copy its stored codes and scales as they are.
+
+    torchao's own clone quantizes the decoded values again with its default block sizes: not bit
+    for bit, and an assertion error for weights whose number of blocks 256 does not divide.
+    """
+    try:
+        from torchao.quantization.quantize_.workflows.nf4 import nf4_tensor
+    except ImportError:  # another torchao layout: its own clone stays
+        return
+    nf4_tensor.NF4_OPS_TABLE[torch.ops.aten.clone.default] = _exact_clone
+
+
+def _exact_clone(func: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+    tensor: Any = args[0][0]
+    names, context = tensor.__tensor_flatten__()
+    parts = {name: getattr(tensor, name).clone() for name in names}
+    return type(tensor).__tensor_unflatten__(parts, context, tensor.size(), tensor.stride())
 
 
 def dequantize(tensor: torch.Tensor) -> torch.Tensor:

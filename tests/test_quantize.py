@@ -221,3 +221,37 @@ def test_dora_on_an_already_quantized_base_is_refused():
     with pytest.raises(ValueError, match=r"use_dora=True needs a floating-point base weight, got one quantized \(nf4\)"):
         apply_lora(model, LoRAConfig(targets=["qkv"], use_dora=True))
     assert not lora_modules(model) and model.state_dict().keys() == before.keys()
+
+
+def test_deepcopy_of_an_nf4_model_copies_the_stored_codes_exactly():
+    import copy
+
+    from lightning_lora.quantize import quantized_format, stored_parts
+
+    torch.manual_seed(0)  # 64 x 192 weights: 192 blocks, which 256 does not divide (torchao's own copy fails)
+    model = nn.Sequential(nn.Linear(64, 192), nn.ReLU(), nn.Linear(192, 64), nn.ReLU(), nn.Linear(64, 8))
+    apply_lora(model, LoRAConfig(r=4, targets=["0", "2"], quantize="nf4", adapter_dtype="float32"))
+    randomize_adapters(model)
+    copied = copy.deepcopy(model)
+    x = torch.randn(3, 64)
+    assert torch.equal(copied(x), model(x))
+    pairs = [(p, q) for p, q in zip(model.parameters(), copied.parameters()) if quantized_format(p)]
+    assert len(pairs) == 2
+    for original, copy_ in pairs:
+        assert isinstance(copy_, nn.Parameter) and not copy_.requires_grad and quantized_format(copy_) == "nf4"
+        for a, b in zip(stored_parts(original).values(), stored_parts(copy_).values()):
+            assert torch.equal(a, b) and a.data_ptr() != b.data_ptr()  # the same codes, in new storage
+
+
+@pytest.mark.parametrize("averaging", ["WeightAveraging", "StochasticWeightAveraging"])
+def test_weight_averaging_over_an_nf4_base_is_refused_before_training(averaging, tmp_path):
+    from lightning.pytorch import callbacks
+
+    model = Classifier()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    callback = callbacks.WeightAveraging() if averaging == "WeightAveraging" else callbacks.StochasticWeightAveraging(swa_lrs=0.01)
+    trainer = L.Trainer(max_epochs=1, logger=False, enable_progress_bar=False, enable_checkpointing=False, default_root_dir=tmp_path,
+                        callbacks=[LoRACallback(targets=["all-linear"], quantize="nf4", adapter_dtype="float32"), callback])
+    with pytest.raises(Exception, match=rf"quantize='nf4' cannot be combined with {averaging}: torch's AveragedModel averages every parameter"):
+        trainer.fit(model, data())
+    assert not lora_modules(model) and all(torch.equal(v, state[k]) for k, v in model.state_dict().items())

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import lightning.pytorch as pl
+from lightning.pytorch.callbacks import StochasticWeightAveraging, WeightAveraging
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
@@ -135,6 +136,13 @@ def check_trainer(
     if not owned():
         raise MisconfigurationException(
             "the Trainer has more than one LoRACallback; pass one (its config can list every target)"
+        )
+    averaging = [type(c).__name__ for c in trainer.callbacks if isinstance(c, (WeightAveraging, StochasticWeightAveraging))]
+    if averaging and settings.config.quantize is not None:
+        raise MisconfigurationException(
+            f"quantize={settings.config.quantize!r} cannot be combined with {averaging[0]}: torch's AveragedModel "
+            f"averages every parameter, the frozen 4-bit base weights too, and those support no arithmetic; "
+            f"train without it, or with quantize=None"
         )
     if isinstance(strategy.launcher, _MultiProcessingLauncher) and not lora_modules(pl_module):
         raise MisconfigurationException(
