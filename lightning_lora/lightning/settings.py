@@ -137,7 +137,8 @@ def check_trainer(
         raise MisconfigurationException(
             "the Trainer has more than one LoRACallback; pass one (its config can list every target)"
         )
-    averaging = [type(c).__name__ for c in trainer.callbacks if isinstance(c, (WeightAveraging, StochasticWeightAveraging))]
+    callbacks = getattr(trainer, "callbacks", [])  # set by the Trainer at init; untyped
+    averaging = [type(c).__name__ for c in callbacks if isinstance(c, (WeightAveraging, StochasticWeightAveraging))]
     if averaging and settings.config.quantize is not None:
         raise MisconfigurationException(
             f"quantize={settings.config.quantize!r} cannot be combined with {averaging[0]}: torch's AveragedModel "
