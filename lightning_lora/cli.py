@@ -46,7 +46,7 @@ from lightning_lora.formats.adapter_file import (
     read_adapter,
     save_adapter,
 )
-from lightning_lora.formats.files import read_bytes, write_atomic
+from lightning_lora.formats.files import read_bytes, staged_folder, write_atomic
 from lightning_lora.formats.peft import CONFIG_FILE as PEFT_CONFIG
 from lightning_lora.formats.peft import WEIGHTS_FILE as PEFT_WEIGHTS
 from lightning_lora.formats.peft import TASK_TYPES, export_peft, import_peft
@@ -113,7 +113,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
         description="Inspect, merge, convert and check lightning_lora adapter files.",
-        epilog=f"Run '{PROG} COMMAND --help' for the options of a command.",
+        epilog=(
+            f"Run '{PROG} COMMAND --help' for the options of a command. Every error is one line on stderr "
+            f"and exit status 1 (usage errors: 2). No input is ever an output, and an existing output is "
+            f"replaced only with --force, as a whole (a folder is written beside it and renamed into place)."
+        ),
     )
     parser.add_argument("--version", action="version", version=f"{PROG} {library_version()}")
     commands = parser.add_subparsers(title="commands", dest="command", metavar="COMMAND", required=True)
@@ -159,6 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="the dtype of the merged weights (default: the base's: its config's dtype for a Hugging Face "
         "folder, each tensor's own for a state dict)",
     )
+    merge.add_argument("--force", action="store_true", help="replace --out if it exists")
     merge.add_argument(
         "--no-check-base",
         dest="check_base",
@@ -197,6 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="PEFT's task_type, by which AutoPeftModelFor* loads the base model (default: as the adapter file "
         "records it, from the model's class)",
     )
+    export.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists and is not empty")
     export.set_defaults(run=run_export_peft)
 
     imported = commands.add_parser(
@@ -210,6 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     imported.add_argument("peft_dir", metavar="PEFT_DIR", help=f"a PEFT adapter folder ({PEFT_CONFIG} + {PEFT_WEIGHTS})")
     imported.add_argument("out", metavar="OUT", help=f"the adapter file to write (*{SUFFIX})")
     imported.add_argument("--base", required=True, metavar="HF_DIR", help="the Hugging Face model folder the adapter was trained on")
+    imported.add_argument("--force", action="store_true", help="replace OUT if it exists")
     imported.set_defaults(run=run_import_peft)
 
     check = commands.add_parser(
@@ -378,7 +385,7 @@ def run_merge(args: argparse.Namespace) -> None:
     if _is_hf_folder(base):
         if os.path.isfile(out):
             raise ValueError(f"--out must be a folder for a Hugging Face --base (save_pretrained writes into it), got the file {out!r}")
-        _refuse_same("--out", out, "--base", base)
+        _check_output("--out", out, args.force, {"--base": base, "--adapter": adapter_path})
         adapter = _read_adapter("--adapter", adapter_path)  # a bad file fails before the model is built
         with _transformers("--base", base) as transformers:
             model, stored = _hf_model(transformers, base, "--base")
@@ -391,7 +398,8 @@ def run_merge(args: argparse.Namespace) -> None:
             _cast_base(model, dtype)  # merged in float32 into weights of this dtype, with the rounding checked
             merge_and_unload(model)
             save_pretrained: Callable[[str], Any] = getattr(model, "save_pretrained")
-            save_pretrained(out)  # safetensors: the default since transformers 4.35, the only format in 5
+            with staged_folder(out) as staging:  # replaces an existing --out as a whole
+                save_pretrained(staging)  # safetensors: the default since transformers 4.35, the only format in 5
         print(f"merged {len(adapter.modules)} adapted modules of {adapter_path} into {base}; wrote {out} ({dtype_name(dtype)})")
         return
     if os.path.isdir(base):
@@ -402,7 +410,7 @@ def run_merge(args: argparse.Namespace) -> None:
     _require_file("--base", base, "a .safetensors state dict or a Hugging Face model folder")
     if os.path.isdir(out):
         raise ValueError(f"--out must be a file path for a .safetensors --base, got the folder {out!r}")
-    _refuse_same("--out", out, "--base", base)
+    _check_output("--out", out, args.force, {"--base": base, "--adapter": adapter_path})
     adapter = _read_adapter("--adapter", adapter_path)
     try:
         tensors, metadata = read_state_dict(base)
@@ -431,9 +439,11 @@ def run_export_peft(args: argparse.Namespace) -> None:
     _require_file("ADAPTER", adapter, f"an adapter file (*{SUFFIX})")
     if os.path.isfile(out_dir):
         raise ValueError(f"OUT_DIR must be a folder (created if needed), got the file {out_dir!r}")
+    _check_output("OUT_DIR", out_dir, args.force, {"ADAPTER": adapter})
     _read_adapter("ADAPTER", adapter)  # a bad file is named as the argument it came from
     written = export_peft(
-        adapter, out_dir, base_model_name_or_path=args.base_model_name_or_path, task_type=args.task_type, target=args.target
+        adapter, out_dir, base_model_name_or_path=args.base_model_name_or_path, task_type=args.task_type,
+        target=args.target, overwrite=True,  # --force was given for an existing OUT_DIR
     )
     print(f"wrote {args.target} adapter {written} ({PEFT_CONFIG}, {PEFT_WEIGHTS}) from {adapter}")
 
@@ -445,10 +455,11 @@ def run_import_peft(args: argparse.Namespace) -> None:
         if not os.path.isfile(os.path.join(peft_dir, required)):
             found = f"a folder without {required}" if os.path.isdir(peft_dir) else ("a file" if os.path.exists(peft_dir) else "which does not exist")
             raise FileNotFoundError(f"PEFT_DIR must be a PEFT adapter folder ({PEFT_CONFIG} + {PEFT_WEIGHTS}), got {peft_dir!r}, {found}")
-    if not _is_hf_folder(base):
-        raise ValueError(f"--base must be a Hugging Face model folder (with config.json), got {base!r}{_what(base)}")
     if os.path.isdir(out):
         raise ValueError(f"OUT must be the adapter file to write (*{SUFFIX}), got the folder {out!r}")
+    _check_output("OUT", out, args.force, {"PEFT_DIR": peft_dir, "--base": base})
+    if not _is_hf_folder(base):
+        raise ValueError(f"--base must be a Hugging Face model folder (with config.json), got {base!r}{_what(base)}")
     with _transformers("--base", base) as transformers:
         model, _ = _hf_model(transformers, base, "--base")
         names = import_peft(model, peft_dir)
@@ -564,9 +575,18 @@ def _what(path: str) -> str:
     return ", a folder" if os.path.isdir(path) else ""
 
 
-def _refuse_same(param: str, path: str, other_param: str, other: str) -> None:
-    if "://" not in path and os.path.realpath(path) == os.path.realpath(other):
-        raise ValueError(f"{param} must differ from {other_param} (the base stays as it is), got {path!r} for both")
+def _check_output(param: str, out: str, force: bool, inputs: dict[str, str]) -> None:
+    """No input is ever an output (not the same path, not inside one, not holding one), and an existing
+    output needs ``--force``."""
+    if "://" in out:
+        return
+    written = os.path.realpath(out)
+    for name, path in inputs.items():
+        read = os.path.realpath(path)
+        if read == written or os.path.commonpath([read, written]) in (read, written):
+            raise ValueError(f"{param} must be apart from {name} (an input is never an output), got {out!r} and {path!r}")
+    if os.path.lexists(out) and not (os.path.isdir(out) and not os.listdir(out)) and not force:
+        raise ValueError(f"{param} {out!r} exists; pass --force to replace it")
 
 
 def _one_line(message: object) -> str:

@@ -408,8 +408,8 @@ def test_merge_of_a_wrapper_state_dict_and_of_the_bare_model(llama, tmp_path, ca
     expected = merge_and_unload(wrapper).state_dict()
     for source, prefix in ((tmp_path / "wrapper.safetensors", ""), (base / "model.safetensors", "model.")):
         out = tmp_path / "merged.safetensors"
-        code, _, err = run(capsys, "merge", "--base", source, "--adapter", tmp_path / "run.lora.safetensors", "--out", out)
-        assert (code, err) == (0, ""), err
+        code, _, err = run(capsys, "merge", "--base", source, "--adapter", tmp_path / "run.lora.safetensors", "--out", out, "--force")
+        assert (code, err) == (0, ""), err  # the second replaces the first: --force
         merged = load_file(out)
         assert all(torch.equal(tensor, expected[prefix + key]) for key, tensor in merged.items())
 

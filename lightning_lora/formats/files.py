@@ -8,7 +8,10 @@ its final name and, in a distributed run, one process writes.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 
 import torch
 from fsspec.core import url_to_fs
@@ -54,6 +57,72 @@ def write_atomic(path: str, data: bytes | memoryview) -> None:
         if os.path.exists(temporary):
             os.remove(temporary)
         raise
+
+
+def publish_folder(folder: str, files: Mapping[str, bytes], check_existing: Callable[[list[str]], None]) -> None:
+    """Write ``files`` (name -> bytes) as the folder ``folder``, so that it never holds a mix of old and new.
+
+    Local folders: the files are written into a new hidden folder beside ``folder`` and flushed, then
+    that folder is renamed into place (an existing ``folder`` is first renamed aside, and removed
+    after). A kill or a full disk leaves the old folder (or, between the two renames, none, with the
+    old one beside it under a hidden name), never some of the new files with some of the old. Remote
+    fsspec folders: each file is one ``put``, in the order given.
+
+    Args:
+        folder: the folder to write.
+        files: its files; nothing else will be in it.
+        check_existing: called with the names an existing local ``folder`` holds, before anything is
+            written; it raises to refuse replacing it.
+
+    Raises:
+        ValueError: if ``folder`` is an existing file; what ``check_existing`` raises.
+    """
+    fs, fs_path = url_to_fs(folder)
+    if not isinstance(fs, LocalFileSystem):
+        for name, data in files.items():
+            fs.pipe_file(f"{fs_path.rstrip('/')}/{name}", data)
+        return
+    target = os.path.abspath(fs_path)
+    if os.path.exists(target) and not os.path.isdir(target):
+        raise ValueError(f"{folder!r} is a file, not a folder")
+    if os.path.isdir(target):
+        check_existing(sorted(os.listdir(target)))
+    with staged_folder(target) as staging:
+        for file_name, data in files.items():
+            with open(os.path.join(staging, file_name), "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+
+
+@contextmanager
+def staged_folder(target: str) -> Iterator[str]:
+    """A new hidden folder beside the local folder ``target`` to write into; renamed into place when the
+    ``with`` block ends without error (an existing ``target`` is renamed aside first, then removed), and
+    removed if it raises. ``target`` never holds a mix of old and new files."""
+    target = os.path.abspath(target)
+    parent, name = os.path.split(target)
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(dir=parent, prefix=f".{name}.", suffix=".tmp")
+    try:
+        yield staging
+        os.chmod(staging, 0o777 & ~_umask())
+        old = None
+        if os.path.isdir(target):
+            old = tempfile.mkdtemp(dir=parent, prefix=f".{name}.", suffix=".old")
+            os.rmdir(old)
+            os.rename(target, old)
+        try:
+            os.rename(staging, target)
+        except BaseException:
+            if old is not None:
+                os.rename(old, target)
+            raise
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def read_bytes(path: str) -> bytes:

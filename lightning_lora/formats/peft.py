@@ -44,7 +44,7 @@ from lightning_lora.formats.adapter_file import (
     parse_adapter,
     read_adapter,
 )
-from lightning_lora.formats.files import read_bytes, write_atomic
+from lightning_lora.formats.files import publish_folder, read_bytes
 from lightning_lora.formats.vllm import for_vllm
 from lightning_lora.naming import Site, absolute, relative, resolve_root, sites
 from lightning_lora.patterns import ALL_LINEAR
@@ -77,13 +77,16 @@ def export_peft(
     base_model_name_or_path: str | None = None,
     task_type: str | None = None,
     target: str = "peft",
+    overwrite: bool = False,
 ) -> str:
     """Write an adapter as PEFT writes it: ``out_dir/adapter_config.json`` and ``adapter_model.safetensors``.
 
     Args:
         model_or_adapter_file: an adapted model, or the path of an adapter file.
-        out_dir: the folder to write, local or an fsspec URL (created if needed; each file is written
-            atomically, the weights first).
+        out_dir: the folder to write, local or an fsspec URL (a path, not empty). A local folder is
+            written beside it and renamed into place, replacing a previous export as a whole: a kill
+            or a full disk leaves the old folder or none, never a mix. On an object store each file is
+            one put, the weights first.
         root: for a model, the submodule that is the transformers model (default: as
             :func:`~lightning_lora.save_adapter` chooses); names in the output are relative to it.
         base_model_name_or_path: recorded in the config, as PEFT does (default: the name or folder the
@@ -91,13 +94,17 @@ def export_peft(
         task_type: PEFT's task type (one of :data:`TASK_TYPES`; default: from the transformers model's
             class, e.g. ``CAUSAL_LM`` for ``*ForCausalLM``), by which ``AutoPeftModelFor*`` loads the base.
         target: ``"peft"``, or ``"vllm"`` for what vLLM serves (see the module docstring).
+        overwrite: replace an ``out_dir`` that holds other files than a PEFT export.
 
     Returns:
         ``out_dir`` as a string.
 
     Raises:
-        ValueError: for a bad ``target``, or anything the format cannot hold exactly.
+        TypeError: if ``out_dir`` is not a path. ValueError: for an empty ``out_dir``, one that holds
+            other files (without ``overwrite``) or the adapter file exported from, a bad ``target``, or
+            anything the format cannot hold exactly. Nothing is written then.
     """
+    folder = _out_dir(out_dir, model_or_adapter_file, overwrite)
     if target not in TARGETS:
         raise ValueError(f"target must be one of {list(TARGETS)}, got {target!r}")
     if task_type is not None and task_type not in TASK_TYPES:
@@ -127,9 +134,44 @@ def export_peft(
     tensors = {f"{PREFIX}{paths[name]}.{suffix}": t.contiguous() for name, own in converted.items() for suffix, t in own.items()}
     for name in adapter.trainable:  # modules to save, under their own keys
         tensors.update({PREFIX + key: t.contiguous() for key, t in adapter.tensors.items() if key.startswith(name + ".")})
-    folder = str(out_dir)  # write_atomic creates a local folder; object stores need none
-    write_atomic(os.path.join(folder, WEIGHTS_FILE), save_tensors(tensors, metadata={"format": "pt"}))
-    write_atomic(os.path.join(folder, CONFIG_FILE), (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
+    files = {
+        WEIGHTS_FILE: save_tensors(tensors, metadata={"format": "pt"}),
+        CONFIG_FILE: (json.dumps(config, indent=2, sort_keys=True) + "\n").encode(),
+    }
+
+    def check_existing(names: list[str]) -> None:
+        others = [name for name in names if name not in EXPORT_FILES]
+        if others and not overwrite:
+            raise ValueError(
+                f"out_dir {folder!r} holds files that are not a PEFT export ({others[:5]!r}); choose another "
+                f"folder, or pass overwrite=True to replace it with the export"
+            )
+
+    publish_folder(folder, files, check_existing)
+    return folder
+
+
+#: The files of a PEFT adapter folder (PEFT also writes a README.md): a folder holding no others is
+#: a previous export, replaced without ``overwrite``.
+EXPORT_FILES = (CONFIG_FILE, WEIGHTS_FILE, "README.md")
+
+
+def _out_dir(out_dir: Any, source: Any, overwrite: Any) -> str:
+    """``out_dir`` as a string, checked: a path, not empty, not holding the adapter file exported from."""
+    if not isinstance(out_dir, (str, os.PathLike)):
+        raise TypeError(f"out_dir must be a folder path (str or os.PathLike), got {out_dir!r} ({type(out_dir).__name__})")
+    folder = os.fspath(out_dir)
+    if not isinstance(folder, str) or not folder.strip():
+        raise ValueError(f"out_dir must be a folder path, got {out_dir!r}")
+    if not isinstance(overwrite, bool):
+        raise TypeError(f"overwrite must be True or False, got {overwrite!r}")
+    if isinstance(source, (str, os.PathLike)) and "://" not in folder:
+        inside = os.path.realpath(os.fspath(source))
+        if os.path.commonpath([inside, os.path.realpath(folder)]) == os.path.realpath(folder):
+            raise ValueError(
+                f"out_dir {folder!r} holds the adapter file exported from ({os.fspath(source)!r}); "
+                f"writing the export would replace it: choose another folder"
+            )
     return folder
 
 
