@@ -482,7 +482,6 @@ def _compose(ws, overrides):
 
 for _id, _override, _error, _message in [
     ("hydra-r-string", "lora.r=abc", ConfigCompositionException, r"Error merging override lora.r=abc"),
-    ("hydra-rslora-word", "lora.use_rslora=sometimes", ConfigCompositionException, r"Error merging override lora.use_rslora=sometimes"),
     ("hydra-unknown-key", "lora.rank=8", ConfigCompositionException, r"Could not override 'lora.rank'"),
     ("hydra-rank-pattern-value", "lora.rank_pattern={q_proj:x}", ConfigCompositionException, r"Error merging override lora.rank_pattern=\{q_proj:x\}"),
 ]:
@@ -493,8 +492,14 @@ for _id, _override, _message in [
     ("hydra-targets-empty", "lora.targets=[]", r"targets must name at least one module pattern"),
     ("hydra-dropout-one", "lora.dropout=1.0", r"dropout must be a number in \[0, 1\), got 1.0"),
     ("hydra-bias-word", "lora.bias=maybe", r"bias must be True, False or 'auto', got 'maybe'"),
+    ("hydra-rslora-word", "lora.use_rslora=sometimes", r"use_rslora must be True or False, got 'sometimes'"),
+    ("hydra-log-grad-norm-two", "lora.log_grad_norm=2", r"log_grad_norm must be True or False, got 2"),
+    ("hydra-merge-on-end-yes", "lora.merge_on_end=yes", r"merge_on_end must be True or False, got 'yes'"),
+    ("hydra-dora-vllm", "lora.use_dora=true lora.export_peft=vllm", r"export_peft='vllm' cannot serve adapters made with use_dora=True"),
 ]:
-    case(_id, "hydra", _override, InstantiationException, _message)(lambda ws, override=_override: instantiate(_compose(ws, [override]).lora))
+    case(_id, "hydra", _override, InstantiationException, _message)(
+        lambda ws, override=_override: instantiate(_compose(ws, override.split()).lora)
+    )
 
 
 # --- the test -------------------------------------------------------------------------------------

@@ -66,7 +66,6 @@ def test_preset_values(tmp_path):
     ("override", "message"),
     [
         ("lora.r=abc", r"Value 'abc' of type 'str' could not be converted to Integer\n\s+full_key: lora.r"),
-        ("lora.use_rslora=maybe", r"Value 'maybe' is not a valid bool \(type str\)\n\s+full_key: lora.use_rslora"),
         ("lora.rank=8", r"Key 'rank' not in 'LoRACallbackConf'\n\s+full_key: lora.rank"),
     ],
 )
@@ -84,6 +83,29 @@ def test_out_of_range_value_fails_on_instantiation(tmp_path):
         instantiate(composed(["lora.bias=maybe"], tmp_path).lora)
     for value, expected in (("true", True), ("false", False), ("auto", "auto")):
         assert instantiate(composed([f"lora.bias={value}"], tmp_path).lora).config.bias == expected
+
+
+@pytest.mark.parametrize("key", ["use_rslora", "use_dora", "save_base_weights", "log_grad_norm", "log_per_layer", "merge_on_end"])
+@pytest.mark.parametrize("value", ["2", "yes", "maybe", "0"])
+def test_flags_are_true_or_false_and_nothing_else(key, value, tmp_path):
+    cfg = composed([f"lora.{key}={value}"], tmp_path)  # OmegaConf's bool would take 2 and yes for true
+    shown = repr(int(value)) if value.isdigit() else repr(value)
+    with pytest.raises(InstantiationException, match=rf"{key} must be True or False, got {re.escape(shown)}"):
+        instantiate(cfg.lora)
+    for flag in (True, False):
+        callback = instantiate(composed([f"lora.{key}={str(flag).lower()}"], tmp_path).lora)
+        assert getattr(callback.config if key in ("use_rslora", "use_dora") else callback, key) is flag
+
+
+def test_settings_that_do_not_go_together_fail_on_instantiation(tmp_path):
+    with pytest.raises(InstantiationException, match=r"export_peft='vllm' cannot serve adapters made with use_dora=True"):
+        instantiate(composed(["lora=dora", "lora.export_peft=vllm"], tmp_path).lora)
+    with pytest.raises(InstantiationException, match=r"merge_on_end=True cannot merge into a quantized base"):
+        instantiate(composed(["lora=qlora", "lora.merge_on_end=true"], tmp_path).lora)
+    cfg = composed([], tmp_path)
+    cfg.lora.rank_pattern["re:("] = 4  # as a YAML preset would hold it
+    with pytest.raises(InstantiationException, match=r"rank_pattern pattern 're:\(' is not a valid regular expression"):
+        instantiate(cfg.lora)
 
 
 def test_users_own_app_gets_the_lora_group_from_the_package(tmp_path):

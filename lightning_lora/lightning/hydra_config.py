@@ -1,10 +1,13 @@
 """The ``lora`` config group for Hydra apps, registered in Hydra's ConfigStore on import.
 
 ``lora/schema`` is a structured config of :class:`~lightning_lora.LoRACallback`'s arguments, so a
-YAML file that lists it in its defaults is type-checked and closed: ``lora.r=abc``,
-``lora.bias=maybe`` or an unknown key such as ``lora.rank=8`` fail while the config is composed,
-naming the key; values out of range (``lora.alpha=-1``) fail when the callback is instantiated,
-before any training. A Hydra app can use it from the installed package, without copying YAML
+YAML file that lists it in its defaults is type-checked and closed: ``lora.r=abc`` or an unknown
+key such as ``lora.rank=8`` fail while the config is composed, naming the key; values out of range
+(``lora.alpha=-1``), flags other than true and false (``lora.log_grad_norm=2``, ``lora.bias=maybe``)
+and settings that do not go together (``lora=dora lora.export_peft=vllm``) fail when the callback
+is instantiated, naming the key, before any training. The flags are typed ``Any`` here because
+OmegaConf's ``bool`` would turn ``2`` or ``yes`` into true without a word; the callback takes
+``true`` and ``false`` only. A Hydra app can use it from the installed package, without copying YAML
 files (``LoRACallback``'s defaults, overridable as usual: ``python your_app.py lora.r=8``)::
 
     # your_app/config.yaml
@@ -41,17 +44,17 @@ class LoRACallbackConf:
     dropout: float = 0.0
     rank_pattern: Dict[str, int] = field(default_factory=dict)
     alpha_pattern: Dict[str, float] = field(default_factory=dict)
-    use_rslora: bool = False
-    use_dora: bool = False
+    use_rslora: Any = False  # true or false, checked on instantiation
+    use_dora: Any = False  # true or false, checked on instantiation
     trainable: Optional[List[str]] = None  # null: a transformers model's new task head
     adapter_dtype: Optional[str] = None
     quantize: Optional[str] = None
     adapter_path: Optional[str] = None
     adapter_root: Optional[str] = None
-    save_base_weights: bool = False
-    log_grad_norm: bool = True
-    log_per_layer: bool = False
-    merge_on_end: bool = False
+    save_base_weights: Any = False  # true or false, checked on instantiation
+    log_grad_norm: Any = True  # true or false, checked on instantiation
+    log_per_layer: Any = False  # true or false, checked on instantiation
+    merge_on_end: Any = False  # true or false, checked on instantiation
     export_peft: Optional[str] = None
 
 
