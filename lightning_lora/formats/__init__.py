@@ -4,6 +4,7 @@
 ``adapter_file``    this package's ``.lora.safetensors`` adapter files: ``save_adapter``,
                     ``load_adapter``, ``read_adapter`` (an ``AdapterFile``)
 ``peft``            ``export_peft`` / ``import_peft``: Hugging Face PEFT's format
+``peft_config``     PEFT folders read strictly: the files, the config field by field, its tensors
 ``vllm``            what vLLM serves, and the PEFT folder written for it (``target="vllm"``)
 ``state_dict``      ``merge_state_dict``: an adapter file merged into a plain state dict
 ``fingerprint``     ``base_fingerprint``: the identity of the base weights an adapter was trained on

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -27,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 from torch import nn
@@ -45,28 +47,27 @@ from lightning_lora.formats.adapter_file import (
     read_adapter,
 )
 from lightning_lora.formats.files import publish_folder, read_bytes
+from lightning_lora.formats.peft_config import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    check_agrees,
+    check_values,
+    flags,
+    read_config,
+    targeted,
+    targeted_without_tensors,
+    weights_path,
+)
 from lightning_lora.formats.vllm import for_vllm
 from lightning_lora.naming import Site, absolute, relative, resolve_root, sites
 from lightning_lora.patterns import ALL_LINEAR
 from lightning_lora.surgery.apply import Installation
 from lightning_lora.surgery.plan import survey, target_base
 
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
 PREFIX = "base_model.model."
 TARGETS = ("peft", "vllm")
 #: PEFT's task types (``TaskType``): ``AutoPeftModelFor*`` loads the base model by the one recorded.
 TASK_TYPES = ("CAUSAL_LM", "SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS", "SEQ_2_SEQ_LM", "FEATURE_EXTRACTION")
-# PEFT config fields this package cannot represent when they are set.
-_UNSUPPORTED: dict[str, Any] = {
-    "layers_to_transform": None,
-    "layers_pattern": None,
-    "megatron_config": None,
-    "loftq_config": {},
-    "use_qalora": False,
-    "lora_ga_config": None,
-    "trainable_token_indices": None,
-}
 
 
 def export_peft(
@@ -251,8 +252,13 @@ def read_peft(peft_dir: str | os.PathLike) -> PeftAdapter:
         FileNotFoundError: if a file is missing.
     """
     folder = str(peft_dir)
-    config = _read_config(folder)
-    return PeftAdapter(folder, config, load_tensors(read_bytes(os.path.join(folder, WEIGHTS_FILE))))
+    config = read_config(folder)
+    path = weights_path(folder)
+    try:
+        tensors = load_tensors(read_bytes(path))
+    except (SafetensorError, TypeError, RuntimeError, OverflowError) as err:
+        raise ValueError(f"{path} is not a readable safetensors file: {err}") from err
+    return PeftAdapter(folder, config, tensors)
 
 
 def install_peft(model: nn.Module, peft: PeftAdapter, root: str | nn.Module | None = None) -> Installation:
@@ -375,22 +381,6 @@ def _anchored(name: str) -> str:
 # --- import ---------------------------------------------------------------------------------------
 
 
-def _read_config(folder: str) -> dict[str, Any]:
-    path = os.path.join(folder, CONFIG_FILE)
-    try:
-        config = json.loads(read_bytes(path))
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON: {err}") from err
-    if not isinstance(config, dict):
-        raise ValueError(f"{path} must hold a JSON object, got {type(config).__name__}")
-    if config.get("peft_type") != "LORA":
-        raise ValueError(f"{path} is a {config.get('peft_type')!r} adapter; only PEFT LoRA adapters (peft_type 'LORA') can be imported")
-    for field, neutral in _UNSUPPORTED.items():
-        if config.get(field, neutral) not in (neutral, None, False, {}, []):
-            raise ValueError(f"{path} sets {field}={config[field]!r}, a PEFT LoRA variant this package does not implement")
-    return config
-
-
 def _pattern_value(patterns: Mapping[str, Any], name: str, default: Any) -> Any:
     """PEFT's rule: the first key with ``re.match(rf"(.*\\.)?({key})$", name)`` wins."""
     for key, value in patterns.items():
@@ -427,9 +417,9 @@ def _from_peft(
         original = target_base(site)
         kind = parameter_kinds(site.module)[site.parameter] if site.parameter else kind_of(original, absolute(name, prefix))
         own = dict(by_module[path])
-        bias = "lora_B.bias" in own and bool(config.get("lora_bias"))
-        if not bias:
-            own.pop("lora_B.bias", None)
+        check_values(own, name, source)
+        check_agrees(config, own, name, kind, variant, source)
+        bias = "lora_B.bias" in own
         try:
             converted = kind.from_peft(own, original, name, source)
             rank = kind.peft_rank(own, original)
@@ -453,7 +443,12 @@ def _from_peft(
             shapes = variant.param_shapes(kind, original, spec)
             for mine, theirs in variant.peft_tensors.items():
                 if theirs not in own:
-                    raise ValueError(f"{source} sets {_flags(variant)} but has no {theirs} for module '{name}'")
+                    raise ValueError(f"{source} sets {flags(variant)} but has no {theirs} for module '{name}'")
+                if own[theirs].numel() != math.prod(shapes[mine]):
+                    raise ValueError(
+                        f"{source}: module '{name}' has {theirs} of shape {tuple(own[theirs].shape)}, "
+                        f"expected {shapes[mine]}"
+                    )
                 converted[mine] = own[theirs].reshape(shapes[mine])
         ours.update({f"{name}.{key}": tensor.contiguous() for key, tensor in converted.items()})
         specs[name] = spec
@@ -476,6 +471,19 @@ def _from_peft(
         ours[key] = tensors[PREFIX + key]
     if not specs:
         raise ValueError(f"{source} has no LoRA tensors")
+    named = [name for name, site in found.items() if not site.parameter]  # PEFT skips names no module has
+    unsaved = [
+        s for s in saved
+        if any(targeted(name, [s]) for name in named) and not any(targeted(name, [s]) for name in trainable)
+    ]
+    if unsaved:
+        raise ValueError(f"{source} sets modules_to_save {unsaved!r} but holds no tensors of them")
+    untrained = targeted_without_tensors(model, found, prefix, config, set(specs))
+    if untrained:
+        raise ValueError(
+            f"{source}: its target_modules {config.get('target_modules')!r} name modules {untrained[:5]!r} it holds "
+            f"no tensors of (PEFT would give them fresh adapters)"
+        )
     specs = {name: specs[name] for name in found if name in specs}  # in model order
     return AdapterFile(
         tensors=ours,
@@ -530,10 +538,6 @@ def _peft_variant(config: Mapping[str, Any], source: str) -> type[Variant] | Non
     if len(matching) > 1:
         raise ValueError(f"{source} sets the fields of several LoRA variants: {[v.name for v in matching]}")
     return matching[0] if matching else None
-
-
-def _flags(variant: type[Variant]) -> str:
-    return ", ".join(f"{key}={json.dumps(value)}" for key, value in (variant.peft_config or {}).items())
 
 
 def _check_base_layer_copy(model: nn.Module, key: str, tensor: torch.Tensor, source: str) -> None:

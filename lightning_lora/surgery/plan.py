@@ -84,7 +84,7 @@ class Survey:
         return [
             name
             for name, site in self.sites.items()
-            if not _is_attention_out_proj(site) and _targeted_by_all_linear(site.module)
+            if not _is_attention_out_proj(site) and targeted_by_all_linear(site.module)
         ]
 
     def tied(self, module: nn.Module) -> bool:
@@ -355,7 +355,7 @@ def _warn_if_experts_are_left_out(found: Survey, chosen: list[str], targets: lis
         )
 
 
-def _targeted_by_all_linear(module: nn.Module) -> bool:
+def targeted_by_all_linear(module: nn.Module) -> bool:
     if isinstance(module, LoRABase):
         return module.all_linear
     kind = find_kind(module)
