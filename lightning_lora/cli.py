@@ -22,7 +22,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
-import json
+import math
 import os
 import pickle
 import sys
@@ -32,7 +32,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as save_tensors
 from torch import nn
 
@@ -46,7 +46,8 @@ from lightning_lora.formats.adapter_file import (
     read_adapter,
     save_adapter,
 )
-from lightning_lora.formats.files import read_bytes, staged_folder, write_atomic
+from lightning_lora.formats.files import staged_folder, write_atomic
+from lightning_lora.formats.peft_config import read_config, weights_path
 from lightning_lora.formats.peft import CONFIG_FILE as PEFT_CONFIG
 from lightning_lora.formats.peft import WEIGHTS_FILE as PEFT_WEIGHTS
 from lightning_lora.formats.peft import TASK_TYPES, export_peft, import_peft
@@ -316,16 +317,14 @@ def _inspect_adapter(path: str, adapter: AdapterFile) -> None:
 
 
 def _inspect_peft(folder: str) -> None:
-    config_path = os.path.join(folder, PEFT_CONFIG)
-    weights_path = os.path.join(folder, PEFT_WEIGHTS)
     expected = f"a PEFT adapter folder with {PEFT_CONFIG} and {PEFT_WEIGHTS}, or an adapter file"
-    if not os.path.isfile(config_path):
+    if not os.path.isfile(os.path.join(folder, PEFT_CONFIG)):
         raise FileNotFoundError(f"PATH {folder!r} is a folder without {PEFT_CONFIG}; expected {expected}")
-    if not os.path.isfile(weights_path):
-        legacy = " (it has adapter_model.bin, a pickle, which is not read)" if os.path.exists(os.path.join(folder, "adapter_model.bin")) else ""
-        raise FileNotFoundError(f"PATH {folder!r} has no {PEFT_WEIGHTS}{legacy}; expected {expected}")
-    config = _json_object(config_path)
-    entries = _safetensors_entries(weights_path)
+    try:  # as strictly as import_peft reads it: the files, then the config field by field
+        config = read_config(folder)
+        entries = _safetensors_entries(weights_path(folder))
+    except (ValueError, TypeError, FileNotFoundError) as err:
+        raise type(err)(f"PATH {folder!r} must be {expected}: {err}") from err
     print(f"PEFT adapter: {folder}")
     for key in ("peft_type", "base_model_name_or_path"):
         if key in config:
@@ -338,40 +337,24 @@ def _inspect_peft(folder: str) -> None:
     print(f"tensors: {len(entries)}, parameters: {count:,}, bytes: {size:,}")
 
 
-def _json_object(path: str) -> dict[str, Any]:
-    try:
-        value = json.loads(read_bytes(path))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"{path} must be a JSON file, but it does not parse: {err}") from err
-    if not isinstance(value, dict):
-        raise ValueError(f"{path} must hold a JSON object, got a {type(value).__name__}")
-    return value
-
-
 def _safetensors_entries(path: str) -> dict[str, tuple[int, int]]:
-    """Tensor name -> (element count, bytes), from a safetensors file's header alone."""
-    with open(path, "rb") as handle:
-        head = handle.read(8)
-        length = int.from_bytes(head, "little") if len(head) == 8 else -1
-        size = os.fstat(handle.fileno()).st_size
-        if length < 0 or 8 + length > size:
-            raise ValueError(f"{path} must be a safetensors file, but it is truncated or of another format ({size} bytes)")
-        try:
-            header = json.loads(handle.read(length))
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise ValueError(f"{path} must be a safetensors file, but its header is not JSON") from err
-    if not isinstance(header, dict):
-        raise ValueError(f"{path} must be a safetensors file, but its header is not a JSON object")
+    """Tensor name -> (element count, bytes), from a safetensors file's header, as safetensors validates it
+    (shapes, dtypes and offsets that cover the file), without reading the tensors."""
     entries: dict[str, tuple[int, int]] = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            shape, (begin, end) = info["shape"], info["data_offsets"]
-            entries[name] = (int(torch.Size(shape).numel()), int(end) - int(begin))
-        except (KeyError, TypeError, ValueError) as err:
-            raise ValueError(f"{path} must be a safetensors file, but its entry {name!r} is malformed: {err!r}") from err
+    try:
+        with safe_open(path, "pt") as handle:
+            for name in handle.keys():
+                view = handle.get_slice(name)
+                numel = math.prod(view.get_shape())
+                entries[name] = (numel, numel * _DTYPE_BYTES.get(view.get_dtype(), 0))
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"{path} must be a safetensors file: {err}") from err
     return entries
+
+
+#: Bytes per element of safetensors' dtype names.
+_DTYPE_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2,
+                "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 
 
 # --- merge ----------------------------------------------------------------------------------------

@@ -105,6 +105,15 @@ def raw_weights(transform):
     return mutate
 
 
+def _header_edit(data, change):
+    """A safetensors file's bytes with its JSON header changed (the tensor data left as it is)."""
+    length = struct.unpack("<Q", data[:8])[0]
+    header = json.loads(data[8 : 8 + length])
+    change(header)
+    encoded = json.dumps(header).encode()
+    return struct.pack("<Q", len(encoded)) + encoded + data[8 + length :]
+
+
 def pickled(folder):
     tensors = load_file(folder / WEIGHTS)
     (folder / WEIGHTS).unlink()
@@ -159,6 +168,10 @@ CASES["weights truncated"] = ("plain", raw_weights(lambda data: data[: len(data)
 CASES["weights empty"] = ("plain", raw_weights(lambda data: b""))
 CASES["weights random"] = ("plain", raw_weights(lambda data: bytes(range(256)) * 4))
 CASES["weights huge header length"] = ("plain", raw_weights(lambda data: struct.pack("<Q", 2**62) + data[8:]))
+CASES["weights header with a negative shape"] = ("plain", raw_weights(lambda data: _header_edit(data, lambda h: h.update(
+    {k: {**v, "shape": [-4, 32]} for k, v in list(h.items())[:1] if k != "__metadata__"}))))
+CASES["weights header with an absurd shape"] = ("plain", raw_weights(lambda data: _header_edit(data, lambda h: h.update(
+    {k: {**v, "shape": [2**40, 2**40]} for k, v in list(h.items())[:1] if k != "__metadata__"}))))
 CASES["lora_A dropped"] = ("plain", edit_tensors(lambda t: t.pop(first(t, "q_proj.lora_A.weight"))))
 CASES["lora_B dropped"] = ("plain", edit_tensors(lambda t: t.pop(first(t, "v_proj.lora_B.weight"))))
 CASES["every tensor dropped"] = ("plain", edit_tensors(lambda t: t.clear() or t.__setitem__("x", torch.zeros(1))))
@@ -206,6 +219,26 @@ def test_there_are_at_least_150_cases_and_the_docs_say_how_many():
     assert f"mutates them {len(CASES)} ways" in (root / "docs" / "reliability.md").read_text()
 
 
+def _inspected(folder):
+    """``lightning-lora inspect FOLDER``: its exit status, after checking that an error is one line."""
+    import contextlib
+    import io
+
+    from lightning_lora.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    signal.signal(signal.SIGALRM, _alarm)
+    signal.alarm(20)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = main(["inspect", str(folder)])
+    finally:
+        signal.alarm(0)
+    lines = [line for line in err.getvalue().splitlines() if "error" in line]
+    assert code in (0, 1) and "Traceback" not in err.getvalue() and (code == 0 or len(lines) == 1), err.getvalue()
+    return code
+
+
 class Hung(Exception):
     pass
 
@@ -248,6 +281,7 @@ def test_a_crafted_peft_folder_is_refused_cleanly_or_loads_as_peft_loads_it(case
         import_peft(model, folder)
     except (ValueError, TypeError, FileNotFoundError) as err:
         assert str(err), case
+        _inspected(folder)  # one line, or the summary; never a traceback or a hang
         assert type(model.model.layers[0].self_attn.q_proj).__name__ == "Linear", "refused, but adapted"
         after = model.state_dict()
         assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
@@ -257,6 +291,7 @@ def test_a_crafted_peft_folder_is_refused_cleanly_or_loads_as_peft_loads_it(case
     with torch.no_grad():
         ours = model(input_ids=TOKENS).logits
     expected = _peft_logits(base, folder)
+    assert _inspected(folder) == 0, f"{case}: loads, but inspect refuses it"
     assert expected is not None, f"{case}: loaded, but PEFT refuses it"
     assert torch.isfinite(ours).all() and torch.isfinite(expected).all(), f"{case}: loaded to non-finite outputs"
     torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5, msg=f"{case}: loaded other than PEFT loads it")
