@@ -99,6 +99,7 @@ def test_a_full_disk_leaves_the_old_export(tmp_path, monkeypatch):
 
 KILLS = """
 import json, os, random, signal, sys, time, torch
+from safetensors.torch import load_file
 from torch import nn
 from lightning_lora import LoRAConfig, apply_lora, export_peft, lora_modules
 models = []
