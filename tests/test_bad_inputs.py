@@ -169,10 +169,16 @@ case("apply-other-settings", "surgery", "apply_lora on a model adapted with r=4,
 )
 
 
-@case("apply-lazy", "surgery", "apply_lora(nn.Sequential(nn.LazyLinear(4)), LoRAConfig())", TypeError, r"its parameters are not initialised yet")
+@case("apply-lazy", "surgery", "apply_lora(nn.Sequential(nn.LazyLinear(4)), LoRAConfig())", ValueError, r"model has modules whose parameters are not initialised yet \(\['0'\]")
 def _(ws):
     ws.plain = nn.Sequential(nn.LazyLinear(4), nn.Linear(4, 4))
     apply_lora(ws.plain, LoRAConfig())
+
+
+@case("apply-lazy-elsewhere", "surgery", "targets=['0'] beside an nn.LazyLinear", ValueError, r"not initialised yet \(\['2'\].*run one forward pass first")
+def _(ws):
+    ws.plain = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.LazyLinear(4))  # (unchanged: test_naming_and_plan.py)
+    apply_lora(ws.plain, LoRAConfig(r=2, targets=["0"]))
 
 
 @case("apply-attention-out-proj", "surgery", "targets=['out_proj'] of nn.MultiheadAttention", TypeError, r"reads out_proj's weight directly")

@@ -793,3 +793,19 @@ def test_a_file_that_is_no_checkpoint_is_a_value_error(tmp_path):
     for attempt in (lambda: check_companion(tmp_path / "g.ckpt"), lambda: load_checkpoint(Classifier(), tmp_path / "g.ckpt")):
         with pytest.raises(ValueError, match=r"g.ckpt is not a readable checkpoint: "):
             attempt()
+
+
+def test_tensor_parallelism_is_refused_naming_the_supported_layouts():
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    from lightning_lora.lightning.settings import check_trainer
+
+    # one process cannot run a tensor-parallel Trainer (Lightning refuses the sizes first), so the check is called as setup calls it
+    strategy = ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=2)
+    tp = L.Trainer(strategy=strategy, accelerator="cpu", devices=1, logger=False)
+    model = Classifier()
+    with pytest.raises(MisconfigurationException, match=r"does not support tensor parallelism \(ModelParallelStrategy with tensor_parallel_size=2\).*Supported layouts: data parallel .*FSDP2 .*HSDP"):
+        check_trainer(tp, model, LoRACallback(targets=["qkv"]).settings, lambda: True)
+    assert not lora_modules(model)
+    fsdp = L.Trainer(strategy=ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=1), accelerator="cpu", devices=1, logger=False)
+    check_trainer(fsdp, model, LoRACallback(targets=["qkv"]).settings, lambda: True)

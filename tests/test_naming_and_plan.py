@@ -131,3 +131,14 @@ def test_the_fingerprint_of_a_plan_free_model_is_stable_under_adaptation():
     with torch.no_grad():
         model.blocks[0].norm.weight.add_(1)
     assert base_fingerprint(model) != before
+
+
+def test_a_lazy_module_anywhere_is_refused_before_anything_changes():
+    from lightning_lora import apply_lora, lora_modules
+
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.LazyLinear(4))
+    with pytest.raises(ValueError, match=r"not initialised yet \(\['2'\], e.g. nn.LazyLinear"):
+        apply_lora(model, LoRAConfig(r=2, targets=["0"]))
+    assert not lora_modules(model) and type(model[0]) is nn.Linear and model[0].weight.requires_grad
+    model(torch.randn(2, 4))  # materialised: now it adapts
+    assert list(apply_lora(model, LoRAConfig(r=2, targets=["0"]))) == ["0"]

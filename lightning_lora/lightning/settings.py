@@ -128,6 +128,17 @@ def check_trainer(
             f"ModelParallelStrategy(data_parallel_size=..., tensor_parallel_size=1) and call fully_shard in "
             f"configure_model, or use strategy='ddp' if the model fits once per device"
         )
+    if isinstance(strategy, ModelParallelStrategy):
+        tensor_parallel = getattr(strategy, "_tensor_parallel_size", 1)
+        tensor_parallel = strategy.num_processes if tensor_parallel == "auto" else tensor_parallel
+        if tensor_parallel != 1:
+            raise MisconfigurationException(
+                f"LoRACallback does not support tensor parallelism (ModelParallelStrategy with "
+                f"tensor_parallel_size={tensor_parallel}): its adapters are not sharded to match a Colwise/Rowwise "
+                f"base. Supported layouts: data parallel (strategy='ddp'), FSDP2 "
+                f"(ModelParallelStrategy(data_parallel_size=N, tensor_parallel_size=1)) and HSDP (fully_shard over "
+                f"a 2-D replicate x shard mesh, tensor_parallel_size=1)"
+            )
     if isinstance(strategy, ModelParallelStrategy) and settings.export_peft is not None:
         raise MisconfigurationException(
             f"export_peft={settings.export_peft!r} is not available with ModelParallelStrategy; convert a "

@@ -65,6 +65,8 @@ class Survey:
         sizes: element count of each of those parameters, and of all parameters (key ``""``).
         task_heads: the new task heads of transformers models (see :mod:`lightning_lora.tasks`), each
             with the model's class name.
+        lazy: the modules whose parameters are not initialised yet (``nn.LazyLinear`` before its
+            first forward): nothing can be adapted or frozen while they are.
     """
 
     sites: dict[str, Site]
@@ -73,6 +75,7 @@ class Survey:
     targets: dict[str, Site] = field(default_factory=dict)
     sizes: dict[str, int] = field(default_factory=dict)
     task_heads: dict[str, str] = field(default_factory=dict)
+    lazy: list[str] = field(default_factory=list)
 
     @property
     def parameters(self) -> dict[str, Site]:
@@ -102,13 +105,16 @@ def survey(model: nn.Module) -> Survey:
     names: dict[int, str] = {}
     heads: list[object] = []
     new_heads: dict[str, str] = {}
+    lazy: list[str] = []
     for site in walk(model, into_adapters=False):
         module, layer = site.module, base_layer(site.module)
         names.setdefault(id(module), site.name)
         names.setdefault(id(layer), site.name)
         for param in layer.parameters(recurse=False):
             users[id(param)] = users.get(id(param), 0) + 1
-            if users[id(param)] == 1 and not isinstance(param, nn.parameter.UninitializedParameter):
+            if isinstance(param, nn.parameter.UninitializedParameter):
+                lazy += [] if lazy and lazy[-1] == site.name else [site.name]
+            elif users[id(param)] == 1:
                 sizes[""] += param.numel()
         if is_transformers_model(module):
             heads.append(module.get_output_embeddings())  # type: ignore[operator]
@@ -124,7 +130,7 @@ def survey(model: nn.Module) -> Survey:
     for name, site in found.items():
         targets[name] = site
         targets.update({p: parameters[p] for p in parameters if p.rpartition(".")[0] == name and p not in found})
-    partial = Survey(found, set(), users, targets, sizes, {name: cls for name, cls in new_heads.items() if name in found})
+    partial = Survey(found, set(), users, targets, sizes, {name: cls for name, cls in new_heads.items() if name in found}, lazy)
     linear = partial.linear_layers()
     return dataclasses.replace(partial, outputs=_outputs(linear, heads, names))
 
@@ -145,6 +151,11 @@ def plan_adapters(model: nn.Module, config: LoRAConfig) -> AdapterPlan:
     if not isinstance(config, LoRAConfig):
         raise TypeError(f"config must be a LoRAConfig, got {type(config).__name__}")
     found = survey(model)
+    if found.lazy:
+        raise ValueError(
+            f"model has modules whose parameters are not initialised yet ({found.lazy[:5]!r}, e.g. nn.LazyLinear "
+            f"before its first forward): run one forward pass first, so that nothing is adapted or frozen halfway"
+        )
     modules = list(found.sites)
     names = list(found.targets)  # modules, and the parameters a kind adapts (expert weights)
     automatic = config.trainable is None
