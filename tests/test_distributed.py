@@ -17,6 +17,9 @@ SPAWN = {"strategy": "ddp_spawn", "accelerator": "cpu", "devices": 2, "max_epoch
 @pytest.fixture(autouse=True)
 def one_thread_per_process(monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    # Lightning keeps the port it found for a launch in MASTER_PORT: a later launch in this process would
+    # reuse it while the previous group may still hold it (EADDRINUSE); each test finds its own
+    monkeypatch.delenv("MASTER_PORT", raising=False)
 
 
 def test_ddp_spawn_needs_the_model_adapted_before_fit(tmp_path):
