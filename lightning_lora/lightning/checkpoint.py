@@ -12,8 +12,8 @@ writes is slimmed and gets a companion adapter file (``epoch=2-step=300.ckpt`` -
 A checkpoint and its companion never disagree silently. The checkpoint records a digest of the
 adapter tensors (``adapter_digest``) and the companion records the checkpoint's epoch and global
 step, and the SHA-256 of each of the checkpoint's files, verified before the checkpoint is loaded
-(:mod:`~lightning_lora.lightning.digests`). Writes are ordered so that a crash leaves either a matching pair or a checkpoint without a
-companion: the old companion is removed, the checkpoint written (atomically, for local files through
+(:mod:`~lightning_lora.lightning.digests`). Writes are ordered so that a crash leaves either a
+matching pair or a checkpoint without a companion: the old companion is removed, the checkpoint written (atomically, for local files through
 Lightning's default IO), then the companion written atomically; removal takes the companion first.
 :func:`check_companion` verifies a pair and :func:`write_companion` regenerates a missing or stale
 companion from its checkpoint.
@@ -48,9 +48,9 @@ from lightning_lora.formats.adapter_file import (
     tensors_digest,
 )
 from lightning_lora.formats.files import exists, read_bytes, remove_if_exists, write_atomic, write_on_rank_zero
-from lightning_lora.lightning.digests import SINGLE, digest_bytes, digest_file, verify_checkpoint
 from lightning_lora.formats.fingerprint import Samples, dtype_note, dtypes_of, fingerprint_matches, fingerprint_tensors
 from lightning_lora.formats.peft import CONFIG_FILE, WEIGHTS_FILE, export_peft
+from lightning_lora.lightning.digests import SINGLE, digest_bytes, digest_file, verify_checkpoint
 from lightning_lora.sharding import is_sharded
 from lightning_lora.surgery.apply import Installation, install
 from lightning_lora.surgery.plan import AdapterPlan, check_fits
