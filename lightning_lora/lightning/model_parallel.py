@@ -12,8 +12,9 @@ file that rank 0 writes after a gather. :class:`ShardedCheckpoints` wraps the st
   the companion adapter file with the whole tensors and every file's digest. A crash leaves a
   checkpoint without companion, never a mismatched pair.
 - Load: the checkpoint's files must match the digests its companion records (the ranks share the
-  files between them), before anything of it is read; the checkpoint's adapters must already be in the model (they cannot be added once it is
-  sharded) and its base weights must match the recorded fingerprint; then only the tensors the
+  files between them), before anything of it is read; the checkpoint's adapters must already be in
+  the model (they cannot be added once it is sharded) and its base weights must match the recorded
+  fingerprint; then only the tensors the
   checkpoint holds are loaded (a sharded one through ``torch.distributed.checkpoint``, a full one
   through the strategy), with the optimizer states, and every other key of the model is still
   required. The adapters loaded must be those the record describes, and a stale companion is
