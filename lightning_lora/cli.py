@@ -46,7 +46,7 @@ from lightning_lora.formats.adapter_file import (
     read_adapter,
     save_adapter,
 )
-from lightning_lora.formats.files import staged_folder, write_atomic
+from lightning_lora.formats.files import overlaps, staged_folder, write_atomic
 from lightning_lora.formats.peft_config import read_config, weights_path
 from lightning_lora.formats.peft import CONFIG_FILE as PEFT_CONFIG
 from lightning_lora.formats.peft import WEIGHTS_FILE as PEFT_WEIGHTS
@@ -563,10 +563,8 @@ def _check_output(param: str, out: str, force: bool, inputs: dict[str, str]) -> 
     output needs ``--force``."""
     if "://" in out:
         return
-    written = os.path.realpath(out)
     for name, path in inputs.items():
-        read = os.path.realpath(path)
-        if read == written or os.path.commonpath([read, written]) in (read, written):
+        if overlaps(path, out):
             raise ValueError(f"{param} must be apart from {name} (an input is never an output), got {out!r} and {path!r}")
     if os.path.lexists(out) and not (os.path.isdir(out) and not os.listdir(out)) and not force:
         raise ValueError(f"{param} {out!r} exists; pass --force to replace it")

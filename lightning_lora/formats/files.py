@@ -1,8 +1,10 @@
 """Files: atomic writes on global rank 0, reads and removals, for local paths and fsspec URLs.
 
 Every file the package writes (adapter files, companion files of checkpoints) goes through
-:func:`write_on_rank_zero` or :func:`write_atomic`, so a crash never leaves a partial file under
-its final name and, in a distributed run, one process writes.
+:func:`write_on_rank_zero` or :func:`write_atomic`, and every folder (PEFT exports) through
+:func:`publish_folder` or :func:`staged_folder`, so a crash never leaves a partial file or a mix of
+old and new files under the final name and, in a distributed run, one process writes
+(:func:`gather_objects` collects a value of every rank).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from typing import Any, BinaryIO
 
 import torch
 from fsspec.core import url_to_fs
@@ -24,6 +27,15 @@ def global_rank() -> int:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank()
     return int(getattr(rank_zero_only, "rank", 0))
+
+
+def gather_objects(value: Any) -> list[Any]:
+    """``value`` of every rank, in rank order (this one's alone outside a process group); every rank must call it."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return [value]
+    gathered: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, value)
+    return gathered
 
 
 def write_on_rank_zero(path: str, data: bytes) -> None:
@@ -48,9 +60,7 @@ def write_atomic(path: str, data: bytes | memoryview) -> None:
     handle, temporary = tempfile.mkstemp(dir=folder, prefix=".", suffix=".tmp")
     try:
         with os.fdopen(handle, "wb") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
+            _write_synced(file, data)
         os.chmod(temporary, 0o666 & ~_umask())
         os.replace(temporary, fs_path)
     except BaseException:
@@ -90,9 +100,7 @@ def publish_folder(folder: str, files: Mapping[str, bytes], check_existing: Call
     with staged_folder(target) as staging:
         for file_name, data in files.items():
             with open(os.path.join(staging, file_name), "wb") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
+                _write_synced(handle, data)
 
 
 @contextmanager
@@ -123,6 +131,19 @@ def staged_folder(target: str) -> Iterator[str]:
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _write_synced(file: BinaryIO, data: bytes | memoryview) -> None:
+    """``data`` written to the open ``file`` and flushed to disk."""
+    file.write(data)
+    file.flush()
+    os.fsync(file.fileno())
+
+
+def overlaps(a: str, b: str) -> bool:
+    """Whether the local paths ``a`` and ``b`` are the same, or one lies inside the other (links resolved)."""
+    a, b = os.path.realpath(a), os.path.realpath(b)
+    return os.path.commonpath([a, b]) in (a, b)
 
 
 def read_bytes(path: str) -> bytes:

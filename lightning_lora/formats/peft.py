@@ -46,7 +46,7 @@ from lightning_lora.formats.adapter_file import (
     parse_adapter,
     read_adapter,
 )
-from lightning_lora.formats.files import publish_folder, read_bytes
+from lightning_lora.formats.files import overlaps, publish_folder, read_bytes
 from lightning_lora.formats.peft_config import (
     CONFIG_FILE,
     WEIGHTS_FILE,
@@ -167,8 +167,7 @@ def _out_dir(out_dir: Any, source: Any, overwrite: Any) -> str:
     if not isinstance(overwrite, bool):
         raise TypeError(f"overwrite must be True or False, got {overwrite!r}")
     if isinstance(source, (str, os.PathLike)) and "://" not in folder:
-        inside = os.path.realpath(os.fspath(source))
-        if os.path.commonpath([inside, os.path.realpath(folder)]) == os.path.realpath(folder):
+        if overlaps(os.fspath(source), folder):
             raise ValueError(
                 f"out_dir {folder!r} holds the adapter file exported from ({os.fspath(source)!r}); "
                 f"writing the export would replace it: choose another folder"

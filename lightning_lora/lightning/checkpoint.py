@@ -50,7 +50,7 @@ from lightning_lora.formats.adapter_file import (
 from lightning_lora.formats.files import exists, read_bytes, remove_if_exists, write_atomic, write_on_rank_zero
 from lightning_lora.formats.fingerprint import Samples, dtype_note, dtypes_of, fingerprint_matches, fingerprint_tensors
 from lightning_lora.formats.peft import CONFIG_FILE, WEIGHTS_FILE, export_peft
-from lightning_lora.lightning.digests import SINGLE, digest_bytes, digest_file, verify_checkpoint
+from lightning_lora.lightning.digests import SINGLE, digest_bytes, digest_file, verify_checkpoint, warn_unverified
 from lightning_lora.sharding import is_sharded
 from lightning_lora.surgery.apply import Installation, install
 from lightning_lora.surgery.plan import AdapterPlan, check_fits
@@ -431,7 +431,7 @@ class LoRACheckpointIO(CheckpointIO):
         checkpoint = self.checkpoint_io.load_checkpoint(path, map_location=map_location, weights_only=weights_only)
         if "state_dict" in checkpoint:
             if not verified and CHECKPOINT_KEY in checkpoint and not exists(adapter_path_for(str(path))):
-                rank_zero_warn(f"LoRA: {path} has no companion adapter file: its bytes cannot be verified before loading")
+                warn_unverified(str(path))
             restore_checkpoint(checkpoint, self._module())
             warn_if_stale_companion(checkpoint, str(path))
         return checkpoint

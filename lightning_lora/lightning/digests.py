@@ -24,7 +24,7 @@ from fsspec.implementations.local import LocalFileSystem
 from lightning.pytorch.utilities import rank_zero_warn
 
 from lightning_lora.formats.adapter_file import read_adapter
-from lightning_lora.formats.files import exists
+from lightning_lora.formats.files import exists, gather_objects
 
 #: The name under which a single-file checkpoint's digest is recorded.
 SINGLE = "."
@@ -114,12 +114,14 @@ def recorded_digests(path: str, companion: str) -> dict[str, str] | None:
     return recorded
 
 
-def verify_checkpoint(path: str, companion_of: Callable[[str], str]) -> bool:
+def verify_checkpoint(path: str, companion_of: Callable[[str], str], share: tuple[int, int] = (0, 1)) -> bool:
     """Check the checkpoint at ``path`` against the digests its companion records, before it is read.
 
     Args:
         path: the checkpoint (a file or a folder).
         companion_of: the path of a checkpoint's companion.
+        share: ``(rank, world size)`` where every rank of the process group calls this: each checks
+            its share of the files, and all raise the same error.
 
     Returns:
         Whether it was verified (False: it has no companion, or one without digests, with a warning
@@ -138,8 +140,17 @@ def verify_checkpoint(path: str, companion_of: Callable[[str], str]) -> bool:
         raise ValueError(f"{err}. Resume from another checkpoint: {_newest_verified(path, companion_of)}") from err
     if recorded is None:
         return False
-    refuse(path, companion_of, mismatches(path, recorded, expected_files(path, recorded)))
+    rank, world = share
+    bad = mismatches(path, recorded, expected_files(path, recorded)[rank::world])
+    if world > 1:
+        bad = sorted(item for part in gather_objects(bad) for item in part)
+    refuse(path, companion_of, bad)
     return True
+
+
+def warn_unverified(path: str) -> None:
+    """The warning for a slim checkpoint that has no companion, so no digests to verify."""
+    rank_zero_warn(f"LoRA: {path} has no companion adapter file: its bytes cannot be verified before loading")
 
 
 def refuse(path: str, companion_of: Callable[[str], str], bad: list[str]) -> None:

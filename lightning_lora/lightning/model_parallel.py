@@ -35,7 +35,6 @@ from typing import Any
 import torch
 import torch.distributed.checkpoint as dcp
 from lightning.pytorch.strategies import ModelParallelStrategy
-from lightning.pytorch.utilities import rank_zero_warn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -44,7 +43,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from lightning_lora.formats.adapter_file import adapter_tensors, tensors_digest
-from lightning_lora.formats.files import exists, write_atomic
+from lightning_lora.formats.files import exists, gather_objects, write_atomic
 from lightning_lora.lightning.checkpoint import (
     CHECKPOINT_KEY,
     MARKER_KEY,
@@ -58,15 +57,7 @@ from lightning_lora.lightning.checkpoint import (
     step_of,
     warn_if_stale_companion,
 )
-from lightning_lora.lightning.digests import (
-    SINGLE,
-    checkpoint_files,
-    digests_of,
-    expected_files,
-    mismatches,
-    recorded_digests,
-    refuse,
-)
+from lightning_lora.lightning.digests import checkpoint_files, digests_of, verify_checkpoint, warn_unverified
 from lightning_lora.surgery.state import lora_modules
 
 #: A shard of ``torch.distributed.checkpoint``'s file system writer: ``__<rank>_<n>.distcp``.
@@ -126,32 +117,14 @@ class ShardedCheckpoints:
             if (int(match.group(1)) == rank if (match := _SHARD.fullmatch(os.path.basename(name))) else rank == 0)
         ]
         found: dict[str, str] = {}
-        for part in _gather(digests_of(path, names)):
+        for part in gather_objects(digests_of(path, names)):
             found.update(part)
         return found
 
-    def _verify(self, path: str) -> bool:
-        """The files of checkpoint ``path`` (a folder, or a full checkpoint's file) match the digests its
-        companion records, each rank checking its share; every rank raises the same error if not.
-
-        Returns:
-            Whether they were verified (False: no companion, or one without digests, with a warning).
-        """
-        companion = adapter_path_for(path)
-        if not exists(companion):
-            return False
-        recorded = recorded_digests(path, companion)  # its warning, where there are none, from rank 0
-        if recorded is None:
-            return False
-        names = expected_files(path, recorded) if os.path.isdir(path) else [SINGLE]
-        mine = names[self.strategy.global_rank :: self.strategy.world_size]
-        bad = [item for part in _gather(mismatches(path, recorded, mine)) for item in part]
-        refuse(path, adapter_path_for, sorted(bad))
-        return True
-
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
         path = Path(self.strategy.broadcast(str(checkpoint_path)))
-        verified = self._verify(str(path))  # before anything of it is unpickled
+        share = (self.strategy.global_rank, self.strategy.world_size)
+        verified = verify_checkpoint(str(path), adapter_path_for, share)  # before anything of it is unpickled
         sharded = path.is_dir()
         weights_only = True if weights_only is None else weights_only
         head = torch.load(path / METADATA_FILE if sharded else path, map_location="cpu", mmap=True, weights_only=weights_only)
@@ -160,7 +133,7 @@ class ShardedCheckpoints:
         if record is None or module is None:
             return self._load(checkpoint_path, weights_only)
         if not verified and not exists(adapter_path_for(str(path))):
-            rank_zero_warn(f"LoRA: {path} has no companion adapter file: its bytes cannot be verified before loading")
+            warn_unverified(str(path))
         missing_adapters = sorted(set(record["modules"]) - set(lora_modules(module)))
         if missing_adapters:  # they cannot be added to a sharded model
             raise ValueError(
@@ -220,11 +193,3 @@ def _sharded_keys(path: Path) -> set[str]:
     stored = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
     return {key[len(prefix):] for key in stored if key.startswith(prefix)}
 
-
-def _gather(value: Any) -> list[Any]:
-    """``value`` of every rank (this one's alone outside a process group)."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return [value]
-    gathered: list[Any] = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(gathered, value)
-    return gathered

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
-from lightning_lora.formats.files import global_rank
+from lightning_lora.formats.files import gather_objects, global_rank
 
 try:
     import numpy
@@ -64,14 +64,7 @@ def restore(states: dict[str, Any]) -> None:
 
 def saved_states(end_of_epoch: bool) -> dict[str, Any]:
     """What a checkpoint keeps: every rank's random states (gathered: every rank must call this)."""
-    states = collect()
-    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-        gathered: list[Any] = [None] * torch.distributed.get_world_size()
-        torch.distributed.all_gather_object(gathered, states)
-        ranks = gathered
-    else:
-        ranks = [states]
-    return {"version": VERSION, "ranks": ranks, "end_of_epoch": end_of_epoch}
+    return {"version": VERSION, "ranks": gather_objects(collect()), "end_of_epoch": end_of_epoch}
 
 
 def restore_states(saved: dict[str, Any] | None, world_size: int, path: str) -> None:
