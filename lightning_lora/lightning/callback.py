@@ -14,7 +14,10 @@ The callback delegates each of its responsibilities to one module of this packag
 - logging (:mod:`~lightning_lora.lightning.metrics`): ``lora/grad_norm`` and ``lora/scaling`` on
   logging steps only (after AMP unscaling, once per accumulation window);
 - exact resume (:mod:`~lightning_lora.lightning.random_state`): its checkpoint state holds every
-  rank's random states, restored when a checkpoint is loaded.
+  rank's random states, restored when a checkpoint is loaded;
+- spawn launchers (:mod:`~lightning_lora.lightning.spawn`): ``ddp_spawn``, ``ddp_fork`` and
+  ``ddp_notebook`` adapt copies of the model in the processes they start; the launching process gets
+  the trained adapters back.
 
 ``on_fit_end`` merges the adapters when ``merge_on_end``; ``on_exception`` takes out adapters added by
 a run that failed before it started.
@@ -37,6 +40,7 @@ from lightning_lora.lightning.adaptation import Adaptation, check_optimizers, re
 from lightning_lora.lightning.metrics import log_adapters
 from lightning_lora.lightning.model_parallel import ShardedCheckpoints
 from lightning_lora.lightning.random_state import restore_states, saved_states
+from lightning_lora.lightning.spawn import hook_launcher
 from lightning_lora.lightning.settings import callback_settings, check_export, check_trainer
 from lightning_lora.lightning.wiring import link_companions, owns_checkpoints, wire_checkpoints
 from lightning_lora.surgery.merge import merge_lora
@@ -150,6 +154,7 @@ class LoRACallback(Callback):
         self._adaptation = Adaptation()
         self._sharded: ShardedCheckpoints | None = None  # checkpointing of the last ModelParallelStrategy
         self._trainer: pl.Trainer | None = None  # of the last setup: where a checkpoint's state is taken
+        hook_launcher()  # the spawn launchers: the trained adapters back into the launching process
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

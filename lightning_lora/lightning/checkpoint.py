@@ -50,6 +50,7 @@ from lightning_lora.formats.adapter_file import (
 from lightning_lora.formats.files import exists, read_bytes, remove_if_exists, write_atomic, write_on_rank_zero
 from lightning_lora.formats.fingerprint import Samples, dtype_note, dtypes_of, fingerprint_matches, fingerprint_tensors
 from lightning_lora.formats.peft import CONFIG_FILE, WEIGHTS_FILE, export_peft
+from lightning_lora.lightning.spawn import write_final_adapters
 from lightning_lora.lightning.digests import SINGLE, digest_bytes, digest_file, verify_checkpoint, warn_unverified
 from lightning_lora.sharding import is_sharded
 from lightning_lora.surgery.apply import Installation, install
@@ -379,8 +380,9 @@ class LoRACheckpointIO(CheckpointIO):
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
         module = self._module()
-        if "state_dict" not in checkpoint:  # e.g. the bare state dict the spawn launcher saves
+        if "state_dict" not in checkpoint:  # the bare state dict a spawn launcher's rank 0 returns
             self.checkpoint_io.save_checkpoint(checkpoint, path, storage_options=storage_options)
+            write_final_adapters(module, str(path))
             return
         adapters, _ = adapted(module)
         if any(adapter.merged for adapter in adapters.values()):

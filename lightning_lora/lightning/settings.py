@@ -16,7 +16,6 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import StochasticWeightAveraging, WeightAveraging
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
-from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 
@@ -25,7 +24,7 @@ from lightning_lora.adapters.spec import boolean
 from lightning_lora.config import LoRAConfig, explicit_settings
 from lightning_lora.formats.peft import TARGETS
 from lightning_lora.formats.vllm import check_vllm
-from lightning_lora.surgery.state import lora_modules
+from lightning_lora.lightning.spawn import check_spawn, is_spawned
 
 #: Sharded strategies the callback refuses: ``ModelParallelStrategy`` (FSDP2) is the sharded path.
 UNSUPPORTED_STRATEGIES = (DeepSpeedStrategy, FSDPStrategy)
@@ -156,13 +155,8 @@ def check_trainer(
             f"averages every parameter, the frozen 4-bit base weights too, and those support no arithmetic; "
             f"train without it, or with quantize=None"
         )
-    if isinstance(strategy.launcher, _MultiProcessingLauncher) and not lora_modules(pl_module):
-        raise MisconfigurationException(
-            f"strategy {type(strategy).__name__} launches processes that train copies of the model "
-            f"(ddp_spawn, ddp_fork, ddp_notebook), so the model in the launching process would end without "
-            f"the trained adapters; adapt it before "
-            f"fit (lightning_lora.apply_lora(model, callback.config)) or use strategy='ddp'"
-        )
+    if is_spawned(strategy):
+        check_spawn(pl_module, settings.config, settings.merge_on_end, settings.adapter_path, type(strategy).__name__)
 
 
 def check_export(export_peft: str | None, adapters: Mapping[str, LoRABase], trainable: Mapping[str, nn.Module]) -> None:

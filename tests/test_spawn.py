@@ -1,0 +1,113 @@
+"""The spawn launchers (ddp_spawn, ddp_fork, ddp_notebook) with LoRACallback: 2 CPU processes each."""
+
+import os
+import tempfile
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning_models import Classifier, data
+
+from lightning_lora import LoRACallback, LoRAConfig, apply_lora, lora_modules, read_adapter
+from lightning_lora.lightning.spawn import adopt_final_state, write_final_adapters
+
+LAUNCH = {"accelerator": "cpu", "devices": 2, "max_epochs": 1, "logger": False, "enable_progress_bar": False}
+
+
+@pytest.fixture(autouse=True)
+def _fresh_port(monkeypatch):
+    monkeypatch.delenv("MASTER_PORT", raising=False)  # each launch finds its own (see test_distributed.py)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+
+
+class FinalState(Callback):
+    """Rank 0 keeps the model's whole state as training ended, in the process that trained it."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def on_fit_end(self, trainer, pl_module):
+        if trainer.is_global_zero:
+            torch.save(pl_module.state_dict(), self.path)
+
+
+@pytest.mark.parametrize("strategy", ["ddp_spawn", "ddp_fork", "ddp_notebook"])
+def test_callback_alone_returns_the_trained_model_exactly_to_the_launching_process(tmp_path, strategy, monkeypatch):
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))  # where rank 0 leaves its final weights
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    torch.manual_seed(0)
+    model = Classifier()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    callback = LoRACallback(targets=["qkv"], trainable=["net.head"])
+    saver = ModelCheckpoint(dirpath=tmp_path / "checkpoints", save_last=True)
+    callbacks = [callback, saver, FinalState(tmp_path / "final.pt")]
+    L.Trainer(default_root_dir=tmp_path, strategy=strategy, callbacks=callbacks, **LAUNCH).fit(model, data())
+    assert sorted(lora_modules(model)) == ["net.blocks.0.attn.qkv", "net.blocks.1.attn.qkv"]
+    trained = torch.load(tmp_path / "final.pt", weights_only=True)
+    state = model.state_dict()
+    assert list(state) == list(trained)  # every key, the adapters' included, and no other
+    for key, tensor in trained.items():
+        assert torch.equal(state[key], tensor), key
+    for key in ("net.blocks.0.attn.qkv.matrix_B.weight", "net.head.weight"):
+        assert not torch.equal(state[key], torch.zeros_like(state[key]) if "matrix_B" in key else before[key]), key
+    base = {k: v for k, v in before.items() if "head" not in k}
+    for key, tensor in base.items():  # the frozen base is as it was
+        assert torch.equal(state[key.replace(".qkv.", ".qkv.original_module.")], tensor), key
+    stored = read_adapter(tmp_path / "checkpoints" / "last.lora.safetensors").tensors
+    for key, tensor in stored.items():
+        assert torch.equal(state[key], tensor), key
+    assert [files for _, _, files in os.walk(tmp_path / "tmp")] == [[], []]  # its folder, emptied
+
+
+def test_a_model_adapted_before_fit_with_the_callbacks_config_still_comes_back(tmp_path):
+    model = Classifier()
+    callback = LoRACallback(targets=["qkv"])
+    apply_lora(model, callback.config)
+    L.Trainer(default_root_dir=tmp_path, strategy="ddp_fork", callbacks=[callback, FinalState(tmp_path / "final.pt")], **LAUNCH).fit(model, data())
+    trained = torch.load(tmp_path / "final.pt", weights_only=True)
+    assert all(torch.equal(model.state_dict()[key], tensor) for key, tensor in trained.items())
+
+
+def test_adapters_before_fit_that_differ_from_the_callbacks_plan_are_refused_before_training(tmp_path):
+    model = Classifier()
+    apply_lora(model, LoRAConfig(targets=["qkv"]))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    callback = LoRACallback(targets=["qkv", "fc1"])
+    with pytest.raises(Exception, match=r"adapted before fit with other modules than LoRACallback's targets \['qkv', 'fc1'\] "
+                                        r"plan \(adapted only before fit: \[\]; planned only: \['net.blocks.0.mlp.fc1'"):
+        L.Trainer(default_root_dir=tmp_path, strategy="ddp_fork", callbacks=[callback], **LAUNCH).fit(model, data())
+    assert sorted(model.state_dict()) == sorted(before)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+    assert not os.listdir(tmp_path) or not any(name.endswith(".ckpt") for _, _, files in os.walk(tmp_path) for name in files)
+
+
+def test_merge_on_end_is_refused_with_a_spawn_launcher(tmp_path):
+    model = Classifier()
+    with pytest.raises(Exception, match=r"merge_on_end=True cannot be used with strategy DDPStrategy \(ddp_spawn, ddp_fork, "
+                                        r"ddp_notebook\).*lightning_lora.merge_lora\(model\)"):
+        L.Trainer(default_root_dir=tmp_path, strategy="ddp_fork", callbacks=[LoRACallback(targets=["qkv"], merge_on_end=True)],
+                  **LAUNCH).fit(model, data())
+    assert not lora_modules(model)
+
+
+def test_final_adapters_refuse_another_base_and_leave_the_model_as_it_was(tmp_path):
+    torch.manual_seed(0)
+    trained = Classifier()
+    apply_lora(trained, LoRAConfig(targets=["qkv"]))
+    path = str(tmp_path / ".temp.ckpt")
+    write_final_adapters(trained, path)
+    state = trained.state_dict()
+    torch.manual_seed(1)
+    other = Classifier()  # another base
+    before = {k: v.clone() for k, v in other.state_dict().items()}
+    with pytest.raises(ValueError, match="fingerprint"):
+        adopt_final_state(other, path, state)
+    assert not lora_modules(other) and all(torch.equal(other.state_dict()[k], v) for k, v in before.items())
+    torch.manual_seed(0)
+    same = Classifier()
+    unexpected = {**state, "net.extra": torch.zeros(1)}
+    with pytest.raises(RuntimeError, match="Unexpected key"):
+        adopt_final_state(same, path, unexpected)
+    assert not lora_modules(same)
