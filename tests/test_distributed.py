@@ -22,13 +22,6 @@ def one_thread_per_process(monkeypatch):
     monkeypatch.delenv("MASTER_PORT", raising=False)
 
 
-def test_ddp_spawn_needs_the_model_adapted_before_fit(tmp_path):
-    model = Classifier()
-    with pytest.raises(Exception, match="launches processes that train copies of the model"):
-        L.Trainer(default_root_dir=tmp_path, callbacks=[LoRACallback(targets=["qkv"])], **SPAWN).fit(model, data())
-    assert not lora_modules(model)
-
-
 def test_ddp_spawn_trains_and_returns_the_adapters(tmp_path):
     model = Classifier()
     callback = LoRACallback(targets=["qkv"])
