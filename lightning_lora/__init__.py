@@ -15,6 +15,7 @@ This module is the public surface; everything else is in the documented subpacka
 """
 
 from lightning_lora.adapters import LoRA, register_adapter_kind
+from lightning_lora.adapters.base_names import load_base_weights
 from lightning_lora.config import LoRAConfig
 from lightning_lora.formats import export_peft, import_peft, load_adapter, read_adapter, save_adapter
 from lightning_lora.formats.adapter_file import library_version
@@ -46,6 +47,7 @@ __all__ = [
     "export_peft",
     "import_peft",
     "load_adapter",
+    "load_base_weights",
     "load_checkpoint",
     "lora_modules",
     "lora_parameters",

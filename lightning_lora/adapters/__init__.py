@@ -6,6 +6,7 @@
 ``base``        ``LoRABase``, what every kind shares (settings, forward, variant, merge and
                 unmerge), ``build_adapter`` and ``register_adapter_kind``
 ``merging``     the merge into the base weights and the exact unmerge
+``base_names``  pretrained weights loaded by the base model's own names (``q_proj.weight``)
 ``linear``      ``LoRA`` (``nn.Linear``, the seed layer) and ``LoRAConv1D`` (transformers' ``Conv1D``)
 ``conv``        ``LoRAConv`` (``nn.Conv1d/2d/3d``)
 ``embedding``   ``LoRAEmbedding`` (``nn.Embedding``)

@@ -20,12 +20,14 @@ from __future__ import annotations
 
 import math
 import threading
+from collections.abc import Callable
 from typing import Any, overload
 
 import torch
 from torch import nn
 
 from lightning_lora.adapters import registry
+from lightning_lora.adapters.base_names import accept_base_names
 from lightning_lora.adapters.kind import AdapterKind, base_bias, base_weight
 from lightning_lora.adapters.merging import MERGE_TOLERANCE, MergeRecord, merge_into_base, unmerge_from_base
 from lightning_lora.adapters.spec import ADAPTER_DTYPES, AdapterSpec, dtype_name, dtype_setting
@@ -37,11 +39,21 @@ class ZeroInit(nn.Module):
     """``reset_parameters`` sets weight and bias to zero: a ``matrix_B`` created on the meta device and
     materialised later (``to_empty``, then ``reset_parameters`` on every module with parameters, as
     Lightning's ``ModelParallelStrategy`` and torchtitan do) starts at zero, so the adapter is still
-    the identity."""
+    the identity.
+
+    Attributes:
+        after_reset: called after each reset: the layer's variant tensors derived from the base weight
+            (DoRA's magnitude) follow it. Materialisation resets a layer's modules in order, so this
+            runs after the base layer (``original_module``, created first) has its values.
+    """
+
+    after_reset: Callable[[], None] | None = None
 
     def reset_parameters(self) -> None:
         for param in self.parameters(recurse=False):  # weight and bias
             nn.init.zeros_(param)
+        if self.after_reset is not None:
+            self.after_reset()
 
 
 class ZeroLinear(ZeroInit, nn.Linear):
@@ -59,6 +71,10 @@ class AdapterContainer(nn.Module):
     """
 
     original_module: nn.Module
+
+    def __init__(self) -> None:
+        super().__init__()
+        accept_base_names(self)  # pretrained weights load by the base model's names too
 
     def adapters(self) -> dict[str, LoRABase]:
         """Parameter name -> its adapter."""
@@ -145,7 +161,20 @@ class LoRABase(AdapterKind):
         self.create(spec)
         if variant_cls is not None:
             self.variant = variant_cls(self)
+            if isinstance(self.matrix_B, ZeroInit):  # materialised after the base: the variant follows it
+                self.matrix_B.after_reset = self.variant.reset
         self.init_weights()
+        accept_base_names(self)  # pretrained weights load by the base model's names too
+
+    def reset_parameters(self) -> None:
+        """The layer's own tensors (a variant's, e.g. DoRA's magnitude) from the base weight as it is now.
+
+        Materialisation (``to_empty``, then ``reset_parameters`` on every module with parameters)
+        reaches this layer before its base layer; ``matrix_B``'s reset, which comes after both,
+        runs the variant's reset again (:class:`ZeroInit`), and loading the base weights does too.
+        """
+        if self.variant is not None:
+            self.variant.reset()
 
     def init_weights(self) -> None:
         """The initial values: :meth:`reset_matrices` (B zero), then the variant's (DoRA's magnitude)."""

@@ -301,10 +301,15 @@ class DoRA(Variant):
         return {"magnitude": self.magnitude}
 
     def reset(self) -> None:
-        """``magnitude`` set to the weight's row norms (B is zero: the identity)."""
+        """``magnitude`` set to the weight's row norms (B is zero: the identity).
+
+        The cache is left empty: its weak references would stop the weights being swapped for new
+        ones (``model.to`` of a sharded model, right after materialisation resets the layer).
+        """
         self.norms.clear()
         with torch.no_grad():
             self.magnitude.copy_(self.weight_norm())
+        self.norms.clear()
 
     def weight_norm(self) -> torch.Tensor:
         """``||W + scaling * B @ A||`` per output row (detached), rounded to ``magnitude``'s dtype.
