@@ -7,6 +7,7 @@
 ``wiring``           how its checkpoints plug into the strategy's IO
 ``metrics``          what it logs
 ``random_state``     the random states its checkpoints keep, for exact resume
+``spawn``            the spawn launchers: the trained adapters back in the launching process
 ``mixin``            ``LoRAMixin``: the same abilities declared on the LightningModule
 ``checkpoint``       slim checkpoints and their companion adapter files: ``LoRACheckpointIO``,
                      ``adapter_path_for``, ``check_companion``, ``write_companion``, ``load_checkpoint``
