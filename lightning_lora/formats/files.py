@@ -1,8 +1,8 @@
 """Files: atomic writes on global rank 0, reads and removals, for local paths and fsspec URLs.
 
 Every file the package writes (adapter files, companion files of checkpoints) goes through
-:func:`write_on_rank_zero` or :func:`write_atomic`, and every folder (PEFT exports) through
-:func:`publish_folder` or :func:`staged_folder`, so a crash never leaves a partial file or a mix of
+:func:`write_on_rank_zero` or :func:`write_atomic`, and every folder (PEFT exports, sharded
+checkpoints) through :func:`publish_folder`, :func:`staged_folder` or :func:`publish_staged`, so a crash never leaves a partial file or a mix of
 old and new files under the final name and, in a distributed run, one process writes
 (:func:`gather_objects` collects a value of every rank).
 """
@@ -106,31 +106,49 @@ def publish_folder(folder: str, files: Mapping[str, bytes], check_existing: Call
 @contextmanager
 def staged_folder(target: str) -> Iterator[str]:
     """A new hidden folder beside the local folder ``target`` to write into; renamed into place when the
-    ``with`` block ends without error (an existing ``target`` is renamed aside first, then removed), and
-    removed if it raises. ``target`` never holds a mix of old and new files."""
+    ``with`` block ends without error (see :func:`publish_staged`), and removed if it raises. ``target``
+    never holds a mix of old and new files."""
     target = os.path.abspath(target)
-    parent, name = os.path.split(target)
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(dir=parent, prefix=f".{name}.", suffix=".tmp")
+    staging = staging_folder(target)
     try:
         yield staging
-        os.chmod(staging, 0o777 & ~_umask())
-        old = None
-        if os.path.isdir(target):
-            old = tempfile.mkdtemp(dir=parent, prefix=f".{name}.", suffix=".old")
-            os.rmdir(old)
-            os.rename(target, old)
-        try:
-            os.rename(staging, target)
-        except BaseException:
-            if old is not None:
-                os.rename(old, target)
-            raise
+        publish_staged(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    if old is not None:
+
+
+def staging_folder(target: str) -> str:
+    """A new, empty hidden folder beside the local folder ``target`` (``.<name>.<random>.tmp``), to be
+    published as ``target`` by :func:`publish_staged`."""
+    parent, name = os.path.split(os.path.abspath(target))
+    os.makedirs(parent, exist_ok=True)
+    return tempfile.mkdtemp(dir=parent, prefix=f".{name}.", suffix=".tmp")
+
+
+def publish_staged(staging: str, target: str) -> None:
+    """Rename the finished folder ``staging`` to ``target``. An existing ``target`` (a folder, a file or a
+    link) is renamed aside first and removed after, so a kill leaves the old one (or, between the two
+    renames, none, with the old one beside it under a hidden name), never a mix of old and new files."""
+    os.chmod(staging, 0o777 & ~_umask())
+    parent, name = os.path.split(os.path.abspath(target))
+    old = None
+    if os.path.lexists(target):
+        old = tempfile.mkdtemp(dir=parent, prefix=f".{name}.", suffix=".old")
+        os.rmdir(old)
+        os.rename(target, old)
+    try:
+        os.rename(staging, target)
+    except BaseException:
+        if old is not None:
+            os.rename(old, target)
+        raise
+    if old is None:
+        return
+    if os.path.isdir(old) and not os.path.islink(old):
         shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.unlink(old)
 
 
 def _write_synced(file: BinaryIO, data: bytes | memoryview) -> None:

@@ -9,8 +9,12 @@ file that rank 0 writes after a gather. :class:`ShardedCheckpoints` wraps the st
 - Save (every rank runs it): the adapters are gathered and the checkpoint slimmed (the base
   fingerprint is read from every rank's shards), rank 0 removes the old companion, the strategy
   writes the checkpoint, every rank waits for it and digests the files it wrote, then rank 0 writes
-  the companion adapter file with the whole tensors and every file's digest. A crash leaves a
-  checkpoint without companion, never a mismatched pair.
+  the companion adapter file with the whole tensors and every file's digest. A sharded checkpoint
+  is written into a hidden folder beside its path (``.<name>.<random>.tmp``) and rank 0 renames it
+  into place once every rank has written its part (an old one at that path is renamed aside first).
+  A crash, or a rank killed, leaves the previous checkpoint at that path (or a checkpoint without
+  companion), never a folder with some shards missing or some of another save's, and never a
+  mismatched pair.
 - Load: the checkpoint's files must match the digests its companion records (the ranks share the
   files between them), before anything of it is read; the checkpoint's adapters must already be in
   the model (they cannot be added once it is sharded) and its base weights must match the recorded
@@ -28,6 +32,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -43,7 +48,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from lightning_lora.formats.adapter_file import adapter_tensors, tensors_digest
-from lightning_lora.formats.files import exists, gather_objects, write_atomic
+from lightning_lora.formats.files import exists, gather_objects, publish_staged, staging_folder, write_atomic
 from lightning_lora.lightning.checkpoint import (
     CHECKPOINT_KEY,
     MARKER_KEY,
@@ -95,18 +100,29 @@ class ShardedCheckpoints:
             return
         path = str(self.strategy.broadcast(str(filepath)))
         apply_record(checkpoint, prepared)
-        if self.strategy.is_global_zero:
+        # a sharded checkpoint is written into a hidden folder beside its path, published when whole:
+        # until then the previous checkpoint at that path and its companion stay as they were
+        folder = getattr(self.strategy, "_save_distributed_checkpoint", True)
+        if self.strategy.is_global_zero and not folder:
             remove_stale_companions(path, self.checkpoint_io.linked())
+        staging = str(self.strategy.broadcast(staging_folder(path) if self.strategy.is_global_zero else "")) if folder else ""
         self.checkpoint_io.prepared = prepared  # a full checkpoint reaches the IO on rank 0 only
         try:
-            self._save(checkpoint, filepath, storage_options)
+            self._save(checkpoint, staging or filepath, storage_options)
+        except BaseException:
+            if staging and self.strategy.is_global_zero:
+                shutil.rmtree(staging, ignore_errors=True)
+            raise
         finally:
             self.checkpoint_io.prepared = None
         self.strategy.barrier("lightning_lora.save_checkpoint")  # every shard is written
-        if os.path.isdir(path):  # sharded: no IO wrote the companion
-            digests = self._digests(path)
+        if folder:  # sharded: no IO wrote the companion
+            digests = self._digests(staging)
             if self.strategy.is_global_zero:
+                remove_stale_companions(path, self.checkpoint_io.linked())
+                publish_staged(staging, path)
                 write_atomic(adapter_path_for(path), prepared.companion(digests))
+            self.strategy.barrier("lightning_lora.publish_checkpoint")  # every rank sees it published
 
     def _digests(self, path: str) -> dict[str, str]:
         """Every file of the sharded checkpoint ``path`` and its digest: each rank digests the shards it

@@ -1,0 +1,44 @@
+"""A rank killed (SIGKILL) during a sharded save never leaves a checkpoint folder that looks complete but is not."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from lightning_lora import read_adapter
+from lightning_lora.lightning import check_companion
+
+SCRIPT = Path(__file__).parent / "kill_sharded_run.py"
+
+
+def _launch(folder, when):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PL_", "MASTER_"))}
+    return subprocess.Popen([sys.executable, str(SCRIPT), str(folder), when], env={**env, "OMP_NUM_THREADS": "1"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+
+
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_a_rank_killed_during_a_sharded_save_leaves_the_previous_complete_checkpoint(tmp_path, when):
+    job = _launch(tmp_path, when)
+    deadline = time.monotonic() + 240
+    while not (tmp_path / "killed").exists() and job.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert (tmp_path / "killed").exists(), job.stderr.read().decode()[-3000:]
+    time.sleep(1.0)  # rank 0 goes on as far as it can without rank 1, then the job dies with it
+    os.killpg(job.pid, signal.SIGKILL)
+    job.wait()
+    job.stderr.close()
+    checkpoints = tmp_path / "checkpoints"
+    visible = sorted(name for name in os.listdir(checkpoints) if name.endswith(".ckpt"))
+    assert visible == ["epoch=0-step=4.ckpt", "epoch=1-step=8.ckpt", "last.ckpt"], os.listdir(checkpoints)
+    for name in visible:  # every file of every visible checkpoint is there and is the one its companion lists
+        assert check_companion(checkpoints / name), name
+    assert read_adapter(checkpoints / "last.lora.safetensors").checkpoint == {"epoch": 0, "global_step": 4}
+    done = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path), "resume"], capture_output=True, text=True,
+                          timeout=300, env={k: v for k, v in os.environ.items() if not k.startswith(("PL_", "MASTER_"))})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "done.resume").read_text() == str(4 * 4)  # from the end of epoch 0: 3 more epochs of 4 steps
