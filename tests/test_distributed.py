@@ -286,7 +286,7 @@ def test_fsdp2_sharded_checkpoint_resumes_on_one_process(fsdp2):
     _assert_equal_to(reference, torch.load(folder / "other_world.rank0.pt", weights_only=True))
 
 
-def test_fsdp2_with_the_mixin_alone_keeps_base_weights_and_resumes(fsdp2):
+def test_fsdp2_with_the_mixin_alone_writes_slim_verified_checkpoints_and_resumes(fsdp2):
     from torch.distributed.checkpoint import FileSystemReader
 
     folder, reference, _ = fsdp2

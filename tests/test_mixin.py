@@ -1,5 +1,7 @@
 import os
+import warnings
 
+import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -83,3 +85,37 @@ def test_mixin_with_callback_uses_declared_targets_and_callback_settings(tmp_pat
     checkpoint = torch.load(path, weights_only=True)
     assert "net.blocks.0.attn.qkv.original_module.weight" in checkpoint["state_dict"]
     assert os.path.exists(str(path).replace(".ckpt", ".lora.safetensors"))
+
+
+def test_under_model_parallel_strategy_the_mixins_setup_slims_checkpoints_and_without_it_one_warning_says_the_size():
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    from lightning_lora.lightning import LoRACheckpointIO
+
+    def attached(cls):
+        trainer = L.Trainer(strategy=ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=1), accelerator="cpu",
+                            devices=1, logger=False)
+        model = cls()
+        model.trainer = trainer
+        return trainer, model
+
+    trainer, model = attached(MixinClassifier)
+    model.setup("fit")  # wraps the strategy's checkpoint IO, save and load, as LoRACallback does
+    assert isinstance(trainer.strategy.checkpoint_io, LoRACheckpointIO)
+    assert "save_checkpoint" in vars(trainer.strategy) and "load_checkpoint" in vars(trainer.strategy)
+
+    class OwnSetup(MixinClassifier):
+        def setup(self, stage):  # without super().setup(stage)
+            pass
+
+    trainer, model = attached(OwnSetup)
+    model.apply_lora(targets=["qkv"])
+    model.setup("fit")
+    frozen = sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad)
+    with pytest.warns(UserWarning, match=rf"LoRAMixin: checkpoints under ModelParallelStrategy keep the frozen base weights "
+                                         rf"\({frozen / 2**30:.3f} GiB per checkpoint.*OwnSetup.setup does not call "
+                                         rf"super\(\).setup\(stage\)"):
+        model.on_save_checkpoint({"state_dict": model.state_dict()})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model.on_save_checkpoint({"state_dict": model.state_dict()})  # once

@@ -166,7 +166,7 @@ class LoRACallback(Callback):
             self.config = reconcile(
                 stored, self.settings.explicit, f"adapter_path {self.adapter_path!r}", self.adapter_root
             )
-        self._sharded = wire_checkpoints(trainer, self.settings, self, self._sharded)
+        self._sharded = wire_checkpoints(trainer, self, self._sharded, self.save_base_weights, self.export_peft)
         export = self.export_peft
         self._adaptation.arm(
             trainer, pl_module, self.config, loader, stage, check=lambda adapters, trainable: check_export(export, adapters, trainable)

@@ -22,11 +22,13 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from lightning_lora.config import LoRAConfig
 from lightning_lora.formats import adapter_file, peft
 from lightning_lora.lightning.checkpoint import LoRACheckpointIO, restore_checkpoint, slim_checkpoint
+from lightning_lora.lightning.wiring import wire_checkpoints
 from lightning_lora.surgery import apply, merge, state
 
 if TYPE_CHECKING:
@@ -50,12 +52,15 @@ class LoRAMixin(_Module):
     load (``load_from_checkpoint`` or resume) a checkpoint without base weights is filled from the
     model's own weights after they are shown to match the fingerprint of the weights trained on.
     Keys may be missing only for frozen base weights: anything else still fails strict loading.
-    Under ``ModelParallelStrategy`` (FSDP2), which reads checkpoints itself, only ``LoRACallback``
-    slims them; without it checkpoints keep the base weights.
+    Under ``ModelParallelStrategy`` (FSDP2), which reads and writes checkpoints itself, :meth:`setup`
+    wraps the strategy's save and load as ``LoRACallback`` does (slim, verified checkpoints with
+    companion adapter files): a ``setup`` of your own must call ``super().setup(stage)``, else each
+    checkpoint keeps the base weights, with one warning that says how much they weigh.
     """
 
     lora_targets: ClassVar[list[str] | None] = None
     lora_save_base_weights: ClassVar[bool] = False
+    _lora_full_warned: bool = False
 
     def apply_lora(self, config: LoRAConfig | None = None, **kwargs: Any) -> list[str]:
         """Adapt this model in place; ``kwargs`` are ``LoRAConfig`` fields (``targets`` defaults to
@@ -116,10 +121,27 @@ class LoRAMixin(_Module):
             **kwargs,
         )
 
+    def setup(self, stage: str) -> None:
+        """Under ``ModelParallelStrategy`` without ``LoRACallback``: wrap the strategy's checkpoint save and
+        load (before ``configure_model`` and any restore), so that checkpoints are slim there too."""
+        super().setup(stage)
+        if self._strategy_is(ModelParallelStrategy) and not self._checkpoint_io_slims():
+            wire_checkpoints(self.trainer, self, None, self.lora_save_base_weights)
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
-        if not self._checkpoint_io_slims() and not self._strategy_is(ModelParallelStrategy):
+        if self._checkpoint_io_slims():
+            return
+        if not self._strategy_is(ModelParallelStrategy):
             slim_checkpoint(checkpoint, self, keep_base_weights=self.lora_save_base_weights)
+        elif not self.lora_save_base_weights and not self._lora_full_warned and state.lora_modules(self):
+            self._lora_full_warned = True
+            frozen = sum(p.numel() * p.element_size() for p in self.parameters() if not p.requires_grad)
+            rank_zero_warn(
+                f"LoRAMixin: checkpoints under ModelParallelStrategy keep the frozen base weights "
+                f"({frozen / 2**30:.3f} GiB per checkpoint, summed over all shards) because {type(self).__name__}.setup "
+                f"does not call super().setup(stage), which makes them slim; call it, or add LoRACallback"
+            )
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)

@@ -17,7 +17,6 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 
 from lightning_lora.lightning.checkpoint import LoRACheckpointIO, link_companion
 from lightning_lora.lightning.model_parallel import ShardedCheckpoints
-from lightning_lora.lightning.settings import CallbackSettings
 
 
 def owns_checkpoints(trainer: pl.Trainer, owner: object) -> bool:
@@ -27,9 +26,18 @@ def owns_checkpoints(trainer: pl.Trainer, owner: object) -> bool:
 
 
 def wire_checkpoints(
-    trainer: pl.Trainer, settings: CallbackSettings, owner: object, sharded: ShardedCheckpoints | None
+    trainer: pl.Trainer,
+    owner: object,
+    sharded: ShardedCheckpoints | None,
+    save_base_weights: bool = False,
+    export_peft: str | None = None,
 ) -> ShardedCheckpoints | None:
     """Wrap the strategy's checkpoint IO (once) and, under ``ModelParallelStrategy``, its save and load.
+
+    Args:
+        owner: what wires them (a ``LoRACallback``, or a ``LoRAMixin`` model without one).
+        sharded: the sharded checkpointing ``owner`` wired before, if any.
+        save_base_weights, export_peft: the :class:`LoRACheckpointIO` settings.
 
     Returns:
         The sharded checkpointing of the strategy (``sharded`` itself if it is for this strategy),
@@ -41,10 +49,10 @@ def wire_checkpoints(
         checkpoint_io = strategy.checkpoint_io = LoRACheckpointIO(
             checkpoint_io,
             lambda: trainer.lightning_module,
-            settings.save_base_weights,
+            save_base_weights,
             owner=owner,
             linked=lambda: checkpoint_links(trainer),
-            export=settings.export_peft,
+            export=export_peft,
         )
     if not isinstance(strategy, ModelParallelStrategy):
         return None
