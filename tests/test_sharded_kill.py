@@ -38,7 +38,34 @@ def test_a_rank_killed_during_a_sharded_save_leaves_the_previous_complete_checkp
     for name in visible:  # every file of every visible checkpoint is there and is the one its companion lists
         assert check_companion(checkpoints / name), name
     assert read_adapter(checkpoints / "last.lora.safetensors").checkpoint == {"epoch": 0, "global_step": 4}
+    hidden = [name for name in os.listdir(checkpoints) if name.startswith(".")]
+    # the killed save's own folder, unless rank 0 saw the save fail and removed it before the job died
+    assert len(hidden) <= 1 and all(name.startswith(".last.ckpt.") and name.endswith(".tmp") for name in hidden), hidden
     done = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path), "resume"], capture_output=True, text=True,
                           timeout=300, env={k: v for k, v in os.environ.items() if not k.startswith(("PL_", "MASTER_"))})
     assert done.returncode == 0, done.stderr[-3000:]
     assert (tmp_path / "done.resume").read_text() == str(4 * 4)  # from the end of epoch 0: 3 more epochs of 4 steps
+    assert [name for name in os.listdir(checkpoints) if name.startswith(".")] == []  # the next save of last.ckpt removed it
+
+
+@pytest.mark.parametrize("existing", ["none", "folder", "file", "link"])
+def test_a_staged_folder_replaces_whatever_is_at_its_path_and_leftovers_of_that_path_alone_are_removed(tmp_path, existing):
+    from lightning_lora.formats.files import publish_staged, remove_leftovers, staging_folder
+
+    target = tmp_path / "last.ckpt"
+    (tmp_path / "epoch=0.ckpt").mkdir()
+    if existing == "folder":
+        target.mkdir()
+        (target / "old").write_text("old")
+    elif existing == "file":
+        target.write_text("old")
+    elif existing == "link":
+        target.symlink_to("epoch=0.ckpt")
+    leftover, other = staging_folder(str(target)), staging_folder(str(tmp_path / "epoch=0.ckpt"))
+    staging = staging_folder(str(target))
+    (Path(staging) / "new").write_text("new")
+    publish_staged(staging, str(target))
+    assert target.is_dir() and not target.is_symlink() and os.listdir(target) == ["new"]
+    assert (tmp_path / "epoch=0.ckpt").is_dir()  # a link's target is left alone
+    assert sorted(remove_leftovers(str(target))) == sorted([leftover, *[str(tmp_path / n) for n in os.listdir(tmp_path) if n.endswith(".old")]])
+    assert sorted(os.listdir(tmp_path)) == sorted([os.path.basename(other), "epoch=0.ckpt", "last.ckpt"])

@@ -10,6 +10,7 @@ old and new files under the final name and, in a distributed run, one process wr
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
@@ -124,6 +125,24 @@ def staging_folder(target: str) -> str:
     parent, name = os.path.split(os.path.abspath(target))
     os.makedirs(parent, exist_ok=True)
     return tempfile.mkdtemp(dir=parent, prefix=f".{name}.", suffix=".tmp")
+
+
+def remove_leftovers(target: str) -> list[str]:
+    """Remove the hidden folders of earlier, interrupted writes of the local folder ``target`` (see
+    :func:`staging_folder` and :func:`publish_staged`); only for a ``target`` that one writer writes.
+
+    Returns:
+        The paths removed.
+    """
+    parent, name = os.path.split(os.path.abspath(target))
+    pattern = re.compile(rf"\.{re.escape(name)}\.[A-Za-z0-9_]+\.(tmp|old)")
+    removed = [os.path.join(parent, entry) for entry in os.listdir(parent) if pattern.fullmatch(entry)]
+    for path in removed:
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            os.unlink(path)
+    return removed
 
 
 def publish_staged(staging: str, target: str) -> None:

@@ -14,7 +14,7 @@ file that rank 0 writes after a gather. :class:`ShardedCheckpoints` wraps the st
   into place once every rank has written its part (an old one at that path is renamed aside first).
   A crash, or a rank killed, leaves the previous checkpoint at that path (or a checkpoint without
   companion), never a folder with some shards missing or some of another save's, and never a
-  mismatched pair.
+  mismatched pair; the next save of that path removes the hidden folders killed saves left.
 - Load: the checkpoint's files must match the digests its companion records (the ranks share the
   files between them), before anything of it is read; the checkpoint's adapters must already be in
   the model (they cannot be added once it is sharded) and its base weights must match the recorded
@@ -48,7 +48,14 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from lightning_lora.formats.adapter_file import adapter_tensors, tensors_digest
-from lightning_lora.formats.files import exists, gather_objects, publish_staged, staging_folder, write_atomic
+from lightning_lora.formats.files import (
+    exists,
+    gather_objects,
+    publish_staged,
+    remove_leftovers,
+    staging_folder,
+    write_atomic,
+)
 from lightning_lora.lightning.checkpoint import (
     CHECKPOINT_KEY,
     MARKER_KEY,
@@ -121,6 +128,7 @@ class ShardedCheckpoints:
             if self.strategy.is_global_zero:
                 remove_stale_companions(path, self.checkpoint_io.linked())
                 publish_staged(staging, path)
+                remove_leftovers(path)  # of saves of this path that were killed before
                 write_atomic(adapter_path_for(path), prepared.companion(digests))
             self.strategy.barrier("lightning_lora.publish_checkpoint")  # every rank sees it published
 
