@@ -111,3 +111,27 @@ def test_final_adapters_refuse_another_base_and_leave_the_model_as_it_was(tmp_pa
     with pytest.raises(RuntimeError, match="Unexpected key"):
         adopt_final_state(same, path, unexpected)
     assert not lora_modules(same)
+
+
+def test_a_final_state_the_launching_process_cannot_take_is_an_error_naming_the_trained_files_which_stay(tmp_path):
+    from types import SimpleNamespace
+
+    from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+    from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher, _WorkerOutput
+
+    LoRACallback()  # installs the hook
+    torch.manual_seed(0)
+    trained = Classifier()
+    apply_lora(trained, LoRAConfig(targets=["qkv"]))
+    path = str(tmp_path / ".temp.ckpt")
+    torch.save(trained.state_dict(), path)
+    write_final_adapters(trained, path)
+    torch.manual_seed(1)
+    launching = Classifier()  # another base than the one trained
+    launcher = SimpleNamespace(_strategy=SimpleNamespace(checkpoint_io=TorchCheckpointIO()))
+    output = _WorkerOutput(None, path, None, None, {})
+    trainer = SimpleNamespace(lightning_module=launching, checkpoint_callback=None)
+    with pytest.raises(RuntimeError, match=rf"the trained model could not be loaded back into the launching process: .*fingerprint.*"
+                                           rf"its final weights are in '{path}' and its adapter file in '{path}.lora.safetensors'"):
+        _MultiProcessingLauncher._recover_results_in_main_process(launcher, output, trainer)
+    assert os.path.exists(path) and os.path.exists(path + ".lora.safetensors") and not lora_modules(launching)

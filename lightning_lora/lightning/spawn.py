@@ -109,10 +109,10 @@ def hook_launcher() -> None:
         path = worker_output.weights_path
         if path is not None and exists(str(path) + SUFFIX):
             checkpoint_io = self._strategy.checkpoint_io
-            state = checkpoint_io.load_checkpoint(path, weights_only=True)
             try:
+                state = checkpoint_io.load_checkpoint(path, weights_only=True)
                 adopt_final_state(trainer.lightning_module, str(path), state)
-            except (ValueError, TypeError, RuntimeError) as err:  # the trained files stay where they are
+            except Exception as err:  # the trained files stay where they are
                 raise RuntimeError(
                     f"the trained model could not be loaded back into the launching process: {err}; its final "
                     f"weights are in {str(path)!r} and its adapter file in {str(path) + SUFFIX!r}"
