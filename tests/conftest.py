@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 SEED = 0
-collect_ignore = ["fsdp2_run.py", "fsdp2_moe_run.py"]  # scripts that test_distributed.py runs in their own processes
+collect_ignore = ["fsdp2_run.py", "fsdp2_moe_run.py", "meta_init_run.py", "kill_sharded_run.py"]  # scripts tests run in their own processes
 
 
 @pytest.fixture(autouse=True)
