@@ -7,7 +7,10 @@ its device mesh must call it, in the same order; on plain tensors they do no com
 
 - :func:`is_sharded`: whether a model has sharded parameters (adapters must not be added then: they
   would be plain parameters that FSDP never synchronises).
-- :func:`full_tensor`: the whole tensor, gathered (adapters are small); :func:`copy_into` the reverse.
+- :func:`full_tensor`: the whole tensor, gathered (adapters are small); :func:`copy_into` the reverse;
+  :func:`shard_like`: a whole tensor every rank holds, cut into this rank's shard (no communication).
+- :func:`broadcast_from_rank0`: rank 0's values of plain tensors on every rank (adapters initialised
+  before ``fully_shard``, which keeps each rank's values: under HSDP replicas would train apart).
 - :func:`sample_flat`: the values at given positions of the flattened whole tensor, read from each
   rank's own shard and summed over the mesh, so a fingerprint needs no gather of the base weights
   and is the same for any number of ranks.
@@ -15,7 +18,8 @@ its device mesh must call it, in the same order; on plain tensors they do no com
 
 from __future__ import annotations
 
-from typing import TypeGuard
+from collections.abc import Iterable
+from typing import Any, TypeGuard
 
 import torch
 from torch import nn
@@ -31,6 +35,34 @@ def is_dtensor(tensor: object) -> TypeGuard[DTensor]:
 def is_sharded(module: nn.Module) -> bool:
     """Whether any parameter of ``module`` is a ``DTensor`` (``fully_shard`` or tensor parallelism ran)."""
     return any(is_dtensor(param) for param in module.parameters())
+
+
+def shard_like(value: Any, target: torch.Tensor) -> Any:
+    """``value``, a whole tensor, as a shard like ``target`` where that is a ``DTensor`` (this rank's part
+    of it); anything else as it is. Every rank must hold the same whole tensor: no communication."""
+    if not (is_dtensor(target) and isinstance(value, torch.Tensor) and not is_dtensor(value)):
+        return value
+    return distribute_tensor(value.to(target.device), target.device_mesh, target.placements, src_data_rank=None)
+
+
+def broadcast_from_rank0(tensors: Iterable[torch.Tensor], device: torch.device) -> None:
+    """Copy rank 0's values into ``tensors`` on every rank, in place (a collective of the default group).
+
+    ``fully_shard`` takes each rank's values as they are: under a mesh with a replicate dimension (HSDP)
+    replicas initialised from different random states would keep them and train apart. Plain tensors
+    only (``DTensor`` and meta tensors are skipped); they travel through ``device`` (NCCL needs CUDA).
+    """
+    if not torch.distributed.is_available() or not torch.distributed.is_initialized():
+        return
+    if torch.distributed.get_world_size() == 1:
+        return
+    with torch.no_grad():
+        for tensor in tensors:
+            if is_dtensor(tensor) or tensor.is_meta:
+                continue
+            buffer = tensor.detach().to(device)
+            torch.distributed.broadcast(buffer, src=0)
+            tensor.copy_(buffer)
 
 
 def full_tensor(tensor: torch.Tensor) -> torch.Tensor:

@@ -30,10 +30,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-import torch
 from torch import nn
 
-from lightning_lora.sharding import is_dtensor
+from lightning_lora.sharding import shard_like
 
 ORIGINAL = "original_module."
 
@@ -69,7 +68,7 @@ def load_base_weights(model: nn.Module, state_dict: Mapping[str, Any], strict: b
     if not isinstance(state_dict, Mapping):
         raise TypeError(f"state_dict must be a mapping of names to tensors, got {type(state_dict).__name__}")
     targets = model.state_dict(keep_vars=True)
-    whole = {key: _like(value, targets[key]) if key in targets else value for key, value in state_dict.items()}
+    whole = {key: shard_like(value, targets[key]) if key in targets else value for key, value in state_dict.items()}
     return model.load_state_dict(whole, strict=strict)
 
 
@@ -94,7 +93,7 @@ def _move_base_names(
             f"update, and unmerging would take it out of the new weights; unmerge first (unmerge_lora(model))"
         )
     for name in plain:
-        state_dict[prefix + ORIGINAL + name] = _like(state_dict.pop(prefix + name), base[name])
+        state_dict[prefix + ORIGINAL + name] = shard_like(state_dict.pop(prefix + name), base[name])
     variant = getattr(layer, "variant", None)
     derived = variant is not None and loads_base and not any(prefix + key in state_dict for key in variant.params())
     vars(layer)["_loading"] = (prefix, bool(plain), derived)
@@ -109,13 +108,3 @@ def _after_load(layer: nn.Module, incompatible: Any) -> None:
             incompatible.missing_keys.remove(key)
     if derived:
         getattr(layer, "variant").reset()
-
-
-def _like(value: Any, target: torch.Tensor) -> Any:
-    """``value``, a whole tensor, as a shard like ``target`` where that is sharded (this rank's part of it)."""
-    if not (is_dtensor(target) and isinstance(value, torch.Tensor) and not is_dtensor(value)):
-        return value
-    from torch.distributed.tensor import distribute_tensor
-
-    # every rank was given the whole tensor (a full state dict): each cuts its own shard, no communication
-    return distribute_tensor(value.to(target.device), target.device_mesh, target.placements, src_data_rank=None)

@@ -32,7 +32,7 @@ from lightning_lora.config import LoRAConfig
 from lightning_lora.formats.adapter_file import install_file, read_adapter
 from lightning_lora.formats.peft import install_peft, is_peft_folder, read_peft
 from lightning_lora.naming import sites
-from lightning_lora.sharding import is_dtensor
+from lightning_lora.sharding import broadcast_from_rank0, is_dtensor
 from lightning_lora.surgery.apply import Installation, install, quantize_base
 from lightning_lora.surgery.plan import AdapterPlan, plan_adapters
 from lightning_lora.surgery.state import adapted, tensors_of
@@ -85,6 +85,8 @@ class Adaptation:
             plan = _plan_or_none(pl_module, config) if sharding else None
             if plan is not None:
                 self._adapt(pl_module, config, adapter, plan)
+                # fully_shard keeps each rank's values: replicas (HSDP) must start from the same adapters
+                broadcast_from_rank0(self._adapter_parameters(), trainer.strategy.root_device)
             configure_model()
             if plan is None:
                 self._adapt(pl_module, config, adapter, None)
