@@ -15,23 +15,25 @@ from lightning_lora.lightning import check_companion
 SCRIPT = Path(__file__).parent / "kill_sharded_run.py"
 
 
-def _launch(folder, when):
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PL_", "MASTER_"))}
-    return subprocess.Popen([sys.executable, str(SCRIPT), str(folder), when], env={**env, "OMP_NUM_THREADS": "1"},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+def _environment():
+    return {**{k: v for k, v in os.environ.items() if not k.startswith(("PL_", "MASTER_"))}, "OMP_NUM_THREADS": "1"}
 
 
 @pytest.mark.parametrize("when", ["before", "after"])
 def test_a_rank_killed_during_a_sharded_save_leaves_the_previous_complete_checkpoint(tmp_path, when):
-    job = _launch(tmp_path, when)
-    deadline = time.monotonic() + 240
-    while not (tmp_path / "killed").exists() and job.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert (tmp_path / "killed").exists(), job.stderr.read().decode()[-3000:]
-    time.sleep(1.0)  # rank 0 goes on as far as it can without rank 1, then the job dies with it
-    os.killpg(job.pid, signal.SIGKILL)
-    job.wait()
-    job.stderr.close()
+    with open(tmp_path / "log.txt", "wb") as log:  # a file, not a pipe: a full pipe would block the job
+        job = subprocess.Popen([sys.executable, str(SCRIPT), str(tmp_path), when], env=_environment(),
+                               stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not (tmp_path / "killed").exists() and job.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if (tmp_path / "killed").exists():
+            time.sleep(1.0)  # rank 0 goes on as far as it can without rank 1, then the job dies with it
+    finally:
+        os.killpg(job.pid, signal.SIGKILL)  # the whole job, Lightning's second process included
+        job.wait()
+    assert (tmp_path / "killed").exists(), (tmp_path / "log.txt").read_text()[-3000:]
     checkpoints = tmp_path / "checkpoints"
     visible = sorted(name for name in os.listdir(checkpoints) if name.endswith(".ckpt"))
     assert visible == ["epoch=0-step=4.ckpt", "epoch=1-step=8.ckpt", "last.ckpt"], os.listdir(checkpoints)
@@ -42,7 +44,7 @@ def test_a_rank_killed_during_a_sharded_save_leaves_the_previous_complete_checkp
     # the killed save's own folder, unless rank 0 saw the save fail and removed it before the job died
     assert len(hidden) <= 1 and all(name.startswith(".last.ckpt.") and name.endswith(".tmp") for name in hidden), hidden
     done = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path), "resume"], capture_output=True, text=True,
-                          timeout=300, env={k: v for k, v in os.environ.items() if not k.startswith(("PL_", "MASTER_"))})
+                          timeout=300, env=_environment())
     assert done.returncode == 0, done.stderr[-3000:]
     assert (tmp_path / "done.resume").read_text() == str(4 * 4)  # from the end of epoch 0: 3 more epochs of 4 steps
     assert [name for name in os.listdir(checkpoints) if name.startswith(".")] == []  # the next save of last.ckpt removed it
