@@ -1,3 +1,5 @@
+import os
+
 import pytest
 import torch
 from torch import nn
@@ -9,6 +11,28 @@ collect_ignore = ["fsdp2_run.py", "fsdp2_moe_run.py", "meta_init_run.py", "kill_
 @pytest.fixture(autouse=True)
 def seeded():
     torch.manual_seed(SEED)
+
+
+@pytest.fixture(autouse=True)
+def environment_restored():
+    """Each test sees the environment as it was: a Lightning launch in this process (a README snippet's
+    Trainer) sets LOCAL_RANK, WORLD_SIZE and MASTER_PORT, with which a later launch would wait for ranks
+    it believes someone else starts."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+#: What a Lightning or torchrun launch leaves in the launching process's environment.
+LAUNCH_VARIABLES = ("LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_")
+
+
+def launch_environment() -> dict[str, str]:
+    """The environment for a script that launches its own processes: none of an earlier launch's
+    variables, nor Lightning's reseeding of launched processes (``PL_GLOBAL_SEED``), one thread each."""
+    keep = {k: v for k, v in os.environ.items() if not k.startswith(("PL_", *LAUNCH_VARIABLES))}
+    return {**keep, "OMP_NUM_THREADS": "1"}
 
 
 class Block(nn.Module):

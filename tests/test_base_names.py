@@ -4,7 +4,7 @@ import sys
 
 import pytest
 import torch
-from conftest import TinyModel
+from conftest import TinyModel, launch_environment
 from hf_models import llama, logits, qwen3_moe
 from lightning.fabric.utilities.init import _materialize_distributed_module
 
@@ -161,15 +161,13 @@ def test_load_from_checkpoint_of_the_base_models_checkpoint_into_a_class_that_ad
 
 def _run_meta_built(folder, world, variant, pretrained_state):
     """tests/meta_init_run.py on ``world`` processes (Lightning launches the others): its exit and stderr."""
-    import os
     import subprocess
     from pathlib import Path
 
     torch.save(pretrained_state, folder / "pretrained.pt")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PL_", "MASTER_"))}
     script = Path(__file__).parent / "meta_init_run.py"
     done = subprocess.run([sys.executable, str(script), str(folder), str(world), variant], capture_output=True, text=True,
-                          timeout=300, env={**env, "OMP_NUM_THREADS": "1"})
+                          timeout=300, env=launch_environment())
     return done.returncode, done.stderr
 
 

@@ -7,9 +7,10 @@ import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from conftest import launch_environment
 from lightning_models import Classifier, data
 
-from lightning_lora import LoRACallback, apply_lora, lora_modules, read_adapter
+from lightning_lora import LoRACallback, apply_lora, read_adapter
 
 SPAWN = {"strategy": "ddp_spawn", "accelerator": "cpu", "devices": 2, "max_epochs": 1, "logger": False, "enable_progress_bar": False}
 
@@ -65,10 +66,8 @@ def _run(script, *args, timeout=600, cwd=None):
     import subprocess
     import sys
 
-    # Lightning reseeds launched processes from PL_GLOBAL_SEED, which an earlier seed_everything may have set
-    env = {key: value for key, value in os.environ.items() if not key.startswith("PL_")}
     done = subprocess.run([sys.executable, str(script), *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout, env={**env, "OMP_NUM_THREADS": "1"})
+                          timeout=timeout, env=launch_environment())
     assert done.returncode == 0, done.stderr[-5000:]
 
 

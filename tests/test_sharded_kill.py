@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import launch_environment
 
 from lightning_lora import read_adapter
 from lightning_lora.lightning import check_companion
@@ -15,14 +16,10 @@ from lightning_lora.lightning import check_companion
 SCRIPT = Path(__file__).parent / "kill_sharded_run.py"
 
 
-def _environment():
-    return {**{k: v for k, v in os.environ.items() if not k.startswith(("PL_", "MASTER_"))}, "OMP_NUM_THREADS": "1"}
-
-
 @pytest.mark.parametrize("when", ["before", "after"])
 def test_a_rank_killed_during_a_sharded_save_leaves_the_previous_complete_checkpoint(tmp_path, when):
     with open(tmp_path / "log.txt", "wb") as log:  # a file, not a pipe: a full pipe would block the job
-        job = subprocess.Popen([sys.executable, str(SCRIPT), str(tmp_path), when], env=_environment(),
+        job = subprocess.Popen([sys.executable, str(SCRIPT), str(tmp_path), when], env=launch_environment(),
                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + 240
@@ -44,7 +41,7 @@ def test_a_rank_killed_during_a_sharded_save_leaves_the_previous_complete_checkp
     # the killed save's own folder, unless rank 0 saw the save fail and removed it before the job died
     assert len(hidden) <= 1 and all(name.startswith(".last.ckpt.") and name.endswith(".tmp") for name in hidden), hidden
     done = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path), "resume"], capture_output=True, text=True,
-                          timeout=300, env=_environment())
+                          timeout=300, env=launch_environment())
     assert done.returncode == 0, done.stderr[-3000:]
     assert (tmp_path / "done.resume").read_text() == str(4 * 4)  # from the end of epoch 0: 3 more epochs of 4 steps
     assert [name for name in os.listdir(checkpoints) if name.startswith(".")] == []  # the next save of last.ckpt removed it
