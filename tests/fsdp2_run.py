@@ -1,14 +1,19 @@
-"""FSDP2 runs for tests/test_distributed.py: ``python fsdp2_run.py FOLDER two|one``.
+"""FSDP2 and HSDP runs for tests/test_distributed.py: ``python fsdp2_run.py FOLDER two|one [MESH]``.
 
 ``two``: 2 processes (Lightning launches the second), ``ModelParallelStrategy(data_parallel_size=2)``,
 every run in lockstep on both ranks. ``one``: the same strategy on one process, for the runs that
 end in an error (Lightning stops the other processes of a failed multi-process run) and for
 resuming the 2-process checkpoints on another world size. Results go to FOLDER.
+
+``MESH`` (``2x1``: 2 replicas of 1 shard; ``1x2``): HSDP, the model sharded over that 2-D
+``(replicate, shard)`` mesh of the 2 processes (``HybridShardedClassifier``), for the same runs; ``one``
+then only resumes the 2-process sharded checkpoint on one process (a 1x1 mesh): the refusals are FSDP2's.
 """
 
 import json
 import shutil
 import sys
+from functools import partial
 from pathlib import Path
 
 import lightning as L
@@ -19,21 +24,25 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).parent))
-from lightning_models import ShardedClassifier  # noqa: E402
+from lightning_models import HybridShardedClassifier, ShardedClassifier  # noqa: E402
 
 from lightning_lora import LoRACallback, LoRAMixin, apply_lora, lora_modules, lora_state_dict  # noqa: E402
 
 TARGETS = ["qkv", "fc1"]
 folder, mode = Path(sys.argv[1]), sys.argv[2]
 world = 2 if mode == "two" else 1
+mesh = sys.argv[3] if len(sys.argv) > 3 else None
+_, shards = map(int, mesh.split("x")) if mesh else (1, world)  # replicas x shards of the 2-process runs
+# one process is one replica of one shard
+Model = partial(HybridShardedClassifier, shards=min(shards, world)) if mesh else ShardedClassifier
 base = torch.load(folder / "base.pt", weights_only=True)
 tokens = torch.randint(0, 32, (64, 6), generator=torch.Generator().manual_seed(0))
 dataset = TensorDataset(tokens, tokens[:, 0] % 3)
 
 
-def fresh(cls=ShardedClassifier):
+def fresh(cls=None):
     torch.manual_seed(0)  # the adapters start from the same random state as the reference's
-    model = cls()
+    model = (cls or Model)()
     model.load_state_dict(base)
     return model
 
@@ -88,7 +97,8 @@ if mode == "two":
     run.fit(model, loader(run.global_rank), ckpt_path=folder / "full" / "last.ckpt")
     record("full_resume", model, run.global_rank)
 
-    for name, ckpt_path in (("dropout", None), ("dropout_resume", folder / "dropout" / "epoch=0-step=8.ckpt")):
+    dropout_runs = [("dropout", None), ("dropout_resume", folder / "dropout" / "epoch=0-step=8.ckpt")]
+    for name, ckpt_path in dropout_runs:
         run = trainer(name, 2, callback=LoRACallback(targets=TARGETS, dropout=0.3))
         losses = Losses()
         run.callbacks.append(losses)
@@ -107,6 +117,8 @@ else:
     model = fresh()
     run.fit(model, loader(0), ckpt_path=folder / "sharded" / "epoch=0-step=8.ckpt")
     record("other_world", model, 0)
+    if mesh is not None:  # the refusals below are FSDP2's, whatever the mesh
+        sys.exit()
 
     class AdaptedAfterSharding(ShardedClassifier):
         def configure_model(self):

@@ -98,8 +98,32 @@ class ShardedClassifier(MomentumClassifier):
 
         if isinstance(self.net.blocks[0], FSDPModule):  # a second run of the same model
             return
-        mesh = self.device_mesh["data_parallel"]
+        mesh = self.shard_mesh()
         for block in self.net.blocks:
             fully_shard(block, mesh=mesh)
         if self.shard_root:
             fully_shard(self.net, mesh=mesh)
+
+    def shard_mesh(self):
+        """The mesh ``fully_shard`` shards over: the strategy's data-parallel dimension."""
+        return self.device_mesh["data_parallel"]
+
+
+class HybridShardedClassifier(ShardedClassifier):
+    """HSDP: ``fully_shard`` over a 2-D ``(replicate, shard)`` mesh built in ``configure_model``, the
+    multi-node layout (each replica sharded within a node, gradients all-reduced between replicas).
+
+    Args:
+        shards: ranks that shard each replica; the world size divided by it is the number of replicas.
+    """
+
+    def __init__(self, shards: int = 1) -> None:
+        super().__init__()
+        self.shards = shards
+
+    def shard_mesh(self):
+        from torch.distributed.device_mesh import init_device_mesh
+
+        world = self.device_mesh.size()  # ModelParallelStrategy(data_parallel_size=world, tensor_parallel_size=1)
+        return init_device_mesh(self.device_mesh.device_type, (world // self.shards, self.shards),
+                                mesh_dim_names=("replicate", "shard"))

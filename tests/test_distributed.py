@@ -288,9 +288,13 @@ def test_fsdp2_sharded_checkpoint_resumes_on_one_process(fsdp2):
 def test_fsdp2_with_the_mixin_alone_writes_slim_verified_checkpoints_and_resumes(fsdp2):
     from torch.distributed.checkpoint import FileSystemReader
 
+    from lightning_lora.lightning import check_companion
+
     folder, reference, _ = fsdp2
     stored = FileSystemReader(str(folder / "mixin" / "last.ckpt")).read_metadata().state_dict_metadata
-    assert "state_dict.net.embed.weight" in stored  # the strategy loads checkpoints itself: nothing left out
+    assert "state_dict.net.embed.weight" not in stored  # the mixin's setup slims them, as the callback does
+    assert "state_dict.net.blocks.0.attn.qkv.matrix_A.weight" in stored
+    assert check_companion(folder / "mixin" / "last.ckpt")
     _assert_equal_to(reference, torch.load(folder / "mixin_resume.rank0.pt", weights_only=True))
 
 
@@ -406,6 +410,72 @@ def test_fsdp2_companions_record_every_file_of_a_sharded_folder_and_check_refuse
     (path / "__0_0.distcp").rename(path / "__0_9.distcp")  # a shard missing, another not listed
     with pytest.raises(ValueError, match=r"__0_0.distcp \(missing\); .*__0_9.distcp \(not listed in its companion"):
         check_companion(path)
+
+
+# --- HSDP: fully_shard over a 2-D (replicate, shard) mesh -----------------------------------------
+# The FSDP2 runs again, on 2 processes as 2 replicas of 1 shard (the replicate dimension, which FSDP2
+# lacks: gradients all-reduced between replicas) and as 1 replica of 2 shards; each check is the FSDP2
+# test's, on these runs.
+
+
+@pytest.fixture(scope="module", params=["2x1", "1x2"])
+def hsdp(fsdp2, tmp_path_factory, request):
+    """tests/fsdp2_run.py on an HSDP mesh (replicas x shards), then (with replicas) on one process, from
+    the FSDP2 runs' base weights; the FSDP2 runs' one-process reference."""
+    import shutil
+    from pathlib import Path
+
+    folder = tmp_path_factory.mktemp(f"hsdp{request.param}")
+    for name in ("base.pt", "single.lora.safetensors"):
+        shutil.copy(fsdp2[0] / name, folder / name)
+    script = Path(__file__).parent / "fsdp2_run.py"
+    _run(script, str(folder), "two", request.param)
+    if request.param == "2x1":  # 1x2's checkpoint holds what FSDP2's does: its 2 -> 1 resume is FSDP2's
+        _run(script, str(folder), "one", request.param)
+    return folder, *fsdp2[1:]
+
+
+@pytest.mark.parametrize("run", ["sharded", "sharded_resume", "full_resume", "from_file"])
+def test_hsdp_adapters_are_identical_on_both_ranks_and_equal_one_process(hsdp, run):
+    test_fsdp2_adapters_are_identical_on_both_ranks_and_equal_one_process(hsdp, run)
+
+
+@pytest.mark.parametrize("run", ["sharded_resume", "full_resume"])
+def test_hsdp_resume_at_an_epoch_boundary_is_bit_exact(hsdp, run):
+    test_fsdp2_resume_at_an_epoch_boundary_is_bit_exact(hsdp, run)
+
+
+@pytest.mark.parametrize("hsdp", ["2x1"], indirect=True)
+def test_hsdp_sharded_checkpoint_resumes_on_one_process(hsdp):
+    test_fsdp2_sharded_checkpoint_resumes_on_one_process(hsdp)
+
+
+@pytest.mark.parametrize("run", ["sharded", "full"])
+def test_hsdp_checkpoints_are_slim_with_whole_companions(hsdp, run):
+    test_fsdp2_checkpoints_are_slim_with_whole_companions(hsdp, run)
+
+
+@pytest.mark.parametrize("kind", ["sharded", "full"])
+def test_hsdp_save_checkpoint_after_fit_is_slim_with_a_whole_companion(hsdp, kind):
+    test_fsdp2_save_checkpoint_after_fit_is_slim_with_a_whole_companion(hsdp, kind)
+
+
+def test_hsdp_logged_grad_norm_is_the_global_norm(hsdp):
+    test_fsdp2_logged_grad_norm_is_the_global_norm(hsdp)
+
+
+def test_hsdp_companions_record_every_file_of_a_sharded_folder(hsdp, tmp_path):
+    test_fsdp2_companions_record_every_file_of_a_sharded_folder_and_check_refuses_any_flipped_byte(hsdp, tmp_path)
+
+
+def test_hsdp_resume_with_dropout_restores_each_ranks_random_states(hsdp):
+    test_fsdp2_resume_with_dropout_restores_each_ranks_random_states(hsdp)
+
+
+def test_hsdp_replicas_start_from_the_same_adapters_whatever_each_ranks_random_state(hsdp):
+    folder = hsdp[0]  # the dropout run: each rank seeded its own random state before fit
+    rank0, rank1 = (torch.load(folder / f"dropout.rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
 
 
 # --- FSDP2 with expert adapters (mixture of experts) ---------------------------------------------
