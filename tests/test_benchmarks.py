@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import launch_environment
 import torch
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
@@ -214,30 +215,96 @@ def test_report_renders_and_rewrites_the_readme_section(tmp_path):
         report.main([str(tmp_path / "missing")])
 
 
-def test_communication_prints_payloads_per_strategy(capsys):
+def test_communication_prints_payloads_per_strategy(tmp_path, capsys):
     communication = _load("communication")
+    path = tmp_path / "communication.json"
     communication.main(["--layers", "1", "--hidden", "32", "--ffn", "64", "--heads", "4", "--vocab", "50", "--r", "4",
-                        "--targets", "q_proj,v_proj"])
-    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| q_proj")]
-    assert [row.split("|")[3].strip() for row in rows] == ["DDP", "FSDP2"]
+                        "--targets", "q_proj,v_proj", "--shard-size", "4", "--json", str(path)])
+    printed = capsys.readouterr().out.splitlines()
+    rows = [[cell.strip() for cell in line.split("|")[1:-1]] for line in printed if line.startswith("| q_proj")]
+    hsdp, across = "HSDP, shard groups of 4", "HSDP, across nodes (in the row above)"
+    assert [row[2] for row in rows] == ["DDP", "FSDP2", hsdp, across]
+    # bfloat16 weights (the gpu preset), so 2 bytes per parameter and per gradient
+    base = 50 * 32 + 32 + 4 * 32 * 32 + 32 + 3 * 32 * 64 + 32  # embedding, norms, q/k/v/o, gate/up/down, final norm
     trainable = 2 * (32 * 4 + 4 * 32)  # A and B of two 32 x 32 projections
-    assert rows[0].split("|")[2].strip() == f"{trainable:,}"
-    ddp_ratio = float(rows[0].split("|")[6])
-    assert 0 < ddp_ratio < 0.2  # adapter gradients only
-    assert float(rows[1].split("|")[6]) > ddp_ratio  # FSDP2 still gathers the frozen base
+    lora = {"DDP": 2 * trainable, "FSDP2": 2 * 2 * (base + trainable) + 2 * trainable}
+    lora[hsdp], lora[across] = lora["FSDP2"] + 2 * trainable / 4, 2 * trainable / 4
+    full = {"DDP": 2 * base, "FSDP2": 2 * 2 * base + 2 * base}
+    full[hsdp], full[across] = full["FSDP2"] + 2 * base / 4, 2 * base / 4
+    assert all(row[1] == f"{trainable:,}" for row in rows)
+    assert [float(row[5]) for row in rows] == [round(lora[row[2]] / full[row[2]], 4) for row in rows]
+    assert float(rows[0][5]) < 0.2 and float(rows[1][5]) > float(rows[0][5])  # FSDP2 still gathers the frozen base
+
+    payload = json.loads(path.read_text())
+    assert printed[0] == f"model: {payload['model']}" and payload["parameters"] == base
+    assert payload["shard_size"] == 4 and len(payload["rows"]) == len(rows)
+    for row, stored in zip(rows, payload["rows"]):
+        assert stored["lora_bytes"] == lora[row[2]] and stored["full_bytes"] == full[row[2]]
+        assert row == [f"{stored['targets']} (r={stored['r']})", f"{stored['trainable']:,}", stored["strategy"],
+                       f"{stored['lora_bytes'] / 2**20:,.2f}", f"{stored['full_bytes'] / 2**20:,.2f}",
+                       f"{stored['ratio']:.4f}"]
+    with pytest.raises(SystemExit, match="--shard-size must be at least 2"):
+        communication.main(["--shard-size", "1"])
 
 
-def test_gpu_fsdp2_script_skips_without_cuda_and_its_cpu_dry_run_passes():
-    import os
+GPU_FSDP2_CHECKS = [
+    "meta init: every matrix_B is zero",
+    "meta init: every matrix_A is not",
+    "meta init: the adapted model computes what the base does",
+    "mixed precision: forward in torch.bfloat16, adapter gradients in torch.float32",
+    "LoRA trains",
+    "adapters after training are the same on every rank (2 ranks",
+    "adapters equal a one-rank run of the same global batch",
+    "Lightning, 2 ranks: a sharded checkpoint folder every epoch",
+    "Lightning: the companion adapter file holds whole tensors",
+    "Lightning: resume on 2 ranks continues the run",
+    "Lightning: the companion loads into a one-rank model, exactly the adapters of that epoch",
+    "Lightning: the 2-rank sharded checkpoint resumes on one rank (2 -> 1)",
+    "Lightning: a one-rank checkpoint resumes on 2 ranks (1 -> 2)",
+]
+
+
+def _gpu_fsdp2_dry_run(tmp_path, **env):
+    """``benchmarks/gpu_fsdp2.py --device cpu`` on 2 gloo processes under torchrun (a free port: --standalone)."""
     import subprocess
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    script = str(BENCHMARKS / "gpu_fsdp2.py")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               str(BENCHMARKS / "gpu_fsdp2.py"), "--device", "cpu", "--steps", "2",
+               "--json", str(tmp_path / "fsdp2.json")]
+    done = subprocess.run(command, check=False, capture_output=True, text=True, timeout=240,
+                          env={**launch_environment(), **env})
+    checks = [line for line in done.stdout.splitlines() if line.startswith(("ok  ", "FAIL"))]
+    return done, checks
+
+
+def test_gpu_fsdp2_script_skips_without_cuda_and_its_cpu_dry_run_passes(tmp_path):
+    import subprocess
+
     if not torch.cuda.is_available():
-        done = subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=120, env=env)
+        done = subprocess.run([sys.executable, str(BENCHMARKS / "gpu_fsdp2.py")], check=False, capture_output=True,
+                              text=True, timeout=120, env=launch_environment())
         assert done.returncode == 0 and done.stdout.startswith("skipped: no CUDA device"), done.stderr[-2000:]
-    done = subprocess.run([sys.executable, script, "--device", "cpu", "--steps", "3"], capture_output=True, text=True,
-                          timeout=300, env=env)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
-    checks = [line for line in done.stdout.splitlines() if line.startswith(("ok", "FAIL"))]
-    assert len(checks) == 8 and all(line.startswith("ok") for line in checks), checks
+    done, checks = _gpu_fsdp2_dry_run(tmp_path)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert len(checks) == len(GPU_FSDP2_CHECKS), checks
+    for line, expected in zip(checks, GPU_FSDP2_CHECKS):
+        assert line.startswith(f"ok   {expected}"), (line, expected)
+    assert "all 13 checks passed" in done.stdout
+    payload = json.loads((tmp_path / "fsdp2.json").read_text())
+    assert payload["world_size"] == 2 and [row["rank"] for row in payload["rows"]] == [0, 1]
+    assert all(row["lora_ms"] > 0 and row["full_ms"] > 0 and row["lora_peak_gib"] == 0 for row in payload["rows"])
+    assert f"LoRA / full fine-tuning: time {payload['time_ratio']:.3f} (slowest rank)" in done.stdout
+    assert [c["check"] for c in payload["checks"]] == [line[5:] for line in checks]
+    assert all(c["ok"] for c in payload["checks"])
+    for row in payload["rows"]:
+        assert f"| {row['rank']} | {row['lora_ms']:.1f} | {row['full_ms']:.1f} |" in done.stdout
+
+
+def test_gpu_fsdp2_checks_fail_when_adapters_are_left_out_of_fully_shard(tmp_path):
+    done, checks = _gpu_fsdp2_dry_run(tmp_path, GPU_FSDP2_FAULT="unsharded-first-layer")
+    assert done.returncode != 0 and "2 of 13 checks failed" in done.stdout, done.stdout[-3000:] + done.stderr[-3000:]
+    failed = [line for line in checks if line.startswith("FAIL")]
+    assert len(checks) == 13 and len(failed) == 2, checks
+    assert failed[0].startswith("FAIL adapters after training are the same on every rank (2 ranks")
+    assert failed[0].endswith("(false on rank 0, 1)")
+    assert failed[1].startswith("FAIL adapters equal a one-rank run of the same global batch")

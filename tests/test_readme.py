@@ -3,6 +3,7 @@
 import importlib.util
 import os
 import re
+import textwrap
 from pathlib import Path
 
 import torch
@@ -18,7 +19,7 @@ def snippets() -> list[tuple[str, str]]:
     found = []
     for match in re.finditer(r"```python\n(.*?)```", text, re.S):
         start = text.rfind("\n## ", 0, match.start()) + 1
-        found.append((text[start : text.index("\n", start)], match.group(1)))
+        found.append((text[start : text.index("\n", start)], textwrap.dedent(match.group(1))))  # in a list: indented
     return found
 
 
