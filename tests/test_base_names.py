@@ -125,6 +125,8 @@ def test_a_merged_layer_refuses_base_weights_and_load_base_weights_checks_its_ar
     with pytest.raises(RuntimeError, match="cannot load base weights into 'model.layers.0.self_attn.q_proj' while its adapter "
                                            "is merged.*unmerge first"):
         model.load_state_dict(state)
+    merged = {k: v.clone() for k, v in model.state_dict().items()}
+    model.load_state_dict(merged)  # its own state, by the adapted names, still loads
     with pytest.raises(TypeError, match="state_dict must be a mapping of names to tensors, got list"):
         load_base_weights(model, list(state.items()))
 

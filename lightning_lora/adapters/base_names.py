@@ -18,8 +18,9 @@ takes either name:
   unexpected key; and a variant with tensors derived from the base weight (DoRA's magnitude) is
   reset from the weight just loaded, unless the state dict held them.
 
-A merged layer refuses base weights by either name: its weights hold the update, which unmerging
-would take out of the new weights.
+A merged layer refuses base weights by the base model's names: its weights hold the update, which
+unmerging would take out of the new weights (a merged model's own state dict, by the adapted names,
+still loads into it).
 
 :func:`load_base_weights` is ``load_state_dict`` for a model that may be sharded (FSDP2): every rank
 passes the whole pretrained state dict and keeps its own shards, strictly.
@@ -87,7 +88,7 @@ def _move_base_names(
     base = original.state_dict(keep_vars=True)
     plain = [name for name in base if prefix + name in state_dict]
     loads_base = plain or any(prefix + ORIGINAL + name in state_dict for name in base)
-    if loads_base and getattr(layer, "merged", False):
+    if plain and getattr(layer, "merged", False):
         raise RuntimeError(
             f"cannot load base weights into '{prefix[:-1]}' while its adapter is merged: the weights hold the "
             f"update, and unmerging would take it out of the new weights; unmerge first (unmerge_lora(model))"

@@ -2,9 +2,9 @@
 
 Every file the package writes (adapter files, companion files of checkpoints) goes through
 :func:`write_on_rank_zero` or :func:`write_atomic`, and every folder (PEFT exports, sharded
-checkpoints) through :func:`publish_folder`, :func:`staged_folder` or :func:`publish_staged`, so a crash never leaves a partial file or a mix of
-old and new files under the final name and, in a distributed run, one process writes
-(:func:`gather_objects` collects a value of every rank).
+checkpoints) through :func:`publish_folder`, :func:`staged_folder` or :func:`publish_staged`, so a
+crash never leaves a partial file or a mix of old and new files under the final name and, in a
+distributed run, one process writes (:func:`gather_objects` collects a value of every rank).
 """
 
 from __future__ import annotations
