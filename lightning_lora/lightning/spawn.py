@@ -27,14 +27,12 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 
 from lightning_lora.config import LoRAConfig
-from lightning_lora.formats.adapter_file import adapter_contents, install_file, read_adapter, serialize
+from lightning_lora.formats.adapter_file import SUFFIX, adapter_contents, install_file, read_adapter, serialize
 from lightning_lora.formats.files import exists, remove_if_exists, write_atomic
 from lightning_lora.surgery.plan import plan_adapters
 from lightning_lora.surgery.state import lora_modules
 
 _HOOKED = "_lightning_lora_hook"
-#: Appended to the launcher's final weights file: the adapter file written beside it.
-SUFFIX = ".lora.safetensors"
 
 
 def is_spawned(strategy: Any) -> bool:
