@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 SEED = 0
-collect_ignore = ["fsdp2_run.py", "fsdp2_moe_run.py", "meta_init_run.py", "kill_sharded_run.py"]  # scripts tests run in their own processes
+collect_ignore = ["fsdp2_run.py", "fsdp2_moe_run.py", "meta_init_run.py", "kill_sharded_run.py", "spawn_run.py"]  # scripts tests run in their own processes
 
 
 @pytest.fixture(autouse=True)
@@ -17,11 +17,13 @@ def seeded():
 def environment_restored():
     """Each test sees the environment as it was: a Lightning launch in this process (a README snippet's
     Trainer) sets LOCAL_RANK, WORLD_SIZE and MASTER_PORT, with which a later launch would wait for ranks
-    it believes someone else starts."""
+    it believes someone else starts, and leaves its process group."""
     saved = dict(os.environ)
     yield
     os.environ.clear()
     os.environ.update(saved)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():  # e.g. a one-device FSDP2 run
+        torch.distributed.destroy_process_group()  # processes forked later would inherit it, and hang
 
 
 #: What a Lightning or torchrun launch leaves in the launching process's environment.

@@ -1,12 +1,14 @@
 """The spawn launchers (ddp_spawn, ddp_fork, ddp_notebook) with LoRACallback: 2 CPU processes each."""
 
 import os
-import tempfile
+import subprocess
+import sys
+from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from conftest import launch_environment
 from lightning_models import Classifier, data
 
 from lightning_lora import LoRACallback, LoRAConfig, apply_lora, lora_modules, read_adapter
@@ -21,32 +23,21 @@ def _fresh_port(monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
 
 
-class FinalState(Callback):
-    """Rank 0 keeps the model's whole state as training ended, in the process that trained it."""
-
-    def __init__(self, path):
-        self.path = path
-
-    def on_fit_end(self, trainer, pl_module):
-        if trainer.is_global_zero:
-            torch.save(pl_module.state_dict(), self.path)
+def _launch(folder, strategy, *flags):
+    """tests/spawn_run.py in a fresh process, as a script or notebook starts the launcher; ``TMPDIR`` where
+    rank 0 leaves its final weights."""
+    (folder / "tmp").mkdir()
+    done = subprocess.run([sys.executable, str(Path(__file__).parent / "spawn_run.py"), str(folder), strategy, *flags],
+                          capture_output=True, text=True, timeout=300, env={**launch_environment(), "TMPDIR": str(folder / "tmp")})
+    assert done.returncode == 0, done.stderr[-3000:]
+    return torch.load(folder / "launching.pt", weights_only=True), torch.load(folder / "final.pt", weights_only=True)
 
 
 @pytest.mark.parametrize("strategy", ["ddp_spawn", "ddp_fork", "ddp_notebook"])
-def test_callback_alone_returns_the_trained_model_exactly_to_the_launching_process(tmp_path, strategy, monkeypatch):
-    (tmp_path / "tmp").mkdir()
-    monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))  # where rank 0 leaves its final weights
-    monkeypatch.setattr(tempfile, "tempdir", None)
-    torch.manual_seed(0)
-    model = Classifier()
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    callback = LoRACallback(targets=["qkv"], trainable=["net.head"])
-    saver = ModelCheckpoint(dirpath=tmp_path / "checkpoints", save_last=True)
-    callbacks = [callback, saver, FinalState(tmp_path / "final.pt")]
-    L.Trainer(default_root_dir=tmp_path, strategy=strategy, callbacks=callbacks, **LAUNCH).fit(model, data())
-    assert sorted(lora_modules(model)) == ["net.blocks.0.attn.qkv", "net.blocks.1.attn.qkv"]
-    trained = torch.load(tmp_path / "final.pt", weights_only=True)
-    state = model.state_dict()
+def test_callback_alone_returns_the_trained_model_exactly_to_the_launching_process(tmp_path, strategy):
+    launching, trained = _launch(tmp_path, strategy)
+    assert launching["adapted"] == ["net.blocks.0.attn.qkv", "net.blocks.1.attn.qkv"]
+    state, before = launching["after"], launching["before"]
     assert list(state) == list(trained)  # every key, the adapters' included, and no other
     for key, tensor in trained.items():
         assert torch.equal(state[key], tensor), key
@@ -62,12 +53,8 @@ def test_callback_alone_returns_the_trained_model_exactly_to_the_launching_proce
 
 
 def test_a_model_adapted_before_fit_with_the_callbacks_config_still_comes_back(tmp_path):
-    model = Classifier()
-    callback = LoRACallback(targets=["qkv"])
-    apply_lora(model, callback.config)
-    L.Trainer(default_root_dir=tmp_path, strategy="ddp_fork", callbacks=[callback, FinalState(tmp_path / "final.pt")], **LAUNCH).fit(model, data())
-    trained = torch.load(tmp_path / "final.pt", weights_only=True)
-    assert all(torch.equal(model.state_dict()[key], tensor) for key, tensor in trained.items())
+    launching, trained = _launch(tmp_path, "ddp_spawn", "adapted")
+    assert all(torch.equal(launching["after"][key], tensor) for key, tensor in trained.items())
 
 
 def test_adapters_before_fit_that_differ_from_the_callbacks_plan_are_refused_before_training(tmp_path):
@@ -77,7 +64,7 @@ def test_adapters_before_fit_that_differ_from_the_callbacks_plan_are_refused_bef
     callback = LoRACallback(targets=["qkv", "fc1"])
     with pytest.raises(Exception, match=r"adapted before fit with other modules than LoRACallback's targets \['qkv', 'fc1'\] "
                                         r"plan \(adapted only before fit: \[\]; planned only: \['net.blocks.0.mlp.fc1'"):
-        L.Trainer(default_root_dir=tmp_path, strategy="ddp_fork", callbacks=[callback], **LAUNCH).fit(model, data())
+        L.Trainer(default_root_dir=tmp_path, strategy="ddp_spawn", callbacks=[callback], **LAUNCH).fit(model, data())
     assert sorted(model.state_dict()) == sorted(before)
     assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
     assert not os.listdir(tmp_path) or not any(name.endswith(".ckpt") for _, _, files in os.walk(tmp_path) for name in files)
@@ -87,7 +74,7 @@ def test_merge_on_end_is_refused_with_a_spawn_launcher(tmp_path):
     model = Classifier()
     with pytest.raises(Exception, match=r"merge_on_end=True cannot be used with strategy DDPStrategy \(ddp_spawn, ddp_fork, "
                                         r"ddp_notebook\).*lightning_lora.merge_lora\(model\)"):
-        L.Trainer(default_root_dir=tmp_path, strategy="ddp_fork", callbacks=[LoRACallback(targets=["qkv"], merge_on_end=True)],
+        L.Trainer(default_root_dir=tmp_path, strategy="ddp_spawn", callbacks=[LoRACallback(targets=["qkv"], merge_on_end=True)],
                   **LAUNCH).fit(model, data())
     assert not lora_modules(model)
 
@@ -135,3 +122,14 @@ def test_a_final_state_the_launching_process_cannot_take_is_an_error_naming_the_
                                            rf"its final weights are in '{path}' and its adapter file in '{path}.lora.safetensors'"):
         _MultiProcessingLauncher._recover_results_in_main_process(launcher, output, trainer)
     assert os.path.exists(path) and os.path.exists(path + ".lora.safetensors") and not lora_modules(launching)
+
+
+def test_fork_launchers_refuse_a_launching_process_that_already_holds_a_process_group(tmp_path):
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:  # as an earlier one-device ModelParallelStrategy run in the same notebook leaves it
+        with pytest.raises(RuntimeError, match=r"already holds a torch.distributed process group .* start_method='fork' .*"
+                                               r"torch.distributed.destroy_process_group\(\) first"):
+            L.Trainer(default_root_dir=tmp_path, strategy="ddp_fork", callbacks=[LoRACallback(targets=["qkv"])],
+                      **LAUNCH).fit(Classifier(), data())
+    finally:
+        torch.distributed.destroy_process_group()

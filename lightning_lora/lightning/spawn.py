@@ -13,7 +13,9 @@ left to Lightning.
 
 Before training (in ``setup``), :func:`check_spawn` refuses what the launching process could not get
 back: adapters already there that differ from the callback's plan, and ``merge_on_end`` (the final
-weights would hold the update, and the launching process's adapters would add it again).
+weights would hold the update, and the launching process's adapters would add it again). Before the
+fork launchers start their processes, :func:`check_fork` refuses a launching process that holds a
+process group already (a notebook after an earlier run): the forked processes would hang on it.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import functools
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
@@ -96,11 +99,36 @@ def adopt_final_state(module: nn.Module, weights_path: str, state: dict[str, Any
         raise
 
 
+def check_fork(start_method: str) -> None:
+    """In the launching process, before ``ddp_fork``/``ddp_notebook`` start theirs: refuse to fork a process
+    that holds a process group (left by an earlier run in the same process or notebook): the forked
+    processes would inherit it and wait forever.
+
+    Raises:
+        RuntimeError: saying how to release it.
+    """
+    if start_method != "spawn" and torch.distributed.is_available() and torch.distributed.is_initialized():
+        raise RuntimeError(
+            f"this process already holds a torch.distributed process group (left by an earlier run here, e.g. "
+            f"a ModelParallelStrategy Trainer), which the processes that start_method={start_method!r} forks would "
+            f"inherit and wait on forever; call torch.distributed.destroy_process_group() first, or restart the "
+            f"notebook kernel"
+        )
+
+
 def hook_launcher() -> None:
-    """Wrap, once per process, how the spawn launcher loads rank 0's final weights into the launching process."""
+    """Wrap, once per process, how the spawn launchers start (:func:`check_fork`) and how they load rank 0's
+    final weights into the launching process (:func:`adopt_final_state`)."""
     original = _MultiProcessingLauncher._recover_results_in_main_process
     if getattr(original, _HOOKED, False):
         return
+    launch = _MultiProcessingLauncher.launch
+
+    @functools.wraps(launch)
+    def checked_launch(self: _MultiProcessingLauncher, *args: Any, **kwargs: Any) -> Any:
+        if any(isinstance(callback, _callback_type()) for callback in getattr(kwargs.get("trainer"), "callbacks", [])):
+            check_fork(self._start_method)
+        return launch(self, *args, **kwargs)
 
     @functools.wraps(original)
     def recover(self: _MultiProcessingLauncher, worker_output: Any, trainer: pl.Trainer) -> None:
@@ -122,3 +150,10 @@ def hook_launcher() -> None:
 
     setattr(recover, _HOOKED, True)
     _MultiProcessingLauncher._recover_results_in_main_process = recover  # type: ignore[method-assign]
+    _MultiProcessingLauncher.launch = checked_launch  # type: ignore[method-assign]
+
+
+def _callback_type() -> type:
+    from lightning_lora.lightning.callback import LoRACallback  # that module imports this one
+
+    return LoRACallback
