@@ -154,7 +154,7 @@ class LoRACallback(Callback):
         self._adaptation = Adaptation()
         self._sharded: ShardedCheckpoints | None = None  # checkpointing of the last ModelParallelStrategy
         self._trainer: pl.Trainer | None = None  # of the last setup: where a checkpoint's state is taken
-        hook_launcher()  # the spawn launchers: the trained adapters back into the launching process
+        hook_launcher(LoRACallback)  # the spawn launchers: the trained adapters back into the launching process
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

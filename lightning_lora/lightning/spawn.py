@@ -36,6 +36,7 @@ from lightning_lora.surgery.plan import plan_adapters
 from lightning_lora.surgery.state import lora_modules
 
 _HOOKED = "_lightning_lora_hook"
+_OWNERS: set[type] = set()  # the callback types whose Trainers are checked before a fork
 
 
 def is_spawned(strategy: Any) -> bool:
@@ -116,9 +117,11 @@ def check_fork(start_method: str) -> None:
         )
 
 
-def hook_launcher() -> None:
-    """Wrap, once per process, how the spawn launchers start (:func:`check_fork`) and how they load rank 0's
-    final weights into the launching process (:func:`adopt_final_state`)."""
+def hook_launcher(owner: type) -> None:
+    """Wrap, once per process, how the spawn launchers start (:func:`check_fork`, for Trainers with an
+    ``owner`` callback) and how they load rank 0's final weights into the launching process
+    (:func:`adopt_final_state`)."""
+    _OWNERS.add(owner)
     original = _MultiProcessingLauncher._recover_results_in_main_process
     if getattr(original, _HOOKED, False):
         return
@@ -126,7 +129,8 @@ def hook_launcher() -> None:
 
     @functools.wraps(launch)
     def checked_launch(self: _MultiProcessingLauncher, *args: Any, **kwargs: Any) -> Any:
-        if any(isinstance(callback, _callback_type()) for callback in getattr(kwargs.get("trainer"), "callbacks", [])):
+        callbacks = getattr(kwargs.get("trainer"), "callbacks", [])
+        if any(isinstance(callback, tuple(_OWNERS)) for callback in callbacks):
             check_fork(self._start_method)
         return launch(self, *args, **kwargs)
 
@@ -151,9 +155,3 @@ def hook_launcher() -> None:
     setattr(recover, _HOOKED, True)
     _MultiProcessingLauncher._recover_results_in_main_process = recover  # type: ignore[method-assign]
     _MultiProcessingLauncher.launch = checked_launch  # type: ignore[method-assign]
-
-
-def _callback_type() -> type:
-    from lightning_lora.lightning.callback import LoRACallback  # that module imports this one
-
-    return LoRACallback
