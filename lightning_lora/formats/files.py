@@ -138,10 +138,7 @@ def remove_leftovers(target: str) -> list[str]:
     pattern = re.compile(rf"\.{re.escape(name)}\.[A-Za-z0-9_]+\.(tmp|old)")
     removed = [os.path.join(parent, entry) for entry in os.listdir(parent) if pattern.fullmatch(entry)]
     for path in removed:
-        if os.path.isdir(path) and not os.path.islink(path):
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            os.unlink(path)
+        _remove_entry(path)
     return removed
 
 
@@ -162,12 +159,16 @@ def publish_staged(staging: str, target: str) -> None:
         if old is not None:
             os.rename(old, target)
         raise
-    if old is None:
-        return
-    if os.path.isdir(old) and not os.path.islink(old):
-        shutil.rmtree(old, ignore_errors=True)
+    if old is not None:
+        _remove_entry(old)
+
+
+def _remove_entry(path: str) -> None:
+    """Remove a folder with its contents, or a file or link (never what a link points to)."""
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
     else:
-        os.unlink(old)
+        os.unlink(path)
 
 
 def _write_synced(file: BinaryIO, data: bytes | memoryview) -> None:

@@ -50,8 +50,8 @@ from lightning_lora.formats.adapter_file import (
 from lightning_lora.formats.files import exists, read_bytes, remove_if_exists, write_atomic, write_on_rank_zero
 from lightning_lora.formats.fingerprint import Samples, dtype_note, dtypes_of, fingerprint_matches, fingerprint_tensors
 from lightning_lora.formats.peft import CONFIG_FILE, WEIGHTS_FILE, export_peft
-from lightning_lora.lightning.spawn import write_final_adapters
 from lightning_lora.lightning.digests import SINGLE, digest_bytes, digest_file, verify_checkpoint, warn_unverified
+from lightning_lora.lightning.spawn import write_final_adapters
 from lightning_lora.sharding import is_sharded
 from lightning_lora.surgery.apply import Installation, install
 from lightning_lora.surgery.plan import AdapterPlan, check_fits

@@ -112,7 +112,9 @@ class ShardedCheckpoints:
         folder = getattr(self.strategy, "_save_distributed_checkpoint", True)
         if self.strategy.is_global_zero and not folder:
             remove_stale_companions(path, self.checkpoint_io.linked())
-        staging = str(self.strategy.broadcast(staging_folder(path) if self.strategy.is_global_zero else "")) if folder else ""
+        staging = ""  # rank 0 creates the hidden folder, every rank writes into it
+        if folder:
+            staging = str(self.strategy.broadcast(staging_folder(path) if self.strategy.is_global_zero else ""))
         self.checkpoint_io.prepared = prepared  # a full checkpoint reaches the IO on rank 0 only
         try:
             self._save(checkpoint, staging or filepath, storage_options)

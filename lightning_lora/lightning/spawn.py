@@ -68,10 +68,10 @@ def check_spawn(
     if planned != set(existing):
         only_model = sorted(set(existing) - planned)
         only_plan = sorted(planned - set(existing))
+        targets = None if config.targets is None else list(config.targets)
         raise MisconfigurationException(
-            f"the model was adapted before fit with other modules than LoRACallback's targets "
-            f"{None if config.targets is None else list(config.targets)!r} plan (adapted only before fit: {only_model[:5]!r}; planned only: "
-            f"{only_plan[:5]!r}); with strategy {strategy_name} the launching process could not tell which "
+            f"the model was adapted before fit with other modules than LoRACallback's targets {targets!r} plan "
+            f"(adapted only before fit: {only_model[:5]!r}; planned only: {only_plan[:5]!r}); with strategy {strategy_name} the launching process could not tell which "
             f"adapters to keep: adapt it with the callback's config (lightning_lora.apply_lora(model, "
             f"callback.config)) or not at all"
         )
