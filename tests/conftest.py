@@ -1,4 +1,6 @@
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -35,6 +37,12 @@ def launch_environment() -> dict[str, str]:
     variables, nor Lightning's reseeding of launched processes (``PL_GLOBAL_SEED``), one thread each."""
     keep = {k: v for k, v in os.environ.items() if not k.startswith(("PL_", *LAUNCH_VARIABLES))}
     return {**keep, "OMP_NUM_THREADS": "1"}
+
+
+def run_script(script, *args, timeout=300, cwd=None, **env) -> subprocess.CompletedProcess:
+    """Run a Python script (which may launch its own processes) in :func:`launch_environment` plus ``env``."""
+    return subprocess.run([sys.executable, str(script), *map(str, args)], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env={**launch_environment(), **env})
 
 
 class Block(nn.Module):

@@ -4,7 +4,7 @@ import sys
 
 import pytest
 import torch
-from conftest import TinyModel, launch_environment
+from conftest import TinyModel, run_script
 from hf_models import llama, logits, qwen3_moe
 from lightning.fabric.utilities.init import _materialize_distributed_module
 
@@ -163,13 +163,11 @@ def test_load_from_checkpoint_of_the_base_models_checkpoint_into_a_class_that_ad
 
 def _run_meta_built(folder, world, variant, pretrained_state):
     """tests/meta_init_run.py on ``world`` processes (Lightning launches the others): its exit and stderr."""
-    import subprocess
     from pathlib import Path
 
     torch.save(pretrained_state, folder / "pretrained.pt")
     script = Path(__file__).parent / "meta_init_run.py"
-    done = subprocess.run([sys.executable, str(script), str(folder), str(world), variant], capture_output=True, text=True,
-                          timeout=300, env=launch_environment())
+    done = run_script(script, folder, world, variant)
     return done.returncode, done.stderr
 
 

@@ -7,7 +7,7 @@ import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
-from conftest import launch_environment
+from conftest import run_script
 from lightning_models import Classifier, data
 
 from lightning_lora import LoRACallback, apply_lora, read_adapter
@@ -63,11 +63,8 @@ def test_ddp_spawn_resumes_exactly(tmp_path):
 
 def _run(script, *args, timeout=600, cwd=None):
     """Runs a Python script in its own processes (Lightning launches the second rank itself)."""
-    import subprocess
-    import sys
 
-    done = subprocess.run([sys.executable, str(script), *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout, env=launch_environment())
+    done = run_script(script, *args, timeout=timeout, cwd=cwd)
     assert done.returncode == 0, done.stderr[-5000:]
 
 

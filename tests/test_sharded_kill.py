@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import launch_environment
+from conftest import launch_environment, run_script
 
 from lightning_lora import read_adapter
 from lightning_lora.lightning import check_companion
@@ -40,8 +40,7 @@ def test_a_rank_killed_during_a_sharded_save_leaves_the_previous_complete_checkp
     hidden = [name for name in os.listdir(checkpoints) if name.startswith(".")]
     # the killed save's own folder, unless rank 0 saw the save fail and removed it before the job died
     assert len(hidden) <= 1 and all(name.startswith(".last.ckpt.") and name.endswith(".tmp") for name in hidden), hidden
-    done = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path), "resume"], capture_output=True, text=True,
-                          timeout=300, env=launch_environment())
+    done = run_script(SCRIPT, tmp_path, "resume")
     assert done.returncode == 0, done.stderr[-3000:]
     assert (tmp_path / "done.resume").read_text() == str(4 * 4)  # from the end of epoch 0: 3 more epochs of 4 steps
     assert [name for name in os.listdir(checkpoints) if name.startswith(".")] == []  # the next save of last.ckpt removed it

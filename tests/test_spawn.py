@@ -1,14 +1,12 @@
 """The spawn launchers (ddp_spawn, ddp_fork, ddp_notebook) with LoRACallback: 2 CPU processes each."""
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
-from conftest import launch_environment
+from conftest import run_script
 from lightning_models import Classifier, data
 
 from lightning_lora import LoRACallback, LoRAConfig, apply_lora, lora_modules, read_adapter
@@ -27,8 +25,7 @@ def _launch(folder, strategy, *flags):
     """tests/spawn_run.py in a fresh process, as a script or notebook starts the launcher; ``TMPDIR`` where
     rank 0 leaves its final weights."""
     (folder / "tmp").mkdir()
-    done = subprocess.run([sys.executable, str(Path(__file__).parent / "spawn_run.py"), str(folder), strategy, *flags],
-                          capture_output=True, text=True, timeout=300, env={**launch_environment(), "TMPDIR": str(folder / "tmp")})
+    done = run_script(Path(__file__).parent / "spawn_run.py", folder, strategy, *flags, TMPDIR=str(folder / "tmp"))
     assert done.returncode == 0, done.stderr[-3000:]
     return torch.load(folder / "launching.pt", weights_only=True), torch.load(folder / "final.pt", weights_only=True)
 
